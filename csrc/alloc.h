@@ -1,0 +1,38 @@
+// Output allocation shared by the CPU kernels and the CUDA bindings (torch side only: never
+// include this from csrc/common or csrc/cuda, which stay free of torch headers).
+//
+// With SLSDEEP_KERNELS_POISON=1 in the environment (the test suite sets it) every output is filled
+// with NaN (floating) or 0x5A bytes (integer) before a kernel writes it, so an element a kernel
+// forgets to write shows up in the comparison against the reference instead of passing by luck.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <limits>
+#include <cstring>
+
+namespace slsdeep {
+
+inline bool poison_outputs() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("SLSDEEP_KERNELS_POISON");
+    return value != nullptr && std::strcmp(value, "") != 0 && std::strcmp(value, "0") != 0;
+  }();
+  return enabled;
+}
+
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options,
+                             at::MemoryFormat format = at::MemoryFormat::Contiguous) {
+  at::Tensor out = at::empty(sizes, options.memory_format(format));
+  if (poison_outputs()) {
+    if (at::isFloatingType(out.scalar_type())) {
+      out.fill_(std::numeric_limits<double>::quiet_NaN());
+    } else {
+      out.fill_(0x5A);
+    }
+  }
+  return out;
+}
+
+}  // namespace slsdeep

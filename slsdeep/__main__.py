@@ -1,0 +1,5 @@
+import sys
+
+from slsdeep.cli import main
+
+sys.exit(main())

@@ -1,0 +1,9 @@
+"""slsdeep_kernels: fused PyTorch ops with custom backward (Triton, C++ CPU and CUDA kernels).
+
+Every op is usable in any model, has a plain-PyTorch ``reference`` implementation that is its
+spec, and picks its backend per call (see :mod:`slsdeep_kernels.backend`).
+"""
+
+from slsdeep_kernels.backend import BACKENDS, available_backends
+
+__all__ = ["BACKENDS", "available_backends"]

@@ -1,0 +1,176 @@
+"""Which implementation of an op runs: ``reference``, ``cpu``, ``triton`` or ``cuda``.
+
+Every op has the four with one meaning (``reference`` is plain differentiable PyTorch and is the
+spec). The choice, made per call by :func:`resolve`:
+
+1. the call's ``backend=`` argument, else the ``SLSDEEP_KERNELS_BACKEND`` environment variable;
+   a requested backend that cannot run for these tensors raises a clear error;
+2. otherwise by device: CPU tensors -> ``cpu`` (the compiled C++ extension) else ``reference``;
+   CUDA tensors -> the faster of ``triton``/``cuda`` for that op (its measured preference order)
+   else ``reference``. ``triton`` runs on CPU tensors only when asked for explicitly under
+   ``TRITON_INTERPRET=1`` (how the test suite checks the Triton kernels without a GPU).
+
+A compiled extension that fails to load costs one warning and the ``reference`` path, never a crash.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+ENV_BACKEND = "SLSDEEP_KERNELS_BACKEND"
+ENV_POISON = "SLSDEEP_KERNELS_POISON"
+
+_GPU_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+SUPPORTED_DTYPES = {
+    "reference": frozenset({torch.float64}) | _GPU_DTYPES,
+    "cpu": frozenset({torch.float64}) | _GPU_DTYPES,
+    "triton": _GPU_DTYPES,
+    "cuda": _GPU_DTYPES,
+}
+
+
+def _load_extension(module: str) -> str | None:
+    """Import a compiled extension; return None on success, else why it failed (warned once)."""
+    try:
+        importlib.import_module(module)
+    except (ImportError, OSError) as error:
+        reason = f"{type(error).__name__}: {error}"
+        warnings.warn(
+            f"slsdeep_kernels: compiled extension {module} is unavailable ({reason}); "
+            "ops fall back to the reference PyTorch implementation. Rebuild with "
+            "`pip install --no-build-isolation -e .`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return reason
+    return None
+
+
+@functools.cache
+def cpu_extension_error() -> str | None:
+    """None when the C++ CPU extension is loaded, else the reason it is not."""
+    return _load_extension("slsdeep_kernels._C")
+
+
+@functools.cache
+def cuda_extension_error() -> str | None:
+    """None when the CUDA extension is loaded, else the reason it is not."""
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    if torch.version.cuda is None:
+        return "torch is not a CUDA build"
+    if cpu_extension_error() is not None:  # the CUDA module registers kernels for the schemas in _C
+        return "the CPU extension (which declares the op schemas) did not load"
+    if importlib.util.find_spec("slsdeep_kernels._C_cuda") is None:
+        return "slsdeep_kernels._C_cuda was not built (no nvcc or CUDA torch at install time)"
+    return _load_extension("slsdeep_kernels._C_cuda")
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_error() -> str | None:
+    """None when Triton kernels can run here (a CUDA device, or the interpreter), else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not (torch.cuda.is_available() or triton_interpreted()):
+        return "no CUDA device is visible and TRITON_INTERPRET=1 is not set"
+    return None
+
+
+def _backend_error(name: str) -> str | None:
+    return {
+        "reference": lambda: None,
+        "cpu": cpu_extension_error,
+        "triton": triton_error,
+        "cuda": cuda_extension_error,
+    }[name]()
+
+
+def available_backends() -> list[str]:
+    """The backends that can run in this process, in the order of :data:`BACKENDS`."""
+    return [name for name in BACKENDS if _backend_error(name) is None]
+
+
+def _device_error(name: str, device: torch.device) -> str | None:
+    if name == "cpu" and device.type != "cpu":
+        return f"it runs on CPU tensors, got {device.type} tensors"
+    if name == "cuda" and device.type != "cuda":
+        return f"it runs on CUDA tensors, got {device.type} tensors"
+    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
+        return f"it runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device.type} tensors"
+    return None
+
+
+def _why_not(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why backend ``name`` cannot run for tensors of this device and dtype (None if it can)."""
+    reason = _backend_error(name) or _device_error(name, device)
+    if reason is None and dtype not in SUPPORTED_DTYPES[name]:
+        supported = ", ".join(sorted(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES[name]))
+        reason = f"it supports {supported}, got {str(dtype).removeprefix('torch.')}"
+    return reason
+
+
+def resolve(
+    op: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    backend: str | None = None,
+    cuda_preference: Sequence[str] = ("triton", "cuda"),
+) -> str:
+    """The backend that runs ``op`` on tensors of ``device``/``dtype``.
+
+    ``backend`` (else ``$SLSDEEP_KERNELS_BACKEND``) forces a choice and raises ``RuntimeError``
+    when it cannot run here; ``cuda_preference`` is the op's measured fastest-first order on GPU.
+    """
+    requested = backend if backend is not None else (os.environ.get(ENV_BACKEND) or None)
+    if requested is not None:
+        if requested not in BACKENDS:
+            source = "backend" if backend is not None else ENV_BACKEND
+            raise ValueError(f"{op}: {source} must be one of {', '.join(BACKENDS)}; got {requested!r}")
+        reason = _why_not(requested, device, dtype)
+        if reason is not None:
+            raise RuntimeError(f"{op}: backend {requested!r} cannot run here: {reason}")
+        return requested
+    if device.type == "cpu":
+        candidates: Sequence[str] = ("cpu",)
+    elif device.type == "cuda":
+        candidates = cuda_preference
+    else:
+        candidates = ()
+    for name in candidates:
+        if _why_not(name, device, dtype) is None:
+            return name
+    return "reference"
+
+
+def common_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
+    """The one device of the named tensor arguments; a ``ValueError`` naming them otherwise."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"{op}: all tensors must be on one device; got {listed}")
+    return next(iter(devices.values()))
+
+
+def new_output(shape, *, dtype: torch.dtype, device: torch.device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """An uninitialised output tensor, filled with NaN when ``$SLSDEEP_KERNELS_POISON`` is set.
+
+    Kernels write every element of their outputs; the poison (set by the test suite) makes an
+    element a kernel forgot visible instead of leaving whatever the allocator had there.
+    """
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    if os.environ.get(ENV_POISON, "0") not in ("", "0"):
+        out.fill_(float("nan") if out.is_floating_point() else 0x5A)
+    return out
