@@ -45,7 +45,7 @@ def _cuda_build_reason():
 
 def _extensions():
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DSLSDEEP_MODULE=_C"]
+    cxx_flags = ["-O3", "-fopenmp", "-DSLSDEEP_MODULE=_C"]
     extensions = [
         cpp_extension.CppExtension(
             "slsdeep_kernels._C",
@@ -70,7 +70,7 @@ def _extensions():
             "slsdeep_kernels._C_cuda",
             _sources("csrc/python_module.cpp", "csrc/cuda_bind/*.cpp", "csrc/cuda/*.cu"),
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-DSLSDEEP_MODULE=_C_cuda"], "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": ["-O3", "-DSLSDEEP_MODULE=_C_cuda"], "nvcc": ["-O3"]},
         )
     )
     return extensions

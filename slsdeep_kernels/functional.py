@@ -1,0 +1,1 @@
+"""The fused ops as functions (the ``torch.nn.functional`` of this library)."""
