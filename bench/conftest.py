@@ -6,12 +6,28 @@ known GPU, achieved GB/s and the share of the bandwidth roof in ``extra_info``; 
 the three ways come from the same run (same group).
 """
 
+import os
+
 import pytest
 import torch
 
 from slsdeep_kernels import benchmark as measure
 
 BENCH_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# SLSDEEP_BENCH_QUICK=1: only the forward+backward ("both") pass of each case, fewer rounds.
+QUICK = os.environ.get("SLSDEEP_BENCH_QUICK", "0") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not QUICK:
+        return
+    keep, drop = [], []
+    for item in items:
+        which = getattr(item, "callspec", None) and item.callspec.params.get("which")
+        (drop if which not in (None, "both") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture
@@ -47,7 +63,7 @@ def run_op(benchmark):
             flops=flops,
             peak_memory_bytes=peak,
         )
-        rounds = rounds or (20 if BENCH_DEVICE.type == "cuda" else 5)
+        rounds = rounds or (20 if BENCH_DEVICE.type == "cuda" else 5) // (2 if QUICK else 1)
         benchmark.pedantic(timed, setup=lambda: ((step.setup(),), {}), rounds=rounds, iterations=1, warmup_rounds=1)
         median = benchmark.stats.stats.median
         roof = measure.roofs(BENCH_DEVICE)
