@@ -4,3 +4,7 @@ from slsdeep.data import ISICDataset, synthesize
 from slsdeep.evaluate import isic_scores
 
 __all__ = ["ISICDataset", "isic_scores", "synthesize"]
+
+from slsdeep.model import SLSDeep, load_imagenet_weights
+
+__all__ = ["SLSDeep", "load_imagenet_weights"]
