@@ -5,5 +5,7 @@ spec, and picks its backend per call (see :mod:`slsdeep_kernels.backend`).
 """
 
 from slsdeep_kernels.backend import BACKENDS, available_backends
+from slsdeep_kernels.nn import NLLEPELoss
+from slsdeep_kernels.ops.nll_epe_loss import nll_epe_loss
 
-__all__ = ["BACKENDS", "available_backends"]
+__all__ = ["BACKENDS", "available_backends", "nll_epe_loss", "NLLEPELoss"]

@@ -1,0 +1,138 @@
+"""Fused NLL + EPE loss (DESIGN.md §4.3): binary negative log-likelihood from the logits plus
+``alpha`` times the end-point error of the Sobel derivatives of the foreground probability against
+those of the mask. Differentiable with respect to the logits; usable as a boundary-aware loss by any
+binary segmentation model.
+
+Maths, per pixel, with ``z`` the foreground logit margin (C = 1: the logit; C = 2: ``l1 - l0``, so
+``softmax(l)[1] = sigmoid(z)``), ``p = sigmoid(z)`` and ``v`` the mask value::
+
+    NLL = softplus(z) - v·z                  (= -[v·log p + (1-v)·log(1-p)], never from a clamped p)
+    d = p - v,  (Ex, Ey) = Sobel(d) = (Mx - Gx, My - Gy)   (the stencils are linear: one pass on d)
+    EPE = sqrt(Ex² + Ey²)
+    ∂loss_sum/∂z(r) = d(r) + alpha · p(1-p)(r) · Σ_q [Ex, Ey](q)/EPE(q) · ∂(Ex, Ey)(q)/∂d(r)
+
+with the Sobel stencils ``Kx = 1/8·[[-1,0,1],[-2,0,2],[-1,0,1]]``, ``Ky = Kxᵀ`` (cross-correlation,
+replicate padding) and the direction ``[Ex, Ey]/EPE`` taken as 0 where ``EPE = 0``. The sum over the
+3×3 neighbours q of r is the adjoint of the stencils: along each axis the adjoint of the replicate-padded
+smoothing [1, 2, 1] is the same smoothing, that of the difference [-1, 0, 1] is the difference with the
+border value negated (see ``csrc/common/nll_epe_loss.h``). With C = 2 the gradient is ``∓∂/∂z`` on
+channels 0 and 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from slsdeep_kernels import backend as backends
+
+OP = "nll_epe_loss"
+REDUCTIONS = ("none", "mean", "sum")
+TARGET_DTYPES = (torch.bool, torch.uint8, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CUDA_PREFERENCE = ("triton", "cuda")  # not yet measured on a GPU
+
+# ---------------------------------------------------------------------------------------------
+# 1. Reference: plain differentiable PyTorch. This is the spec.
+# ---------------------------------------------------------------------------------------------
+
+_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
+
+
+def _sobel(image: Tensor) -> Tensor:
+    """(N, H, W) -> (N, 2, H, W): x (along the width) and y derivatives, replicate padding."""
+    weight = torch.stack([_SOBEL_X, _SOBEL_X.T]).unsqueeze(1).to(image)
+    return F.conv2d(F.pad(image.unsqueeze(1), (1, 1, 1, 1), mode="replicate"), weight)
+
+
+def reference(logits: Tensor, target: Tensor, alpha: float = 0.5, reduction: str = "mean") -> Tensor:
+    """NLL + alpha·EPE of ``logits (N, C, H, W)`` (C = 1 sigmoid, C = 2 softmax) against ``target (N, H, W)``.
+
+    fp16/bf16 logits are computed in fp32 and the loss is returned in the logits' dtype.
+    """
+    compute = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    mask = target.to(compute.dtype)
+    if compute.shape[1] == 2:
+        log_probability = F.log_softmax(compute, dim=1)
+        log_foreground, log_background = log_probability[:, 1], log_probability[:, 0]
+    else:
+        log_foreground, log_background = F.logsigmoid(compute[:, 0]), F.logsigmoid(-compute[:, 0])
+    nll = -(mask * log_foreground + (1 - mask) * log_background)
+    epe = torch.linalg.vector_norm(_sobel(log_foreground.exp()) - _sobel(mask), dim=1)
+    per_pixel = nll + alpha * epe
+    if reduction == "mean":
+        per_pixel = per_pixel.mean()
+    elif reduction == "sum":
+        per_pixel = per_pixel.sum()
+    return per_pixel.to(logits.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The public function.
+# ---------------------------------------------------------------------------------------------
+
+
+def _validate(logits: Tensor, target: Tensor, alpha: float, reduction: str) -> torch.device:
+    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
+        raise ValueError(f"{OP}: logits and target must be tensors; got {type(logits).__name__}, {type(target).__name__}")
+    if logits.dim() != 4 or logits.shape[1] not in (1, 2):
+        raise ValueError(
+            f"{OP}: logits must have shape (N, C, H, W) with C = 1 (sigmoid) or C = 2 (softmax); "
+            f"got shape {tuple(logits.shape)}"
+        )
+    if not logits.is_floating_point():
+        raise ValueError(f"{OP}: logits must be a floating-point tensor; got dtype {logits.dtype}")
+    n, _, h, w = logits.shape
+    if n * h * w == 0:
+        raise ValueError(f"{OP}: logits must not be empty (N, H, W >= 1); got shape {tuple(logits.shape)}")
+    if tuple(target.shape) != (n, h, w):
+        raise ValueError(
+            f"{OP}: target must have shape (N, H, W) = {(n, h, w)} to match logits {tuple(logits.shape)}; "
+            f"got {tuple(target.shape)}"
+        )
+    if target.dtype not in TARGET_DTYPES:
+        raise ValueError(f"{OP}: target must be bool, uint8, int64 or floating point (values 0/1); got dtype {target.dtype}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{OP}: reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{OP}: alpha must be a real number; got {alpha!r}")
+    return backends.common_device(OP, logits=logits, target=target)
+
+
+def _check_target_values(target: Tensor) -> None:
+    """The {0, 1} check of the target (syncs a GPU)."""
+    if target.dtype == torch.bool:
+        return
+    outside = (target != 0) & (target != 1)
+    if bool(outside.any()):
+        raise ValueError(f"{OP}: target values must be 0 or 1; found {target[outside][0].item()!r}")
+
+
+def nll_epe_loss(
+    logits: Tensor,
+    target: Tensor,
+    alpha: float = 0.5,
+    reduction: str = "mean",
+    backend: str | None = None,
+    check_target: bool = True,
+) -> Tensor:
+    """NLL + ``alpha``·EPE loss of binary segmentation ``logits (N, C, H, W)`` against ``target (N, H, W)``.
+
+    C = 1: sigmoid of the logit; C = 2: softmax over the two channels (class 1 is the foreground).
+    ``target``: bool, uint8, int64 or float with values in {0, 1} (checked when ``check_target``: the
+    check syncs a GPU and is skipped under ``torch.compile``). ``reduction``: "mean" (over the N·H·W
+    pixels), "sum" or "none" (the per-pixel map (N, H, W)). The gradient flows to the logits only.
+    Under autocast the loss runs in fp32. ``backend``: see :mod:`slsdeep_kernels.backend`.
+    """
+    device = _validate(logits, target, alpha, reduction)
+    if check_target and not torch.compiler.is_compiling():
+        _check_target_values(target)
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        with torch.autocast(device.type, enabled=False):
+            return _dispatch(logits.float(), target, float(alpha), reduction, backend)
+    return _dispatch(logits, target, float(alpha), reduction, backend)
+
+
+def _dispatch(logits: Tensor, target: Tensor, alpha: float, reduction: str, backend: str | None) -> Tensor:
+    backends.resolve(OP, logits.device, logits.dtype, backend, cuda_preference=CUDA_PREFERENCE)
+    return reference(logits, target, alpha, reduction)  # the fused backends follow

@@ -1,0 +1,170 @@
+"""NLL + EPE loss: the reference against the spec, every backend against the reference, bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_matches_reference
+
+import slsdeep_kernels
+import slsdeep_kernels.functional
+import slsdeep_kernels.nn
+from slsdeep_kernels.ops import nll_epe_loss as op
+
+TARGET_DTYPES = [torch.bool, torch.uint8, torch.int64, torch.float32]
+SHAPES = [(1, 1, 1, 1), (2, 7, 13), (1, 37, 53), (3, 1, 9), (2, 11, 1)]  # (N, H, W)
+
+
+def make_inputs(n, c, h, w, dtype=torch.float32, target_dtype=torch.uint8, scale=3.0):
+    logits = (scale * torch.randn(n, c, h, w, dtype=torch.float64)).to(dtype).requires_grad_()
+    target = (torch.rand(n, h, w) < 0.4).to(target_dtype)
+    return logits, target
+
+
+def spec_loss(logits, target, alpha, reduction):
+    """DESIGN.md §4.3 written out with explicit loops (tiny shapes only): an oracle independent of `reference`."""
+    logits, target = logits.double(), target.double()
+    n_, c_, h_, w_ = logits.shape
+    p = torch.softmax(logits, 1)[:, 1] if c_ == 2 else torch.sigmoid(logits[:, 0])
+    kx = [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]]
+
+    def derivative(image, n, i, j, transpose):
+        total = 0.0
+        for a in (-1, 0, 1):
+            for b in (-1, 0, 1):
+                weight = kx[b + 1][a + 1] if transpose else kx[a + 1][b + 1]
+                total += weight * image[n, min(max(i + a, 0), h_ - 1), min(max(j + b, 0), w_ - 1)].item()
+        return total / 8
+
+    out = torch.empty(n_, h_, w_, dtype=torch.float64)
+    for n in range(n_):
+        for i in range(h_):
+            for j in range(w_):
+                v, q = target[n, i, j].item(), p[n, i, j].item()
+                nll = -(v * math.log(q) + (1 - v) * math.log(1 - q))
+                ex = derivative(p, n, i, j, False) - derivative(target, n, i, j, False)
+                ey = derivative(p, n, i, j, True) - derivative(target, n, i, j, True)
+                out[n, i, j] = nll + alpha * math.hypot(ex, ey)
+    return {"none": out, "mean": out.mean(), "sum": out.sum()}[reduction]
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference is the spec.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("c", [1, 2])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 4, 5), (1, 1, 6), (1, 5, 1)])
+def test_reference_matches_the_written_out_definition(c, reduction, shape):
+    logits, target = make_inputs(shape[0], c, *shape[1:], dtype=torch.float64)
+    expected = spec_loss(logits.detach(), target, 0.7, reduction)
+    torch.testing.assert_close(op.reference(logits, target, 0.7, reduction), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_nll_is_the_cross_entropy_of_the_logits():
+    logits, target = make_inputs(2, 2, 6, 7, dtype=torch.float64)
+    expected = F.cross_entropy(logits, target.long())
+    torch.testing.assert_close(op.reference(logits, target, alpha=0.0), expected)
+    single = logits[:, 1:] - logits[:, :1]  # sigmoid of the margin = softmax of the pair
+    torch.testing.assert_close(op.reference(single, target, alpha=0.3), op.reference(logits, target, alpha=0.3))
+
+
+def test_reference_is_stable_for_huge_logits():
+    logits = torch.tensor([[[[-200.0, 200.0], [150.0, -90.0]]]], requires_grad=True)
+    target = torch.tensor([[[1, 0], [1, 1]]], dtype=torch.uint8)
+    loss = op.reference(logits, target, reduction="none")
+    assert torch.isfinite(loss).all()
+    assert loss[0, 0, 0] > 199  # -log sigmoid(-200), never a clamped probability
+    loss.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("c", [1, 2])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_reference_gradcheck(c, reduction):
+    logits, target = make_inputs(2, c, 5, 6, dtype=torch.float64, scale=1.0)
+    assert torch.autograd.gradcheck(lambda x: op.reference(x, target, 0.5, reduction), (logits,))
+
+
+@pytest.mark.parametrize("backend", slsdeep_kernels.available_backends())
+def test_gradient_is_zero_not_nan_where_the_epe_root_is_zero(backend):
+    # A constant probability over a constant mask: every Sobel derivative, hence every EPE, is 0.
+    dtype = torch.float32
+    logits = torch.full((1, 2, 4, 5), 0.25, dtype=dtype)
+    logits[:, 0] = -0.5
+    logits.requires_grad_()
+    target = torch.ones(1, 4, 5, dtype=torch.uint8)
+    loss = slsdeep_kernels.nll_epe_loss(logits, target, reduction="sum", backend=backend)
+    loss.backward()
+    p = torch.sigmoid(torch.tensor(0.75))
+    expected = torch.empty_like(logits)
+    expected[:, 1], expected[:, 0] = p - 1, 1 - p  # the NLL gradient only
+    assert torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(logits.grad, expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_module_and_function_are_exported():
+    assert slsdeep_kernels.nll_epe_loss is op.nll_epe_loss
+    assert slsdeep_kernels.functional.nll_epe_loss is op.nll_epe_loss
+    assert slsdeep_kernels.nn.NLLEPELoss is slsdeep_kernels.NLLEPELoss
+    assert {"nll_epe_loss", "NLLEPELoss"} <= set(slsdeep_kernels.__all__)
+
+
+def test_module_matches_the_function():
+    logits, target = make_inputs(2, 2, 7, 13)
+    module = slsdeep_kernels.NLLEPELoss(alpha=0.3, reduction="sum")
+    assert "alpha=0.3" in repr(module)
+    torch.testing.assert_close(module(logits, target), op.reference(logits, target, 0.3, "sum"))
+
+
+def test_autocast_runs_the_loss_in_fp32():
+    logits, target = make_inputs(2, 2, 7, 13)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = slsdeep_kernels.nll_epe_loss(logits.bfloat16(), target)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, op.reference(logits.bfloat16().float(), target))
+
+
+BAD_INPUTS = [
+    (lambda l, t: (l[:, :1].expand(2, 3, 7, 13), t), r"logits must have shape \(N, C, H, W\) with C = 1 .* got shape \(2, 3, 7, 13\)"),
+    (lambda l, t: (l[0], t), r"logits must have shape \(N, C, H, W\)"),
+    (lambda l, t: (l, t[:, :6]), r"target must have shape \(N, H, W\) = \(2, 7, 13\) .* got \(2, 6, 13\)"),
+    (lambda l, t: (l, t.unsqueeze(1)), r"target must have shape"),
+    (lambda l, t: (l, t.int()), r"target must be bool, uint8, int64 or floating point .* got dtype torch.int32"),
+    (lambda l, t: (l, t.float() * 2), r"target values must be 0 or 1; found 2.0"),
+    (lambda l, t: (l, t.long() - 1), r"target values must be 0 or 1; found -1"),
+    (lambda l, t: (l.long(), t), r"logits must be a floating-point tensor; got dtype torch.int64"),
+    (lambda l, t: (l.to(torch.complex64), t), r"logits must be a floating-point tensor; got dtype torch.complex64"),
+    (lambda l, t: (l[:0], t[:0]), r"logits must not be empty"),
+    (lambda l, t: (l, t.to("meta")), r"all tensors must be on one device; got logits on cpu, target on meta"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_INPUTS)
+def test_bad_input_raises_naming_the_argument(bad, message):
+    logits, target = make_inputs(2, 2, 7, 13)
+    logits, target = bad(logits.detach(), target)
+    with pytest.raises(ValueError, match=message):
+        slsdeep_kernels.nll_epe_loss(logits, target)
+
+
+def test_bad_options_raise():
+    logits, target = make_inputs(1, 1, 3, 3)
+    with pytest.raises(ValueError, match="reduction must be one of none, mean, sum; got 'max'"):
+        slsdeep_kernels.nll_epe_loss(logits, target, reduction="max")
+    with pytest.raises(ValueError, match="alpha must be a real number"):
+        slsdeep_kernels.nll_epe_loss(logits, target, alpha="0.5")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        slsdeep_kernels.nll_epe_loss(logits, target, backend="fast")
+
+
+def test_target_check_can_be_switched_off():
+    logits, target = make_inputs(1, 1, 3, 3)
+    slsdeep_kernels.nll_epe_loss(logits, target.float() * 2, check_target=False)  # no sync, no error
