@@ -11,5 +11,17 @@
 TORCH_LIBRARY(slsdeep_kernels, m) {
   // --- nll_epe_loss (slsdeep_kernels/ops/nll_epe_loss.py) ---
   // --- pyramid (slsdeep_kernels/ops/pyramid.py) ---
+  // (N, C, sum b^2): every bin's adaptive average cells, bins in order, each b x b row-major.
+  m.def("pyramid_pool_kernel(Tensor x, int[] bins) -> Tensor");
+  m.def("pyramid_pool_backward_kernel(Tensor grad, int[] bins, int height, int width, bool channels_last) -> Tensor");
+  // cat([x] + bilinear resizes of the branches to x's size), written once.
+  m.def("upsample_concat_kernel(Tensor x, Tensor[] branches, bool align_corners, bool channels_last) -> Tensor");
+  // grads of the branches only; branch_sizes = (C_b, h, w) per branch, channels = C of x.
+  m.def(
+      "upsample_concat_backward_kernel(Tensor grad, int channels, int[] branch_sizes, bool align_corners) -> Tensor[]");
+  // out += sum over branches and 3x3 taps t of up(taps[b][:, :, t])(p + t - 1); taps[b]: (N, C_out, 3, 3, h, w).
+  m.def("pyramid_taps_add_kernel(Tensor(a!) out, Tensor[] taps, bool align_corners) -> ()");
+  // grads of the tap tensors; tap_sizes = (h, w) per branch.
+  m.def("pyramid_taps_backward_kernel(Tensor grad, int[] tap_sizes, bool align_corners) -> Tensor[]");
   // --- conv_bn_relu (slsdeep_kernels/ops/conv_bn_relu.py) ---
 }

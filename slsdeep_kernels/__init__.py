@@ -7,5 +7,7 @@ spec, and picks its backend per call (see :mod:`slsdeep_kernels.backend`).
 from slsdeep_kernels.backend import BACKENDS, available_backends
 from slsdeep_kernels.nn import NLLEPELoss
 from slsdeep_kernels.ops.nll_epe_loss import nll_epe_loss
+from slsdeep_kernels.nn import PyramidDecoderBlock, PyramidPooling
+from slsdeep_kernels.ops.pyramid import pyramid_conv3x3, pyramid_pool, upsample_concat
 
-__all__ = ["BACKENDS", "available_backends", "nll_epe_loss", "NLLEPELoss"]
+__all__ = ["BACKENDS", "available_backends", "nll_epe_loss", "NLLEPELoss", "pyramid_pool", "upsample_concat", "pyramid_conv3x3", "PyramidPooling", "PyramidDecoderBlock"]

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from slsdeep_kernels.ops.nll_epe_loss import nll_epe_loss
+from slsdeep_kernels.ops.pyramid import PyramidDecoderBlock, PyramidPooling, PyramidStage  # noqa: F401
 
 
 class NLLEPELoss(nn.Module):

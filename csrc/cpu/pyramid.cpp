@@ -1,0 +1,470 @@
+// CPU kernels of pyramid pooling (slsdeep_kernels/ops/pyramid.py, DESIGN.md §4.2).
+//
+// Every kernel works plane by plane ((n, c) planes, at::parallel_for over planes), reads its input
+// through its strides (NCHW or channels_last alike) and accumulates in at::opmath_type. Resizing is
+// separable: a pass along the width into a small per-plane buffer, then one along the height.
+// Backward passes gather (per-axis reader lists built from csrc/common/pyramid.h): deterministic.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "alloc.h"
+#include "common/pyramid.h"
+
+namespace slsdeep {
+namespace {
+
+using pyramid::LinearTap;
+
+struct Strides4 {
+  int64_t n, c, h, w;
+};
+
+Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+// Planes per parallel task so that a task touches about GRAIN_SIZE elements.
+int64_t plane_grain(int64_t plane_elements) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, plane_elements));
+}
+
+// The stencil of every output index of one axis resized from in_size to out_size.
+template <typename acc_t>
+std::vector<LinearTap<acc_t>> axis_taps(int64_t in_size, int64_t out_size, bool align_corners) {
+  const acc_t scale = pyramid::linear_scale<acc_t>(in_size, out_size, align_corners);
+  std::vector<LinearTap<acc_t>> taps(out_size);
+  for (int64_t o = 0; o < out_size; ++o) taps[o] = pyramid::linear_tap<acc_t>(o, in_size, scale, align_corners);
+  return taps;
+}
+
+// Adjoint of one resized axis, as reader lists: for input index i, the output indices o (with their
+// weights) whose stencil at o + shift reads i; o + shift outside [0, out_size) reads zero.
+template <typename acc_t>
+struct AxisReaders {
+  std::vector<int64_t> begin;  // in_size + 1 offsets into index/weight
+  std::vector<int64_t> index;
+  std::vector<acc_t> weight;
+};
+
+template <typename acc_t>
+AxisReaders<acc_t> axis_readers(int64_t in_size, int64_t out_size, bool align_corners, int64_t shift) {
+  const acc_t scale = pyramid::linear_scale<acc_t>(in_size, out_size, align_corners);
+  AxisReaders<acc_t> readers;
+  readers.begin.push_back(0);
+  for (int64_t i = 0; i < in_size; ++i) {
+    int64_t first = 0, last = 0;
+    pyramid::linear_readers<acc_t>(i, in_size, out_size, scale, align_corners, &first, &last);
+    for (int64_t o = std::max<int64_t>(first - shift, 0); o < std::min<int64_t>(last - shift, out_size); ++o) {
+      const LinearTap<acc_t> tap = pyramid::linear_tap<acc_t>(o + shift, in_size, scale, align_corners);
+      readers.index.push_back(o);
+      readers.weight.push_back(pyramid::tap_weight(tap, i));
+    }
+    readers.begin.push_back(static_cast<int64_t>(readers.index.size()));
+  }
+  return readers;
+}
+
+// ---------------------------------------------------------------- pyramid_pool
+
+template <typename scalar_t, typename acc_t>
+inline void add_row(acc_t* sums, const scalar_t* row, int64_t width, int64_t stride) {
+  if (stride == 1) {
+    for (int64_t w = 0; w < width; ++w) sums[w] += static_cast<acc_t>(row[w]);
+  } else {
+    for (int64_t w = 0; w < width; ++w) sums[w] += static_cast<acc_t>(row[w * stride]);
+  }
+}
+
+// out (N, C, S): for every bin b, cell (i, j) = mean of its adaptive window. Per bin and cell row,
+// the window's rows are summed into a row buffer (contiguous, vectorisable), then cut into cells.
+template <typename scalar_t>
+void pool_forward(const at::Tensor& x, const at::Tensor& out, const std::vector<int64_t>& bins) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), S = out.size(2);
+  const Strides4 s = strides_of(x);
+  const scalar_t* src = x.const_data_ptr<scalar_t>();
+  scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, x.size(0) * C, plane_grain(H * W), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> column_sums(W);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const scalar_t* in = src + (plane / C) * s.n + (plane % C) * s.c;
+      scalar_t* cell = dst + plane * S;
+      for (const int64_t bin : bins) {
+        for (int64_t i = 0; i < bin; ++i) {
+          const int64_t h0 = pyramid::window_begin(i, H, bin), h1 = pyramid::window_end(i, H, bin);
+          std::fill(column_sums.begin(), column_sums.end(), acc_t(0));
+          for (int64_t h = h0; h < h1; ++h) add_row(column_sums.data(), in + h * s.h, W, s.w);
+          for (int64_t j = 0; j < bin; ++j) {
+            const int64_t w0 = pyramid::window_begin(j, W, bin), w1 = pyramid::window_end(j, W, bin);
+            acc_t sum = 0;
+            for (int64_t w = w0; w < w1; ++w) sum += column_sums[w];
+            *cell++ = static_cast<scalar_t>(sum / static_cast<acc_t>((h1 - h0) * (w1 - w0)));
+          }
+        }
+      }
+    }
+  });
+}
+
+// grad_x (N, C, H, W) from grad (N, C, S) contiguous: every cell's gradient / area spread over its
+// window, in a per-plane buffer (one thread per plane: deterministic), then written once.
+template <typename scalar_t>
+void pool_backward(const at::Tensor& grad, const at::Tensor& out, const std::vector<int64_t>& bins) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = out.size(1), H = out.size(2), W = out.size(3), S = grad.size(2);
+  const Strides4 s = strides_of(out);
+  const scalar_t* src = grad.const_data_ptr<scalar_t>();
+  scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, out.size(0) * C, plane_grain(H * W), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buffer(H * W);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      std::fill(buffer.begin(), buffer.end(), acc_t(0));
+      const scalar_t* cell = src + plane * S;
+      for (const int64_t bin : bins) {
+        for (int64_t i = 0; i < bin; ++i) {
+          const int64_t h0 = pyramid::window_begin(i, H, bin), h1 = pyramid::window_end(i, H, bin);
+          for (int64_t j = 0; j < bin; ++j) {
+            const int64_t w0 = pyramid::window_begin(j, W, bin), w1 = pyramid::window_end(j, W, bin);
+            const acc_t value = static_cast<acc_t>(*cell++) / static_cast<acc_t>((h1 - h0) * (w1 - w0));
+            for (int64_t h = h0; h < h1; ++h) {
+              acc_t* row = buffer.data() + h * W;
+              for (int64_t w = w0; w < w1; ++w) row[w] += value;
+            }
+          }
+        }
+      }
+      scalar_t* plane_out = dst + (plane / C) * s.n + (plane % C) * s.c;
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t w = 0; w < W; ++w) plane_out[h * s.h + w * s.w] = static_cast<scalar_t>(buffer[h * W + w]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- upsample_concat
+
+// Channels [offset, offset + Cb) of out = bilinear resize of z (N, Cb, h, w) contiguous. As ATen
+// does: each source row resized along the width first, then the two rows blended.
+template <typename scalar_t>
+void upsample_branch(const at::Tensor& z, const at::Tensor& out, int64_t offset, bool align_corners) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t Cb = z.size(1), h = z.size(2), w = z.size(3), H = out.size(2), W = out.size(3);
+  const Strides4 s = strides_of(out);
+  const auto rows = axis_taps<acc_t>(h, H, align_corners);
+  const auto cols = axis_taps<acc_t>(w, W, align_corners);
+  const scalar_t* src = z.const_data_ptr<scalar_t>();
+  scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, z.size(0) * Cb, plane_grain(H * W), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> resized(h * W);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const scalar_t* in = src + plane * h * w;
+      for (int64_t i = 0; i < h; ++i) {
+        for (int64_t q = 0; q < W; ++q) {
+          const LinearTap<acc_t>& t = cols[q];
+          resized[i * W + q] = t.weight0 * static_cast<acc_t>(in[i * w + t.index0]) +
+                               t.weight1 * static_cast<acc_t>(in[i * w + t.index1]);
+        }
+      }
+      scalar_t* plane_out = dst + (plane / Cb) * s.n + (offset + plane % Cb) * s.c;
+      for (int64_t p = 0; p < H; ++p) {
+        const LinearTap<acc_t>& t = rows[p];
+        const acc_t* row0 = resized.data() + t.index0 * W;
+        const acc_t* row1 = resized.data() + t.index1 * W;
+        scalar_t* row = plane_out + p * s.h;
+        for (int64_t q = 0; q < W; ++q) row[q * s.w] = static_cast<scalar_t>(t.weight0 * row0[q] + t.weight1 * row1[q]);
+      }
+    }
+  });
+}
+
+// grad_z (N, Cb, h, w) contiguous = adjoint of upsample_branch on channels [offset, offset + Cb) of
+// grad: gathered along the width into an (H, w) buffer, then along the height.
+template <typename scalar_t>
+void upsample_branch_backward(const at::Tensor& grad, const at::Tensor& grad_z, int64_t offset, bool align_corners) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t Cb = grad_z.size(1), h = grad_z.size(2), w = grad_z.size(3), H = grad.size(2), W = grad.size(3);
+  const Strides4 s = strides_of(grad);
+  const auto rows = axis_readers<acc_t>(h, H, align_corners, 0);
+  const auto cols = axis_readers<acc_t>(w, W, align_corners, 0);
+  const scalar_t* src = grad.const_data_ptr<scalar_t>();
+  scalar_t* dst = grad_z.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, grad_z.size(0) * Cb, plane_grain(H * W), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> partial(H * w);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const scalar_t* g = src + (plane / Cb) * s.n + (offset + plane % Cb) * s.c;
+      for (int64_t p = 0; p < H; ++p) {
+        const scalar_t* row = g + p * s.h;
+        for (int64_t j = 0; j < w; ++j) {
+          acc_t sum = 0;
+          for (int64_t k = cols.begin[j]; k < cols.begin[j + 1]; ++k) {
+            sum += cols.weight[k] * static_cast<acc_t>(row[cols.index[k] * s.w]);
+          }
+          partial[p * w + j] = sum;
+        }
+      }
+      scalar_t* out = dst + plane * h * w;
+      for (int64_t i = 0; i < h; ++i) {
+        for (int64_t j = 0; j < w; ++j) {
+          acc_t sum = 0;
+          for (int64_t k = rows.begin[i]; k < rows.begin[i + 1]; ++k) sum += rows.weight[k] * partial[rows.index[k] * w + j];
+          out[i * w + j] = static_cast<scalar_t>(sum);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- pyramid_conv3x3 taps
+//
+// A tap tensor z (N, Co, 3, 3, h, w) holds z_t = W_t . y of one branch for the 9 taps t = (ky, kx)
+// of the 3x3 conv. Its contribution to the conv output is sum_t up(z_t)(p + t - 1), zero outside the
+// image. Separable: for every (ky, cell row i) the kx-sum of width-resized, width-shifted rows is
+// formed once per plane (u), then each output row blends two u rows per (branch, ky).
+
+template <typename acc_t>
+struct TapBranch {
+  int64_t h, w, u_offset;
+  std::vector<LinearTap<acc_t>> rows, cols;
+};
+
+template <typename scalar_t>
+void taps_add(const at::Tensor& out, const std::vector<at::Tensor>& taps, bool align_corners) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t Co = out.size(1), H = out.size(2), W = out.size(3);
+  const Strides4 s = strides_of(out);
+  std::vector<TapBranch<acc_t>> branches;
+  int64_t u_size = 0;
+  for (const at::Tensor& z : taps) {
+    const int64_t h = z.size(4), w = z.size(5);
+    branches.push_back({h, w, u_size, axis_taps<acc_t>(h, H, align_corners), axis_taps<acc_t>(w, W, align_corners)});
+    u_size += 3 * h * W;
+  }
+  scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, out.size(0) * Co, plane_grain(H * W), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> u(u_size), row_sum(W);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      for (size_t b = 0; b < branches.size(); ++b) {
+        const TapBranch<acc_t>& br = branches[b];
+        const scalar_t* z = taps[b].const_data_ptr<scalar_t>() + plane * 9 * br.h * br.w;
+        for (int64_t ky = 0; ky < 3; ++ky) {
+          for (int64_t i = 0; i < br.h; ++i) {
+            acc_t* u_row = u.data() + br.u_offset + (ky * br.h + i) * W;
+            for (int64_t q = 0; q < W; ++q) {
+              acc_t sum = 0;
+              for (int64_t kx = 0; kx < 3; ++kx) {
+                const int64_t column = q + kx - 1;
+                if (column < 0 || column >= W) continue;
+                const LinearTap<acc_t>& t = br.cols[column];
+                const scalar_t* z_row = z + ((ky * 3 + kx) * br.h + i) * br.w;
+                sum += t.weight0 * static_cast<acc_t>(z_row[t.index0]) + t.weight1 * static_cast<acc_t>(z_row[t.index1]);
+              }
+              u_row[q] = sum;
+            }
+          }
+        }
+      }
+      scalar_t* plane_out = dst + (plane / Co) * s.n + (plane % Co) * s.c;
+      for (int64_t p = 0; p < H; ++p) {
+        std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+        for (const TapBranch<acc_t>& br : branches) {
+          for (int64_t ky = 0; ky < 3; ++ky) {
+            const int64_t row = p + ky - 1;
+            if (row < 0 || row >= H) continue;
+            const LinearTap<acc_t>& t = br.rows[row];
+            const acc_t* u0 = u.data() + br.u_offset + (ky * br.h + t.index0) * W;
+            const acc_t* u1 = u.data() + br.u_offset + (ky * br.h + t.index1) * W;
+            for (int64_t q = 0; q < W; ++q) row_sum[q] += t.weight0 * u0[q] + t.weight1 * u1[q];
+          }
+        }
+        scalar_t* row_out = plane_out + p * s.h;
+        for (int64_t q = 0; q < W; ++q) {
+          row_out[q * s.w] = static_cast<scalar_t>(static_cast<acc_t>(row_out[q * s.w]) + row_sum[q]);
+        }
+      }
+    }
+  });
+}
+
+// Adjoint of taps_add: grad_z (N, Co, 3, 3, h, w) contiguous per branch, gathered along the width
+// (readers of the kx-shifted stencils) into an (H, 3, w) buffer, then along the height.
+template <typename acc_t>
+struct TapBranchReaders {
+  int64_t h, w;
+  std::vector<AxisReaders<acc_t>> rows, cols;  // per ky / kx
+};
+
+template <typename scalar_t>
+void taps_backward(const at::Tensor& grad, const std::vector<at::Tensor>& grad_taps, bool align_corners) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t Co = grad.size(1), H = grad.size(2), W = grad.size(3);
+  const Strides4 s = strides_of(grad);
+  std::vector<TapBranchReaders<acc_t>> branches;
+  int64_t partial_size = 0;
+  for (const at::Tensor& gz : grad_taps) {
+    TapBranchReaders<acc_t> br{gz.size(4), gz.size(5), {}, {}};
+    for (int64_t k = 0; k < 3; ++k) {
+      br.rows.push_back(axis_readers<acc_t>(br.h, H, align_corners, k - 1));
+      br.cols.push_back(axis_readers<acc_t>(br.w, W, align_corners, k - 1));
+    }
+    partial_size = std::max(partial_size, H * 3 * br.w);
+    branches.push_back(std::move(br));
+  }
+  const scalar_t* src = grad.const_data_ptr<scalar_t>();
+  at::parallel_for(0, grad.size(0) * Co, plane_grain(H * W), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> partial(partial_size);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const scalar_t* g = src + (plane / Co) * s.n + (plane % Co) * s.c;
+      for (size_t b = 0; b < branches.size(); ++b) {
+        const TapBranchReaders<acc_t>& br = branches[b];
+        for (int64_t p = 0; p < H; ++p) {
+          const scalar_t* row = g + p * s.h;
+          for (int64_t kx = 0; kx < 3; ++kx) {
+            const AxisReaders<acc_t>& cols = br.cols[kx];
+            for (int64_t j = 0; j < br.w; ++j) {
+              acc_t sum = 0;
+              for (int64_t k = cols.begin[j]; k < cols.begin[j + 1]; ++k) {
+                sum += cols.weight[k] * static_cast<acc_t>(row[cols.index[k] * s.w]);
+              }
+              partial[(p * 3 + kx) * br.w + j] = sum;
+            }
+          }
+        }
+        scalar_t* out = grad_taps[b].mutable_data_ptr<scalar_t>() + plane * 9 * br.h * br.w;
+        for (int64_t ky = 0; ky < 3; ++ky) {
+          const AxisReaders<acc_t>& rows = br.rows[ky];
+          for (int64_t kx = 0; kx < 3; ++kx) {
+            for (int64_t i = 0; i < br.h; ++i) {
+              for (int64_t j = 0; j < br.w; ++j) {
+                acc_t sum = 0;
+                for (int64_t k = rows.begin[i]; k < rows.begin[i + 1]; ++k) {
+                  sum += rows.weight[k] * partial[(rows.index[k] * 3 + kx) * br.w + j];
+                }
+                out[((ky * 3 + kx) * br.h + i) * br.w + j] = static_cast<scalar_t>(sum);
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- operators
+
+at::MemoryFormat memory_format(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+std::vector<int64_t> checked_bins(at::IntArrayRef bins) {
+  TORCH_CHECK(!bins.empty(), "pyramid: bins must not be empty");
+  for (const int64_t bin : bins) TORCH_CHECK(bin > 0, "pyramid: bins must be positive, got ", bin);
+  return std::vector<int64_t>(bins.begin(), bins.end());
+}
+
+int64_t cell_count(const std::vector<int64_t>& bins) {
+  int64_t cells = 0;
+  for (const int64_t bin : bins) cells += bin * bin;
+  return cells;
+}
+
+at::Tensor pyramid_pool_kernel(const at::Tensor& x, at::IntArrayRef bins) {
+  TORCH_CHECK(x.dim() == 4 && x.size(2) > 0 && x.size(3) > 0, "pyramid_pool_kernel: x must be (N, C, H, W), H, W > 0");
+  const std::vector<int64_t> bin_list = checked_bins(bins);
+  at::Tensor out = new_output({x.size(0), x.size(1), cell_count(bin_list)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pyramid_pool_kernel",
+                                  [&] { pool_forward<scalar_t>(x, out, bin_list); });
+  return out;
+}
+
+at::Tensor pyramid_pool_backward_kernel(const at::Tensor& grad, at::IntArrayRef bins, int64_t height, int64_t width,
+                                        bool channels_last) {
+  const std::vector<int64_t> bin_list = checked_bins(bins);
+  TORCH_CHECK(grad.dim() == 3 && grad.size(2) == cell_count(bin_list),
+              "pyramid_pool_backward_kernel: grad must be (N, C, sum of bin^2)");
+  const at::Tensor g = grad.contiguous();
+  at::Tensor out = new_output({g.size(0), g.size(1), height, width}, g.options(), memory_format(channels_last));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pyramid_pool_backward_kernel",
+                                  [&] { pool_backward<scalar_t>(g, out, bin_list); });
+  return out;
+}
+
+at::Tensor upsample_concat_kernel(const at::Tensor& x, at::TensorList branches, bool align_corners,
+                                  bool channels_last) {
+  TORCH_CHECK(x.dim() == 4, "upsample_concat_kernel: x must be (N, C, H, W)");
+  int64_t channels = x.size(1);
+  for (const at::Tensor& z : branches) {
+    TORCH_CHECK(z.dim() == 4 && z.size(0) == x.size(0) && z.scalar_type() == x.scalar_type(),
+                "upsample_concat_kernel: every branch must be (N, C_b, h, w) of x's batch and dtype");
+    channels += z.size(1);
+  }
+  at::Tensor out = new_output({x.size(0), channels, x.size(2), x.size(3)}, x.options(), memory_format(channels_last));
+  out.narrow(1, 0, x.size(1)).copy_(x);
+  int64_t offset = x.size(1);
+  for (const at::Tensor& branch : branches) {
+    const at::Tensor z = branch.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upsample_concat_kernel",
+                                    [&] { upsample_branch<scalar_t>(z, out, offset, align_corners); });
+    offset += z.size(1);
+  }
+  return out;
+}
+
+std::vector<at::Tensor> upsample_concat_backward_kernel(const at::Tensor& grad, int64_t channels,
+                                                        at::IntArrayRef branch_sizes, bool align_corners) {
+  TORCH_CHECK(grad.dim() == 4 && branch_sizes.size() % 3 == 0,
+              "upsample_concat_backward_kernel: grad (N, C_total, H, W) and (C_b, h, w) per branch");
+  std::vector<at::Tensor> grads;
+  int64_t offset = channels;
+  for (size_t b = 0; b < branch_sizes.size(); b += 3) {
+    at::Tensor grad_z = new_output({grad.size(0), branch_sizes[b], branch_sizes[b + 1], branch_sizes[b + 2]}, grad.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "upsample_concat_backward_kernel",
+                                    [&] { upsample_branch_backward<scalar_t>(grad, grad_z, offset, align_corners); });
+    offset += branch_sizes[b];
+    grads.push_back(grad_z);
+  }
+  TORCH_CHECK(offset == grad.size(1), "upsample_concat_backward_kernel: channels do not add up to grad's");
+  return grads;
+}
+
+void pyramid_taps_add_kernel(const at::Tensor& out, at::TensorList taps, bool align_corners) {
+  TORCH_CHECK(out.dim() == 4, "pyramid_taps_add_kernel: out must be (N, C_out, H, W)");
+  std::vector<at::Tensor> contiguous_taps;
+  for (const at::Tensor& z : taps) {
+    TORCH_CHECK(z.dim() == 6 && z.size(0) == out.size(0) && z.size(1) == out.size(1) && z.size(2) == 3 &&
+                    z.size(3) == 3 && z.scalar_type() == out.scalar_type(),
+                "pyramid_taps_add_kernel: every tap tensor must be (N, C_out, 3, 3, h, w) of out's dtype");
+    contiguous_taps.push_back(z.contiguous());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pyramid_taps_add_kernel",
+                                  [&] { taps_add<scalar_t>(out, contiguous_taps, align_corners); });
+}
+
+std::vector<at::Tensor> pyramid_taps_backward_kernel(const at::Tensor& grad, at::IntArrayRef tap_sizes,
+                                                     bool align_corners) {
+  TORCH_CHECK(grad.dim() == 4 && tap_sizes.size() % 2 == 0,
+              "pyramid_taps_backward_kernel: grad (N, C_out, H, W) and (h, w) per branch");
+  std::vector<at::Tensor> grads;
+  for (size_t b = 0; b < tap_sizes.size(); b += 2) {
+    grads.push_back(new_output({grad.size(0), grad.size(1), 3, 3, tap_sizes[b], tap_sizes[b + 1]}, grad.options()));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "pyramid_taps_backward_kernel",
+                                  [&] { taps_backward<scalar_t>(grad, grads, align_corners); });
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slsdeep_kernels, CPU, m) {
+  m.impl("pyramid_pool_kernel", &pyramid_pool_kernel);
+  m.impl("pyramid_pool_backward_kernel", &pyramid_pool_backward_kernel);
+  m.impl("upsample_concat_kernel", &upsample_concat_kernel);
+  m.impl("upsample_concat_backward_kernel", &upsample_concat_backward_kernel);
+  m.impl("pyramid_taps_add_kernel", &pyramid_taps_add_kernel);
+  m.impl("pyramid_taps_backward_kernel", &pyramid_taps_backward_kernel);
+}
+
+}  // namespace slsdeep

@@ -1,0 +1,403 @@
+"""pyramid_pool, upsample_concat, pyramid_conv3x3 and the modules against PyTorch's own
+adaptive_avg_pool2d / interpolate / conv2d over the concatenation (the references), every backend."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOLERANCE, assert_matches_reference, relative_error
+from torch import nn
+
+import slsdeep_kernels
+from slsdeep_kernels import backend as backends
+from slsdeep_kernels.ops import pyramid as P
+
+AVAILABLE = backends.available_backends()
+# Backends that run on CPU tensors here (Triton only under the interpreter, in fp32 at small shapes).
+CPU_BACKENDS = [b for b in ("reference", "cpu") if b in AVAILABLE]
+if backends.triton_interpreted() and "triton" in AVAILABLE:
+    CPU_BACKENDS.append("triton")
+COMPILED = [b for b in CPU_BACKENDS if b != "reference"]
+GPU_BACKENDS = [b for b in ("triton", "cuda") if b in AVAILABLE]
+needs_cpu = pytest.mark.skipif("cpu" not in AVAILABLE, reason="the C++ CPU extension is not built")
+
+BINS = (1, 2, 3, 6)
+# (N, C, H, W): odd sizes, image smaller than the largest bin, batch 1 and > 1.
+SHAPES = [(1, 3, 5, 7), (2, 4, 13, 9), (2, 3, 2, 2)]
+
+
+def dtypes_for(backend):
+    if backend == "triton":
+        return [torch.float32]
+    return [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def cases(shapes=SHAPES, backends_=CPU_BACKENDS):
+    return [
+        pytest.param(b, s, d, id=f"{b}-{'x'.join(map(str, s))}-{str(d).removeprefix('torch.')}")
+        for b in backends_
+        for s in shapes
+        for d in dtypes_for(b)
+    ]
+
+
+def image(shape, dtype=torch.float32, channels_last=False, device="cpu"):
+    x = torch.randn(shape, dtype=dtype, device=device)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def make_branches(n, channels=(2, 3, 1, 2), sizes=((1, 1), (2, 2), (3, 3), (6, 6)), dtype=torch.float32, device="cpu"):
+    return [torch.randn(n, c, h, w, dtype=dtype, device=device, requires_grad=True) for c, (h, w) in zip(channels, sizes)]
+
+
+# ---------------------------------------------------------------- pyramid_pool
+
+
+def test_pool_layout_is_bins_in_order_row_major():
+    x = image((2, 3, 11, 7))
+    out = slsdeep_kernels.pyramid_pool(x, bins=(3, 1, 2), backend="reference")
+    assert out.shape == (2, 3, 9 + 1 + 4)
+    torch.testing.assert_close(out[:, :, :9].view(2, 3, 3, 3), F.adaptive_avg_pool2d(x, 3))
+    torch.testing.assert_close(out[:, :, 9:10].view(2, 3, 1, 1), F.adaptive_avg_pool2d(x, 1))
+    torch.testing.assert_close(out[:, :, 10:].view(2, 3, 2, 2), F.adaptive_avg_pool2d(x, 2))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("backend,shape,dtype", cases())
+def test_pyramid_pool(backend, shape, dtype, channels_last):
+    x = image(shape, dtype, channels_last).requires_grad_()
+    assert_matches_reference(
+        lambda x: slsdeep_kernels.pyramid_pool(x, BINS, backend=backend),
+        lambda x: P.pyramid_pool_reference(x, BINS),
+        [x],
+        names=["x"],
+    )
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pyramid_pool_other_bins(backend):
+    x = image((2, 3, 9, 16)).requires_grad_()
+    bins = (4, 1, 5, 10)  # 10 > 9 rows: overlapping windows
+    assert_matches_reference(
+        lambda x: slsdeep_kernels.pyramid_pool(x, bins, backend=backend), lambda x: P.pyramid_pool_reference(x, bins), [x]
+    )
+
+
+# ---------------------------------------------------------------- upsample_concat
+
+
+def upsample_case(backend, align_corners, sizes=((1, 1), (2, 2), (3, 3), (6, 6))):
+    def fused(x, *branches):
+        return slsdeep_kernels.upsample_concat(x, list(branches), align_corners, backend=backend)
+
+    def reference(x, *branches):
+        return P.upsample_concat_reference(x, list(branches), align_corners)
+
+    return fused, reference
+
+
+@pytest.mark.parametrize("align_corners", [False, True], ids=["half_pixel", "align_corners"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("backend,shape,dtype", cases())
+def test_upsample_concat(backend, shape, dtype, channels_last, align_corners):
+    x = image(shape, dtype, channels_last).requires_grad_()
+    branches = [y.detach().to(dtype).requires_grad_() for y in make_branches(shape[0])]
+    fused, reference = upsample_case(backend, align_corners)
+    assert_matches_reference(fused, reference, [x, *branches], names=["x"] + [f"branches[{i}]" for i in range(4)])
+
+
+@pytest.mark.parametrize("align_corners", [False, True], ids=["half_pixel", "align_corners"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_upsample_concat_any_branch_size(backend, align_corners):
+    """Non-square branches, a branch as large as the image and one larger than it (downsampling)."""
+    x = image((2, 3, 7, 5)).requires_grad_()
+    branches = make_branches(2, channels=(2, 1, 3), sizes=((2, 3), (7, 5), (9, 11)))
+    fused, reference = upsample_case(backend, align_corners)
+    assert_matches_reference(fused, reference, [x, *branches])
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_output_follows_memory_format(backend):
+    for channels_last in (False, True):
+        x = image((2, 4, 5, 7), channels_last=channels_last)
+        branches = [y.detach() for y in make_branches(2)]
+        weight = torch.randn(3, 4 + 8, 3, 3)
+        for out in (
+            slsdeep_kernels.upsample_concat(x, branches, backend=backend),
+            slsdeep_kernels.pyramid_conv3x3(x, branches, weight, backend=backend),
+        ):
+            assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+# ---------------------------------------------------------------- pyramid_conv3x3
+
+
+def conv_case(backend, align_corners, with_bias):
+    def fused(x, weight, bias, *branches):
+        return slsdeep_kernels.pyramid_conv3x3(
+            x, list(branches), weight, bias if with_bias else None, align_corners, backend=backend
+        )
+
+    def reference(x, weight, bias, *branches):
+        return P.pyramid_conv3x3_reference(x, list(branches), weight, bias if with_bias else None, align_corners)
+
+    return fused, reference
+
+
+@pytest.mark.parametrize("align_corners", [False, True], ids=["half_pixel", "align_corners"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("backend,shape,dtype", cases())
+def test_pyramid_conv3x3(backend, shape, dtype, channels_last, align_corners):
+    x = image(shape, dtype, channels_last).requires_grad_()
+    branches = [y.detach().to(dtype).requires_grad_() for y in make_branches(shape[0])]
+    weight = (torch.randn(5, shape[1] + 8, 3, 3, dtype=dtype) / 4).requires_grad_()
+    bias = torch.randn(5, dtype=dtype, requires_grad=True)
+    fused, reference = conv_case(backend, align_corners, with_bias=True)
+    names = ["x", "weight", "bias"] + [f"branches[{i}]" for i in range(4)]
+    assert_matches_reference(fused, reference, [x, weight, bias, *branches], names=names)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pyramid_conv3x3_without_bias_some_grads(backend):
+    """No bias, x frozen, one frozen branch, odd branch sizes: only the needed gradients flow."""
+    x = image((2, 3, 9, 8))
+    branches = make_branches(2, channels=(2, 3), sizes=((2, 5), (9, 8)))
+    branches[0].requires_grad_(False)
+    weight = (torch.randn(4, 8, 3, 3) / 4).requires_grad_()
+    fused, reference = conv_case(backend, False, with_bias=False)
+    assert_matches_reference(fused, reference, [x, weight, None, *branches])
+
+
+def test_pyramid_conv3x3_is_exact_to_fp32_rounding():
+    """Norm-wise error against fp64 below 1e-5 in fp32 (TF32 off), at a decoder-like channel ratio."""
+    x = image((2, 64, 24, 24))
+    branches = [y.detach() for y in make_branches(2, channels=(32, 32, 32, 32))]
+    weight = torch.randn(16, 64 + 128, 3, 3) / 30
+    exact = P.pyramid_conv3x3_reference(x.double(), [y.double() for y in branches], weight.double())
+    for backend in COMPILED:
+        assert relative_error(slsdeep_kernels.pyramid_conv3x3(x, branches, weight, backend=backend), exact) < 1e-5
+
+
+# ---------------------------------------------------------------- fp64 gradcheck, opcheck, compile, determinism
+
+
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if b in AVAILABLE])
+def test_gradcheck_fp64(backend):
+    x = image((2, 2, 5, 4), torch.float64).requires_grad_()
+    branches = make_branches(2, channels=(1, 2), sizes=((2, 2), (3, 1)), dtype=torch.float64)
+    weight = torch.randn(2, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: slsdeep_kernels.pyramid_pool(x, (1, 2, 3), backend=backend), (x,))
+    for align_corners in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda x, a, b: slsdeep_kernels.upsample_concat(x, [a, b], align_corners, backend=backend), (x, *branches)
+        )
+        assert torch.autograd.gradcheck(
+            lambda x, w, c, a, b: slsdeep_kernels.pyramid_conv3x3(x, [a, b], w, c, align_corners, backend=backend),
+            (x, weight, bias, *branches),
+        )
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_opcheck(backend):
+    x = image((2, 3, 5, 7)).requires_grad_()
+    branches = make_branches(2)
+    weight = torch.randn(4, 11, 3, 3, requires_grad=True)
+    bias = torch.randn(4, requires_grad=True)
+    ops = torch.ops.slsdeep_kernels
+    torch.library.opcheck(ops.pyramid_pool, (x, [1, 2, 3, 6], backend))
+    torch.library.opcheck(ops.pyramid_pool_backward, (torch.randn(2, 3, 50), [1, 2, 3, 6], 5, 7, True, backend))
+    torch.library.opcheck(ops.upsample_concat, (x, branches, False, backend))
+    torch.library.opcheck(ops.upsample_concat_backward, (torch.randn(2, 11, 5, 7), 3, [2, 1, 1, 3, 2, 2, 1, 3, 3, 2, 6, 6], True, backend))
+    torch.library.opcheck(ops.pyramid_conv3x3, (x, branches, weight, bias, True, backend))
+    torch.library.opcheck(ops.pyramid_conv3x3, (x, branches, weight, None, False, backend))
+    grad = torch.randn(2, 4, 5, 7)
+    torch.library.opcheck(
+        ops.pyramid_conv3x3_backward, (grad, x.detach(), [y.detach() for y in branches], weight.detach(), False, [True, False, True, False], backend)
+    )
+
+
+@needs_cpu
+def test_torch_compile_fullgraph():
+    def decoder(x, weight, *branches):
+        pooled = slsdeep_kernels.pyramid_pool(x, BINS, backend="cpu")
+        mixed = [y + pooled.mean() for y in branches]
+        cat = slsdeep_kernels.upsample_concat(x, mixed, backend="cpu")
+        return cat.sum() + slsdeep_kernels.pyramid_conv3x3(x, mixed, weight, backend="cpu").square().sum()
+
+    x = image((2, 3, 7, 5)).requires_grad_()
+    branches = make_branches(2)
+    weight = torch.randn(4, 11, 3, 3, requires_grad=True)
+    inputs = [x, weight, *branches]
+    compiled = torch.compile(decoder, fullgraph=True)
+    expected = decoder(*inputs)
+    expected_grads = torch.autograd.grad(expected, inputs)
+    actual = compiled(*inputs)
+    actual_grads = torch.autograd.grad(actual, inputs)
+    torch.testing.assert_close(actual, expected)
+    for a, e in zip(actual_grads, expected_grads):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_backward_is_deterministic(backend):
+    x = image((2, 4, 9, 7), channels_last=True).requires_grad_()
+    branches = make_branches(2)
+    weight = torch.randn(3, 12, 3, 3, requires_grad=True)
+
+    def grads():
+        out = slsdeep_kernels.upsample_concat(x, branches, backend=backend).sum()
+        out = out + slsdeep_kernels.pyramid_conv3x3(x, branches, weight, backend=backend).square().sum()
+        out = out + slsdeep_kernels.pyramid_pool(x, backend=backend).square().sum()
+        return torch.autograd.grad(out, [x, weight, *branches])
+
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_double_backward_raises(backend):
+    x = image((1, 2, 4, 4)).requires_grad_()
+    branches = make_branches(1, channels=(1,), sizes=((2, 2),))
+    weight = torch.randn(2, 3, 3, 3, requires_grad=True)
+    outputs = {
+        "pyramid_pool": lambda: slsdeep_kernels.pyramid_pool(x, backend=backend),
+        "upsample_concat": lambda: slsdeep_kernels.upsample_concat(x, branches, backend=backend),
+        "pyramid_conv3x3": lambda: slsdeep_kernels.pyramid_conv3x3(x, branches, weight, backend=backend),
+    }
+    for op, run in outputs.items():
+        inputs = [x] if op == "pyramid_pool" else [x, *branches]
+        grads = torch.autograd.grad(run().square().sum(), inputs, create_graph=True)
+        with pytest.raises(RuntimeError, match=f"{op}: double backward is not supported"):
+            sum(g.sum() for g in grads).backward()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_input_raises_value_error_naming_the_argument():
+    x = image((2, 3, 5, 5))
+    good = [y.detach() for y in make_branches(2)]
+    weight = torch.randn(4, 11, 3, 3)
+    cases = [
+        (lambda: slsdeep_kernels.pyramid_pool(x, bins=()), "bins"),
+        (lambda: slsdeep_kernels.pyramid_pool(x, bins=(1, 0)), "bin"),
+        (lambda: slsdeep_kernels.pyramid_pool(x, bins=(2, -1)), "bin"),
+        (lambda: slsdeep_kernels.pyramid_pool(x, bins=3), "bins"),
+        (lambda: slsdeep_kernels.pyramid_pool(x[0]), "x"),
+        (lambda: slsdeep_kernels.pyramid_pool(x.long()), "x"),
+        (lambda: slsdeep_kernels.upsample_concat(x, [good[0], torch.randn(3, 2, 2, 2)]), r"branches\[1\]"),
+        (lambda: slsdeep_kernels.upsample_concat(x, [good[0].double()]), r"branches\[0\]"),
+        (lambda: slsdeep_kernels.upsample_concat(x, [torch.randn(2, 3, 4)]), r"branches\[0\]"),
+        (lambda: slsdeep_kernels.upsample_concat(x, [good[0], good[1].to("meta")]), r"branches\[1\]"),
+        (lambda: slsdeep_kernels.upsample_concat(x, good[0]), "branches"),
+        (lambda: slsdeep_kernels.pyramid_conv3x3(x, good, torch.randn(4, 10, 3, 3)), "weight"),
+        (lambda: slsdeep_kernels.pyramid_conv3x3(x, good, torch.randn(4, 11, 1, 1)), "weight"),
+        (lambda: slsdeep_kernels.pyramid_conv3x3(x, good, weight.double()), "weight"),
+        (lambda: slsdeep_kernels.pyramid_conv3x3(x, good, weight, torch.randn(3)), "bias"),
+        (lambda: slsdeep_kernels.pyramid_conv3x3(x, [good[0][:1]] + good[1:], weight), r"branches\[0\]"),
+        (lambda: slsdeep_kernels.PyramidPooling(8, 2, bins=()), "bins"),
+    ]
+    for run, name in cases:
+        with pytest.raises(ValueError, match=name):
+            run()
+
+
+# ---------------------------------------------------------------- modules
+
+
+def pspnet_reference(module: P.PyramidPooling, x):
+    """PSPNet's pyramid pooling from plain layers, sharing the module's conv and BN."""
+    size = x.shape[2:]
+    branches = [
+        F.interpolate(stage(F.adaptive_avg_pool2d(x, b)), size=size, mode="bilinear", align_corners=module.align_corners)
+        for b, stage in zip(module.bins, module.stages)
+    ]
+    return torch.cat([x, *branches], dim=1)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pyramid_pooling_module_matches_pspnet(backend, training):
+    torch.manual_seed(1)
+    module = slsdeep_kernels.PyramidPooling(6, 4, align_corners=True, backend=backend).train(training)
+    plain = slsdeep_kernels.PyramidPooling(6, 4, align_corners=True).train(training)
+    plain.load_state_dict(module.state_dict())
+    x = image((3, 6, 9, 11), channels_last=True)
+    x_fused, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = module(x_fused), pspnet_reference(plain, x_plain)
+    assert out.shape == (3, 6 + 16, 9, 11)
+    assert relative_error(out, expected) < TOLERANCE[torch.float32]
+    g = torch.randn_like(out)
+    out.backward(g)
+    expected.backward(g)
+    assert relative_error(x_fused.grad, x_plain.grad) < TOLERANCE[torch.float32]
+    for (name, p), q in zip(module.named_parameters(), plain.parameters()):
+        assert relative_error(p.grad, q.grad) < TOLERANCE[torch.float32], name
+    for (name, a), b in zip(module.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert "stages.3.conv.weight" in module.state_dict() and "stages.0.bn.running_mean" in module.state_dict()
+
+
+def test_pyramid_pooling_batch_one_in_training_raises_like_batchnorm():
+    module = slsdeep_kernels.PyramidPooling(4, 2)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        module(image((1, 4, 6, 6)))
+    module.eval()(image((1, 4, 6, 6)))  # eval is fine
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_decoder_block_matches_conv_over_concatenation(backend):
+    torch.manual_seed(2)
+    block = slsdeep_kernels.PyramidDecoderBlock(6, 4, 5, backend=backend)
+    expected_block = slsdeep_kernels.PyramidDecoderBlock(6, 4, 5)
+    expected_block.load_state_dict(block.state_dict())
+    assert block.conv.in_channels == block.pyramid.out_channels == 6 + 4 * 4
+    x = image((2, 6, 10, 9)).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    out = block(x)
+    expected = expected_block.relu(expected_block.bn(expected_block.conv(pspnet_reference(expected_block.pyramid, x2))))
+    assert relative_error(out, expected) < TOLERANCE[torch.float32]
+    g = torch.randn_like(out)
+    out.backward(g)
+    expected.backward(g)
+    assert relative_error(x.grad, x2.grad) < TOLERANCE[torch.float32]
+    for (name, p), q in zip(block.named_parameters(), expected_block.parameters()):
+        assert relative_error(p.grad, q.grad) < TOLERANCE[torch.float32], name
+    for (name, a), b in zip(block.named_buffers(), expected_block.buffers()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert {"conv.weight", "bn.weight", "pyramid.stages.0.conv.weight"} <= set(block.state_dict())
+
+
+# ---------------------------------------------------------------- GPU (realistic shapes, compiled kernels)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_ops(backend, channels_last, dtype):
+    x = image((4, 256, 48, 48), dtype, channels_last, "cuda").requires_grad_()
+    branches = [torch.randn(4, 128, b, b, dtype=dtype, device="cuda", requires_grad=True) for b in BINS]
+    weight = (torch.randn(64, 256 + 512, 3, 3, dtype=dtype, device="cuda") / 40).requires_grad_()
+    bias = torch.randn(64, dtype=dtype, device="cuda", requires_grad=True)
+    assert_matches_reference(lambda x: slsdeep_kernels.pyramid_pool(x, backend=backend), P.pyramid_pool_reference, [x])
+    for align_corners in (False, True):
+        fused, reference = upsample_case(backend, align_corners)
+        assert_matches_reference(fused, reference, [x, *branches])
+        fused, reference = conv_case(backend, align_corners, with_bias=True)
+        assert_matches_reference(fused, reference, [x, weight, bias, *branches])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_conv_never_allocates_the_concatenation(backend):
+    x = torch.randn(4, 512, 48, 48, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    branches = [torch.randn(4, 256, b, b, device="cuda", dtype=torch.bfloat16, requires_grad=True) for b in BINS]
+    weight = torch.randn(128, 512 + 1024, 3, 3, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    concat_bytes = 4 * (512 + 1024) * 48 * 48 * 2
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    slsdeep_kernels.pyramid_conv3x3(x, branches, weight, backend=backend).sum().backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < concat_bytes
