@@ -1,0 +1,61 @@
+"""Prediction: foreground probabilities at an image's original size, masks and overlays.
+
+As the paper: the image is resized to the model's square input size, the softmax (sigmoid for a
+single-logit head) of the logits gives the lesion probability, which is resized back to the
+original size and thresholded at 0.5. ``tta=True`` averages the paper's scales (0.5–1.5 of the
+input size) and horizontal flips.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from slsdeep.data import image_to_tensor
+
+TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) logits -> (N, H, W) probability of the lesion class (C = 2 softmax, C = 1 sigmoid)."""
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits[:, 0])
+    return torch.softmax(logits, dim=1)[:, 1]
+
+
+@torch.no_grad()
+def predict_probability(model: torch.nn.Module, image: Image.Image, image_size: int = 384, tta: bool = False) -> np.ndarray:
+    """Lesion probability (float32, the image's original height × width) for one RGB PIL image."""
+    device = next(model.parameters()).device
+    height, width = image.height, image.width
+    scales = TTA_SCALES if tta else (1.0,)
+    total = torch.zeros(1, 1, height, width, device=device)
+    for scale in scales:
+        side = max(8, int(round(image_size * scale)))
+        x = image_to_tensor(image, side).unsqueeze(0).to(device)
+        flips = (False, True) if tta else (False,)
+        for flip in flips:
+            logits = model(x.flip(-1) if flip else x)
+            probability = foreground_probability(logits)[:, None]
+            probability = probability.flip(-1) if flip else probability
+            total += F.interpolate(probability, size=(height, width), mode="bilinear", align_corners=False)
+    return (total / (len(scales) * len(flips)))[0, 0].cpu().numpy()
+
+
+def overlay(image: Image.Image, prediction: np.ndarray, truth: np.ndarray | None = None) -> Image.Image:
+    """The image with the predicted lesion tinted green and, given the truth, missed lesion red."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    tint = np.zeros_like(pixels)
+    weight = np.zeros(pixels.shape[:2], dtype=np.float32)
+    predicted = prediction.astype(bool)
+    tint[predicted] = (0, 255, 0)
+    weight[predicted] = 0.4
+    if truth is not None:
+        missed = truth.astype(bool) & ~predicted
+        tint[missed] = (255, 0, 0)
+        weight[missed] = 0.5
+    blended = pixels * (1 - weight[..., None]) + tint * weight[..., None]
+    return Image.fromarray(blended.clip(0, 255).astype(np.uint8))

@@ -1,0 +1,176 @@
+"""Training, resume, prediction, evaluation and the command line, on tiny synthetic data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from slsdeep import checkpoint
+from slsdeep.cli import main
+from slsdeep.data import synthesize
+from slsdeep.train import TrainConfig, train
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synthesize(tmp_path_factory.mktemp("data"), n=30, size=SIZE, seed=3)
+
+
+def tiny(data, out, **overrides):
+    options = dict(data=str(data), out=str(out), epochs=1, batch_size=4, image_size=SIZE, preset="tiny", seed=0, progress=False, fused=False)
+    return TrainConfig(**{**options, **overrides})
+
+
+def _env():
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_two_epochs_improve_the_validation_loss_and_write_the_run(data, tmp_path):
+    history = train(tiny(data, tmp_path / "run", epochs=2), log=lambda *_: None)
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[1]["val_loss"] < history[0]["val_loss"]
+    for name in ("last.pt", "best.pt", "metrics.json", "curves.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["config"]["preset"] == "tiny"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["history"] == history
+
+
+def test_resume_continues_the_epoch_count_and_restores_the_optimizer(data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny(data, run, epochs=1), log=lambda *_: None)
+    steps_after_one = torch.load(run / "last.pt", weights_only=True)["optimizer"]["state"][0]["step"]
+    history = train(tiny(data, run, epochs=2, resume=True), log=lambda *_: None)
+    assert [h["epoch"] for h in history] == [1, 2]
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["optimizer"]["state"][0]["step"] == 2 * steps_after_one
+    with pytest.raises(ValueError, match="pass --resume"):
+        train(tiny(data, run, epochs=3), log=lambda *_: None)
+
+
+def test_the_same_seed_gives_the_same_first_epoch_loss(data, tmp_path):
+    first = train(tiny(data, tmp_path / "a"), log=lambda *_: None)[0]["train_loss"]
+    second = train(tiny(data, tmp_path / "b"), log=lambda *_: None)[0]["train_loss"]
+    other = train(tiny(data, tmp_path / "c", seed=1), log=lambda *_: None)[0]["train_loss"]
+    assert first == second
+    assert first != other
+
+
+def test_a_killed_run_resumes_to_the_same_epoch_count(data, tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "slsdeep", "train", "--data", str(data), "--out", str(run), "--preset", "tiny",
+               "--image-size", str(SIZE), "--batch-size", "4", "--epochs", "3"]
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (run / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(run / "last.pt", weights_only=True)["epoch"]  # intact: written atomically
+    assert 1 <= killed_at <= 3
+    done = subprocess.run(command + ["--resume"], env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    history = torch.load(run / "last.pt", weights_only=True)["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_torchrun_with_two_cpu_processes_trains_one_epoch(data, tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "slsdeep",
+               "train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--image-size", str(SIZE),
+               "--batch-size", "4", "--epochs", "1", "--device", "cpu"]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and len(state["history"]) == 1
+
+
+def test_fused_and_unfused_training_track_each_other(data):
+    from slsdeep.model import SLSDeep
+    from slsdeep.train import loss_fn
+
+    torch.manual_seed(0)
+    unfused = SLSDeep(preset="tiny", fused=False)
+    fused = SLSDeep(preset="tiny", fused=True)
+    fused.load_state_dict(unfused.state_dict())
+    images = torch.randn(4, 3, SIZE, SIZE)
+    masks = (torch.rand(4, SIZE, SIZE) > 0.5).long()
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (unfused, fused)]
+    for step in range(3):
+        losses = []
+        for model, optimizer, is_fused in zip((unfused, fused), optimizers, (False, True)):
+            model.train()
+            optimizer.zero_grad()
+            loss = loss_fn(model, is_fused)(model(images), masks)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[1] == pytest.approx(losses[0], rel=1e-4), f"step {step}"
+    for (name, a), b in zip(unfused.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained")
+    train(tiny(data, run), log=lambda *_: None)
+    return run / "best.pt"
+
+
+def test_predict_writes_original_size_masks_and_reports_a_corrupt_image(trained, tmp_path, capsys):
+    good = tmp_path / "lesion.png"
+    Image.fromarray((np.random.default_rng(0).random((37, 53, 3)) * 255).astype(np.uint8)).save(good)
+    corrupt = tmp_path / "broken.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "out"
+    status = main(["predict", "--checkpoint", str(trained), str(corrupt), str(good), "--out", str(out)])
+    assert status != 0
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "Traceback" not in err
+    mask = np.asarray(Image.open(out / "lesion_segmentation.png"))
+    assert mask.shape == (37, 53)
+    assert set(np.unique(mask)) <= {0, 255}
+    assert (out / "lesion_overlay.png").is_file()
+    assert not (out / "broken_segmentation.png").exists()
+
+
+def test_evaluate_prints_and_writes_the_scores(trained, data, tmp_path, capsys):
+    assert main(["evaluate", "--data", str(data), "--checkpoint", str(trained), "--out", str(tmp_path)]) == 0
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["n_images"] == len(list((data / "ISIC-2017_Test_v2_Data").glob("*.jpg")))
+    assert 0 <= scores["jaccard"] <= 1
+    assert "jaccard" in capsys.readouterr().out
+    assert len(list((tmp_path / "masks").glob("*_segmentation.png"))) == scores["n_images"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["evaluate", "--data", "nowhere", "--checkpoint", "missing.pt"], "missing.pt"),
+        (["train", "--data", "nowhere", "--out", "x", "--preset", "tiny"], "nowhere"),
+        (["predict", "--checkpoint", "missing.pt", "a.png", "--out", "o"], "missing.pt"),
+    ],
+)
+def test_expected_errors_print_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_a_bad_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="bad.pt"):
+        checkpoint.load(bad)
