@@ -15,6 +15,7 @@ pooling decoder; see DESIGN.md §5.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 
 import torch
@@ -35,20 +36,32 @@ PRESETS = {
     "tiny": {"width": 8, "blocks": (1, 1, 1, 1), "decoder": 32, "branch_channels": 32},
 }
 
-# The slsdeep_kernels public API the fused forward needs.
-FUSED_OPS = ("conv_bn_relu", "pyramid_pool", "pyramid_conv3x3")
+# The slsdeep_kernels API the fused forward calls: (module, name).
+FUSED_API = (
+    ("slsdeep_kernels.ops.conv_bn_relu", "conv_bn_relu_modules"),
+    ("slsdeep_kernels", "pyramid_pool"),
+    ("slsdeep_kernels", "pyramid_conv3x3"),
+)
 
 
 def _missing_fused_ops() -> list[str]:
-    import slsdeep_kernels
-
-    return [name for name in FUSED_OPS if not hasattr(slsdeep_kernels, name)]
+    """The names of FUSED_API this slsdeep_kernels does not provide."""
+    missing = []
+    for module, name in FUSED_API:
+        try:
+            getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            missing.append(f"{module}.{name}")
+    return missing
 
 
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, fused: bool) -> torch.Tensor:
-    """``relu(bn(conv(x)))`` (or without the ReLU), through the fused op when ``fused``."""
+    """``relu(bn(conv(x)))`` (or without the ReLU); one fused op when ``fused``, which uses and
+    updates BatchNorm's parameters and running statistics exactly as the modules would."""
     if fused:
-        raise NotImplementedError("fused conv_bn: slsdeep_kernels.conv_bn_relu is not wired in yet")
+        from slsdeep_kernels.ops.conv_bn_relu import conv_bn_relu_modules
+
+        return conv_bn_relu_modules(x, conv, bn, relu)
     y = bn(conv(x))
     return F.relu(y) if relu else y
 
@@ -157,7 +170,9 @@ class Decoder(nn.Module):
     """Pyramid pooling + 3×3 conv at 1/8, ×2 up, dropout, 3×3 conv to the logits, up to input size.
 
     Concatenation order at 1/8: [layer4, (layer2, layer3 for ASC), pyramid branches 1, 2, 3, 6]
-    (the dense encoder channels first, then the upsampled low-resolution branches).
+    (the dense encoder channels first, then the upsampled low-resolution branches). Fused, the
+    pyramid's part of the concatenation is never built (``slsdeep_kernels.pyramid_conv3x3``); the
+    ASC dense part (layer4, layer2, layer3) is, being the conv's ordinary input.
     """
 
     def __init__(self, encoder_channels: Sequence[int], branch_channels: int, decoder_channels: int,
@@ -176,21 +191,35 @@ class Decoder(nn.Module):
 
     def forward(self, stages: list[torch.Tensor], size) -> torch.Tensor:
         layer1, layer2, layer3, top = stages
-        dense = [top, layer2, layer3] if self.asc else [top]
+        dense = torch.cat([top, layer2, layer3], 1) if self.asc else top
         if self.fused:
-            raise NotImplementedError("fused decoder is not wired in yet")
-        pooled = [
-            conv_bn(F.adaptive_avg_pool2d(top, b), branch.conv, branch.bn, True, False)
-            for b, branch in zip(BINS, self.branches)
-        ]
-        x = torch.cat(dense + [self._upsample(p, top.shape[-2:]) for p in pooled], 1)
-        x = conv_bn(x, self.head.conv, self.head.bn, True, False)
+            x = self._fused_head(top, dense)
+        else:
+            pooled = [F.adaptive_avg_pool2d(top, b) for b in BINS]
+            branches = [conv_bn(p, s.conv, s.bn, True, False) for p, s in zip(pooled, self.branches)]
+            x = torch.cat([dense] + [self._upsample(y, top.shape[-2:]) for y in branches], 1)
+            x = conv_bn(x, self.head.conv, self.head.bn, True, False)
         # "×2": up to the 1/4 grid of layer1 (exactly ×2 when the input size divides by 8).
         x = self.dropout(self._upsample(x, layer1.shape[-2:]))
         if self.asc:
             x = torch.cat([x, layer1], 1)
-        x = conv_bn(x, self.classifier.conv, self.classifier.bn, False, False)
+        x = conv_bn(x, self.classifier.conv, self.classifier.bn, False, self.fused)
         return self._upsample(x, size)
+
+    def _fused_head(self, top: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """Pyramid pooling + head conv + BN + ReLU without the concatenation: every bin pooled in one
+        read of ``top``, the branches' 1×1 conv+BN+ReLU fused at b×b, and the head's 3×3 conv
+        split into a conv over ``dense`` plus low-resolution taps of the branches."""
+        import slsdeep_kernels
+
+        pooled = slsdeep_kernels.pyramid_pool(top, BINS)
+        branches, offset = [], 0
+        for b, stage in zip(BINS, self.branches):
+            cells = pooled[:, :, offset : offset + b * b].unflatten(2, (b, b))
+            branches.append(conv_bn(cells, stage.conv, stage.bn, True, True).to(dense.dtype))
+            offset += b * b
+        y = slsdeep_kernels.pyramid_conv3x3(dense, branches, self.head.conv.weight, self.head.conv.bias, self.align_corners)
+        return F.relu(self.head.bn(y))
 
 
 class SLSDeep(nn.Module):
@@ -228,7 +257,7 @@ class SLSDeep(nn.Module):
             missing = _missing_fused_ops()
             if missing:
                 raise NotImplementedError(
-                    f"SLSDeep(fused=True) needs slsdeep_kernels.{', slsdeep_kernels.'.join(missing)}, "
+                    f"SLSDeep(fused=True) needs {', '.join(missing)}, "
                     "which this slsdeep_kernels does not provide yet; use fused=False"
                 )
         self.config = dict(variant=variant, stem=stem, branch_channels=branch_channels, num_classes=num_classes,

@@ -225,9 +225,18 @@ def test_model_summary():
     assert head < paper["flops"] < 3 * head
 
 
+def test_fused_names_a_missing_op(monkeypatch):
+    import slsdeep.model
+
+    monkeypatch.setattr(slsdeep.model, "FUSED_API", slsdeep.model.FUSED_API + (("slsdeep_kernels", "no_such_op"),))
+    with pytest.raises(NotImplementedError, match=r"needs .*slsdeep_kernels\.no_such_op"):
+        SLSDeep(preset="tiny")
+    assert SLSDeep(preset="tiny", fused=False).config["fused"] is False
+
+
 @pytest.mark.skipif(FUSED_READY, reason="slsdeep_kernels provides every fused op")
 def test_fused_raises_until_the_ops_exist():
-    with pytest.raises(NotImplementedError, match=r"slsdeep_kernels\.\w+"):
+    with pytest.raises(NotImplementedError, match=r"needs slsdeep_kernels\.[\w.]+"):
         SLSDeep(preset="tiny")
 
 
@@ -242,6 +251,46 @@ def test_fused_matches_unfused(variant, stem):
     reference.eval(), fused.eval()
     x = torch.randn(2, 3, 45, 61)
     torch.testing.assert_close(fused(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
+def _relative(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+@pytest.mark.skipif(not FUSED_READY, reason="slsdeep_kernels lacks fused ops: " + ", ".join(_missing_fused_ops()))
+@pytest.mark.parametrize("variant", ["slsdeep", "slsdeep+asc"])
+def test_fused_training_step_matches_unfused(variant):
+    """Train mode: same logits, same gradient of every parameter, same running statistics."""
+    reference, fused = tiny(variant), tiny(variant, fused=True)
+    fused.load_state_dict(reference.state_dict())
+    x, target = torch.randn(3, 3, 37, 50), torch.randint(0, 2, (3, 37, 50))
+    outputs = []
+    for model in (reference, fused):
+        torch.manual_seed(0)  # the same Dropout2d mask
+        logits = model.train()(x)
+        F.cross_entropy(logits, target).backward()
+        outputs.append(logits)
+    assert _relative(outputs[1], outputs[0]) < 1e-4
+    fused_parameters = dict(fused.named_parameters())
+    for name, p in reference.named_parameters():
+        assert _relative(fused_parameters[name].grad, p.grad) < 1e-3, name
+    fused_buffers = dict(fused.named_buffers())
+    for name, buffer in reference.named_buffers():
+        torch.testing.assert_close(fused_buffers[name], buffer, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not FUSED_READY, reason="slsdeep_kernels lacks fused ops: " + ", ".join(_missing_fused_ops()))
+def test_fused_channels_last_and_bf16_autocast():
+    reference, fused = tiny("slsdeep+asc"), tiny("slsdeep+asc", fused=True)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 41, 36)
+    expected = reference.eval()(x)
+    fused = fused.eval().to(memory_format=torch.channels_last)
+    x = x.to(memory_format=torch.channels_last)
+    assert _relative(fused(x), expected) < 1e-4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = fused(x)
+    assert low.shape == expected.shape and _relative(low, expected) < 0.1
 
 
 def _ellipses(n, size, generator):
@@ -276,3 +325,15 @@ def test_tiny_preset_learns_to_segment():
         predicted = model.eval()(test_images).argmax(1)
     dice = 2 * (predicted * test_masks).sum((1, 2)) / (predicted.sum((1, 2)) + test_masks.sum((1, 2)))
     assert dice.mean() >= 0.85
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FUSED_READY, reason="slsdeep_kernels lacks fused ops: " + ", ".join(_missing_fused_ops()))
+@pytest.mark.parametrize("stem", STEMS)
+def test_fused_matches_unfused_paper_preset(stem):
+    reference = SLSDeep(stem=stem, fused=False).eval()
+    fused = SLSDeep(stem=stem).eval()
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(1, 3, 65, 71)
+    with torch.no_grad():
+        assert _relative(fused(x), reference(x)) < 1e-4
