@@ -24,4 +24,19 @@ TORCH_LIBRARY(slsdeep_kernels, m) {
   // grads of the tap tensors; tap_sizes = (h, w) per branch.
   m.def("pyramid_taps_backward_kernel(Tensor grad, int[] tap_sizes, bool align_corners) -> Tensor[]");
   // --- conv_bn_relu (slsdeep_kernels/ops/conv_bn_relu.py) ---
+  // eval: BN folded into the conv, fused bias + ReLU epilogue.
+  m.def(
+      "conv_bn_relu_eval_kernel(Tensor input, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
+      "Tensor running_mean, Tensor running_var, int[2] stride, int[2] padding, int[2] dilation, int groups, float eps, "
+      "bool relu) -> Tensor");
+  // train: (out, conv_out, batch mean, biased batch var); mean/var in the accumulation type.
+  m.def(
+      "conv_bn_relu_train_kernel(Tensor input, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, float eps, bool relu) -> (Tensor, Tensor, Tensor, Tensor)");
+  // grads of (input, weight, bias, bn_weight, bn_bias); conv_out None = recompute the conv; output_mask
+  // selects the conv's grads (input, weight, bias), undefined where false.
+  m.def(
+      "conv_bn_relu_train_backward_kernel(Tensor grad_out, Tensor input, Tensor weight, Tensor? bias, Tensor? conv_out, "
+      "Tensor mean, Tensor var, Tensor? bn_weight, Tensor? bn_bias, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, float eps, bool relu, bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

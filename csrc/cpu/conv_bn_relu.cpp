@@ -1,0 +1,423 @@
+// CPU kernels of conv_bn_relu (slsdeep_kernels/ops/conv_bn_relu.py, DESIGN.md §4.1).
+//
+// The convolution runs through ATen (oneDNN); BatchNorm and ReLU around it are fused passes:
+//   eval:  BN folded into the weights and bias (fp32), the ReLU a oneDNN post-op of the convolution
+//          (fp32, and bf16 where the CPU has it); fp64/fp16: ATen conv + one C++ bias+ReLU pass;
+//   train: conv, ONE pass for the per-channel statistics (two-pass on cache-sized spans, merged
+//          by Chan's formula: never Σx² − (Σx)²), ONE pass for normalise + affine + ReLU;
+//   backward: one reduction pass (ReLU mask fused) and one elementwise pass, then
+//          at::convolution_backward.
+// Activations are dense NCHW (planes of S = H·W values of one channel) or NHWC (rows of C values);
+// reductions use a fixed split that does not depend on the thread count, so results are deterministic.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "alloc.h"
+#include "common/conv_bn_relu.h"
+
+namespace {
+
+using at::Tensor;
+namespace cbr = slsdeep::conv_bn_relu;
+
+constexpr int64_t kSpan = 1024;        // contiguous values summed in cache before a merge
+constexpr int64_t kRowsPerBlock = 64;  // NHWC rows per partial-statistics block
+constexpr int kLanes = 16;             // independent accumulators (vectorisable reductions)
+
+// The memory format an activation keeps through the op (PyTorch's rule for BatchNorm outputs).
+at::MemoryFormat activation_format(const Tensor& t) {
+  return (t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous()) ? at::MemoryFormat::ChannelsLast
+                                                                                  : at::MemoryFormat::Contiguous;
+}
+
+// A dense (N, C, S) activation: NCHW planes of S values, or NHWC rows of C values.
+struct Layout {
+  int64_t N, C, S;
+  bool channels_last;
+  int64_t rows() const { return N * S; }
+  int64_t blocks() const { return (rows() + kRowsPerBlock - 1) / kRowsPerBlock; }
+};
+
+Layout layout_of(const Tensor& y, at::MemoryFormat format) {
+  return {y.size(0), y.size(1), y.size(2) * y.size(3), format == at::MemoryFormat::ChannelsLast};
+}
+
+// Runs plane(offset, channel) over every NCHW plane, or row(offset) over every NHWC row, in parallel.
+template <typename Plane, typename Row>
+void parallel_over(const Layout& l, const Plane& plane, const Row& row) {
+  if (l.channels_last) {
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(l.C, 1));
+    at::parallel_for(0, l.rows(), grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) row(r * l.C);
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(l.S, 1));
+    at::parallel_for(0, l.N * l.C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) plane(p * l.S, p % l.C);
+    });
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+acc_t sum_span(const scalar_t* p, int64_t n) {
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lanes[j] += static_cast<acc_t>(p[i + j]);
+  }
+  acc_t total = 0;
+  for (; i < n; ++i) total += static_cast<acc_t>(p[i]);
+  for (int j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
+}
+
+template <typename acc_t, typename scalar_t>
+acc_t squared_deviation_span(const scalar_t* p, int64_t n, acc_t mean) {
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const acc_t d = static_cast<acc_t>(p[i + j]) - mean;
+      lanes[j] += d * d;
+    }
+  }
+  acc_t total = 0;
+  for (; i < n; ++i) {
+    const acc_t d = static_cast<acc_t>(p[i]) - mean;
+    total += d * d;
+  }
+  for (int j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
+}
+
+// Moments of n contiguous values: exact two-pass on each cache-resident span, spans merged.
+template <typename acc_t, typename scalar_t>
+cbr::Moments<acc_t> span_moments(const scalar_t* p, int64_t n) {
+  cbr::Moments<acc_t> total{0, 0, 0};
+  for (int64_t start = 0; start < n; start += kSpan) {
+    const int64_t len = std::min(kSpan, n - start);
+    const acc_t mean = sum_span<acc_t>(p + start, len) / static_cast<acc_t>(len);
+    total = cbr::merge(total, {static_cast<acc_t>(len), mean, squared_deviation_span(p + start, len, mean)});
+  }
+  return total;
+}
+
+// Per-channel batch mean and biased variance of y (one read of y).
+template <typename scalar_t, typename acc_t>
+void channel_moments(const Tensor& y, const Layout& l, acc_t* mean, acc_t* var) {
+  const scalar_t* data = y.const_data_ptr<scalar_t>();
+  std::vector<cbr::Moments<acc_t>> total(l.C, cbr::Moments<acc_t>{0, 0, 0});
+  if (l.channels_last) {
+    const int64_t blocks = l.blocks();
+    std::vector<acc_t> part_mean(blocks * l.C), part_m2(blocks * l.C);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t r0 = b * kRowsPerBlock, r1 = std::min(r0 + kRowsPerBlock, l.rows());
+        acc_t* m = part_mean.data() + b * l.C;
+        acc_t* m2 = part_m2.data() + b * l.C;
+        std::fill(m, m + l.C, acc_t(0));
+        std::fill(m2, m2 + l.C, acc_t(0));
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* row = data + r * l.C;
+          for (int64_t c = 0; c < l.C; ++c) m[c] += static_cast<acc_t>(row[c]);
+        }
+        const acc_t inv_count = acc_t(1) / static_cast<acc_t>(r1 - r0);
+        for (int64_t c = 0; c < l.C; ++c) m[c] *= inv_count;
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* row = data + r * l.C;
+          for (int64_t c = 0; c < l.C; ++c) {
+            const acc_t d = static_cast<acc_t>(row[c]) - m[c];
+            m2[c] += d * d;
+          }
+        }
+      }
+    });
+    for (int64_t b = 0; b < blocks; ++b) {
+      const acc_t count = static_cast<acc_t>(std::min(kRowsPerBlock, l.rows() - b * kRowsPerBlock));
+      for (int64_t c = 0; c < l.C; ++c) total[c] = cbr::merge(total[c], {count, part_mean[b * l.C + c], part_m2[b * l.C + c]});
+    }
+  } else {
+    std::vector<cbr::Moments<acc_t>> planes(l.N * l.C);
+    at::parallel_for(0, l.N * l.C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) planes[p] = span_moments<acc_t>(data + p * l.S, l.S);
+    });
+    for (int64_t n = 0; n < l.N; ++n) {
+      for (int64_t c = 0; c < l.C; ++c) total[c] = cbr::merge(total[c], planes[n * l.C + c]);
+    }
+  }
+  for (int64_t c = 0; c < l.C; ++c) {
+    mean[c] = total[c].mean;
+    var[c] = total[c].m2 / total[c].count;
+  }
+}
+
+// out = act(y * scale[c] + shift[c]); out may be y (in place).
+template <typename scalar_t, typename acc_t>
+void apply_bn_act(const Tensor& y, const Tensor& out, const Layout& l, const acc_t* scale, const acc_t* shift, bool relu) {
+  const scalar_t* in = y.const_data_ptr<scalar_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  parallel_over(
+      l,
+      [&](int64_t offset, int64_t c) {
+        const acc_t s = scale[c], b = shift[c];
+        for (int64_t i = offset; i < offset + l.S; ++i) o[i] = static_cast<scalar_t>(cbr::bn_act(static_cast<acc_t>(in[i]), s, b, relu));
+      },
+      [&](int64_t offset) {
+        for (int64_t c = 0; c < l.C; ++c) {
+          o[offset + c] = static_cast<scalar_t>(cbr::bn_act(static_cast<acc_t>(in[offset + c]), scale[c], shift[c], relu));
+        }
+      });
+}
+
+// Per channel: sum_g = Σ g and sum_gc = Σ g (y - mean), g the ReLU-masked gradient (one read of each).
+template <typename scalar_t, typename acc_t>
+void backward_sums(const Tensor& grad, const Tensor& y, const Layout& l, const acc_t* mean, const acc_t* scale,
+                   const acc_t* shift, bool relu, acc_t* sum_g, acc_t* sum_gc) {
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  const scalar_t* yd = y.const_data_ptr<scalar_t>();
+  std::fill(sum_g, sum_g + l.C, acc_t(0));
+  std::fill(sum_gc, sum_gc + l.C, acc_t(0));
+  if (l.channels_last) {
+    const int64_t blocks = l.blocks();
+    std::vector<acc_t> part_g(blocks * l.C), part_gc(blocks * l.C);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t r0 = b * kRowsPerBlock, r1 = std::min(r0 + kRowsPerBlock, l.rows());
+        acc_t* pg = part_g.data() + b * l.C;
+        acc_t* pgc = part_gc.data() + b * l.C;
+        std::fill(pg, pg + l.C, acc_t(0));
+        std::fill(pgc, pgc + l.C, acc_t(0));
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int64_t c = 0; c < l.C; ++c) {
+            const acc_t yv = static_cast<acc_t>(yd[r * l.C + c]);
+            const acc_t gv = cbr::relu_masked(static_cast<acc_t>(g[r * l.C + c]), yv, scale[c], shift[c], relu);
+            pg[c] += gv;
+            pgc[c] += gv * (yv - mean[c]);
+          }
+        }
+      }
+    });
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t c = 0; c < l.C; ++c) {
+        sum_g[c] += part_g[b * l.C + c];
+        sum_gc[c] += part_gc[b * l.C + c];
+      }
+    }
+  } else {
+    std::vector<acc_t> plane_g(l.N * l.C), plane_gc(l.N * l.C);
+    at::parallel_for(0, l.N * l.C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t c = p % l.C;
+        const acc_t m = mean[c], s = scale[c], b = shift[c];
+        acc_t lanes_g[kLanes] = {}, lanes_gc[kLanes] = {};
+        const scalar_t* gp = g + p * l.S;
+        const scalar_t* yp = yd + p * l.S;
+        int64_t i = 0;
+        for (; i + kLanes <= l.S; i += kLanes) {
+          for (int j = 0; j < kLanes; ++j) {
+            const acc_t yv = static_cast<acc_t>(yp[i + j]);
+            const acc_t gv = cbr::relu_masked(static_cast<acc_t>(gp[i + j]), yv, s, b, relu);
+            lanes_g[j] += gv;
+            lanes_gc[j] += gv * (yv - m);
+          }
+        }
+        acc_t total_g = 0, total_gc = 0;
+        for (; i < l.S; ++i) {
+          const acc_t yv = static_cast<acc_t>(yp[i]);
+          const acc_t gv = cbr::relu_masked(static_cast<acc_t>(gp[i]), yv, s, b, relu);
+          total_g += gv;
+          total_gc += gv * (yv - m);
+        }
+        for (int j = 0; j < kLanes; ++j) {
+          total_g += lanes_g[j];
+          total_gc += lanes_gc[j];
+        }
+        plane_g[p] = total_g;
+        plane_gc[p] = total_gc;
+      }
+    });
+    for (int64_t n = 0; n < l.N; ++n) {
+      for (int64_t c = 0; c < l.C; ++c) {
+        sum_g[c] += plane_g[n * l.C + c];
+        sum_gc[c] += plane_gc[n * l.C + c];
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void apply_bn_backward(const Tensor& grad, const Tensor& y, const Tensor& grad_y, const Layout& l, const acc_t* mean,
+                       const acc_t* scale, const acc_t* shift, const cbr::BackwardCoefficients<acc_t>* k, bool relu) {
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  const scalar_t* yd = y.const_data_ptr<scalar_t>();
+  scalar_t* o = grad_y.data_ptr<scalar_t>();
+  auto one = [&](int64_t i, int64_t c) {
+    const acc_t yv = static_cast<acc_t>(yd[i]);
+    const acc_t gv = cbr::relu_masked(static_cast<acc_t>(g[i]), yv, scale[c], shift[c], relu);
+    o[i] = static_cast<scalar_t>(cbr::bn_backward(gv, yv - mean[c], k[c]));
+  };
+  parallel_over(
+      l, [&](int64_t offset, int64_t c) { for (int64_t i = offset; i < offset + l.S; ++i) one(i, c); },
+      [&](int64_t offset) { for (int64_t c = 0; c < l.C; ++c) one(offset + c, c); });
+}
+
+// A per-channel parameter as an accumulation-type vector (value `fill` where the tensor is absent).
+Tensor channel_vector(const c10::optional<Tensor>& t, int64_t C, at::ScalarType acc, double fill) {
+  if (t.has_value() && t->defined()) return t->to(acc).contiguous();
+  return at::full({C}, fill, at::TensorOptions().dtype(acc));
+}
+
+bool onednn_post_op_supported(const Tensor& x) {
+  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
+  if (x.scalar_type() == at::kFloat) return true;
+  if (x.scalar_type() != at::kBFloat16) return false;
+  static const bool bf16 = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("mkldnn::_is_mkldnn_bf16_supported", "")
+                               .typed<bool()>()
+                               .call();
+  return bf16;
+}
+
+Tensor onednn_conv_act(const Tensor& x, const Tensor& weight, const Tensor& bias, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "");
+  torch::jit::Stack stack;
+  stack.reserve(10);
+  stack.emplace_back(x);
+  stack.emplace_back(weight);
+  stack.emplace_back(bias);
+  stack.emplace_back(padding.vec());
+  stack.emplace_back(stride.vec());
+  stack.emplace_back(dilation.vec());
+  stack.emplace_back(groups);
+  stack.emplace_back(std::string(relu ? "relu" : "none"));
+  stack.emplace_back(c10::List<c10::optional<at::Scalar>>());
+  stack.emplace_back(c10::IValue());
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+Tensor conv_bn_relu_eval_kernel(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+                                const c10::optional<Tensor>& bn_weight, const c10::optional<Tensor>& bn_bias,
+                                const Tensor& running_mean, const Tensor& running_var, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double eps, bool relu) {
+  const int64_t C = weight.size(0);
+  const auto format = activation_format(input);
+  const Tensor x = input.contiguous(format);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  Tensor scale = at::empty({C}, at::TensorOptions().dtype(acc));
+  Tensor shift = at::empty({C}, at::TensorOptions().dtype(acc));
+  const Tensor gamma = channel_vector(bn_weight, C, acc, 1.0), beta = channel_vector(bn_bias, C, acc, 0.0);
+  const Tensor mu = running_mean.to(acc).contiguous(), var = running_var.to(acc).contiguous();
+  const Tensor b = channel_vector(bias, C, acc, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(acc, "conv_bn_relu_eval_fold", [&] {
+    const scalar_t *g = gamma.const_data_ptr<scalar_t>(), *be = beta.const_data_ptr<scalar_t>(),
+                   *m = mu.const_data_ptr<scalar_t>(), *v = var.const_data_ptr<scalar_t>(), *bb = b.const_data_ptr<scalar_t>();
+    scalar_t *sc = scale.data_ptr<scalar_t>(), *sh = shift.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) cbr::fold_eval<scalar_t>(g[c], be[c], m[c], v[c], bb[c], static_cast<scalar_t>(eps), sc[c], sh[c]);
+  });
+  if (onednn_post_op_supported(x)) {
+    // oneDNN runs conv + bias + ReLU in one pass over the output.
+    const Tensor folded = (weight.to(acc) * scale.view({C, 1, 1, 1})).to(x.scalar_type());
+    return onednn_conv_act(x, folded, shift, stride, padding, dilation, groups, relu).contiguous(format);
+  }
+  Tensor out = at::convolution(x, weight, c10::nullopt, stride, padding, dilation, false, {0, 0}, groups).contiguous(format);
+  const Layout l = layout_of(out, format);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_bn_relu_eval", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    apply_bn_act<scalar_t, acc_t>(out, out, l, scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), relu);
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_kernel(
+    const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, const c10::optional<Tensor>& bn_weight,
+    const c10::optional<Tensor>& bn_bias, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, double eps, bool relu) {
+  const auto format = activation_format(input);
+  const Tensor y = at::convolution(input.contiguous(format), weight, bias, stride, padding, dilation, false, {0, 0}, groups)
+                       .contiguous(format);
+  const Layout l = layout_of(y, format);
+  const auto acc = at::toOpMathType(y.scalar_type());
+  const auto acc_options = at::TensorOptions().dtype(acc);
+  Tensor mean = slsdeep::new_output({l.C}, acc_options), var = slsdeep::new_output({l.C}, acc_options);
+  Tensor out = slsdeep::new_output(y.sizes(), y.options(), format);
+  const Tensor gamma = channel_vector(bn_weight, l.C, acc, 1.0), beta = channel_vector(bn_bias, l.C, acc, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "conv_bn_relu_train", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* m = mean.data_ptr<acc_t>();
+    acc_t* v = var.data_ptr<acc_t>();
+    channel_moments<scalar_t, acc_t>(y, l, m, v);
+    std::vector<acc_t> scale(l.C), shift(l.C);
+    const acc_t *g = gamma.const_data_ptr<acc_t>(), *b = beta.const_data_ptr<acc_t>();
+    for (int64_t c = 0; c < l.C; ++c) cbr::fold_train<acc_t>(g[c], b[c], m[c], v[c], static_cast<acc_t>(eps), scale[c], shift[c]);
+    apply_bn_act<scalar_t, acc_t>(y, out, l, scale.data(), shift.data(), relu);
+  });
+  return {out, y, mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_backward_kernel(
+    const Tensor& grad_out, const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& conv_out, const Tensor& mean, const Tensor& var, const c10::optional<Tensor>& bn_weight,
+    const c10::optional<Tensor>& bn_bias, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, double eps, bool relu, std::array<bool, 3> output_mask) {
+  const auto format = activation_format(input);
+  const Tensor x = input.contiguous(format);
+  // memory_efficient: the conv output was not kept, recompute it.
+  const Tensor y = (conv_out.has_value() && conv_out->defined())
+                       ? conv_out->contiguous(format)
+                       : at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, groups).contiguous(format);
+  const Tensor grad = grad_out.contiguous(format);
+  const Layout l = layout_of(y, format);
+  const auto acc = at::toOpMathType(y.scalar_type());
+  const Tensor gamma = channel_vector(bn_weight, l.C, acc, 1.0), beta = channel_vector(bn_bias, l.C, acc, 0.0);
+  const Tensor mu = mean.to(acc).contiguous(), v = var.to(acc).contiguous();
+  Tensor grad_gamma = slsdeep::new_output({l.C}, at::TensorOptions().dtype(acc));
+  Tensor grad_beta = slsdeep::new_output({l.C}, at::TensorOptions().dtype(acc));
+  Tensor grad_y = slsdeep::new_output(y.sizes(), y.options(), format);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "conv_bn_relu_train_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t *g = gamma.const_data_ptr<acc_t>(), *b = beta.const_data_ptr<acc_t>();
+    const acc_t *m = mu.const_data_ptr<acc_t>(), *vv = v.const_data_ptr<acc_t>();
+    std::vector<acc_t> scale(l.C), shift(l.C), sum_g(l.C), sum_gc(l.C);
+    std::vector<cbr::BackwardCoefficients<acc_t>> k(l.C);
+    for (int64_t c = 0; c < l.C; ++c) cbr::fold_train<acc_t>(g[c], b[c], m[c], vv[c], static_cast<acc_t>(eps), scale[c], shift[c]);
+    backward_sums<scalar_t, acc_t>(grad, y, l, m, scale.data(), shift.data(), relu, sum_g.data(), sum_gc.data());
+    acc_t* gg = grad_gamma.data_ptr<acc_t>();
+    acc_t* gb = grad_beta.data_ptr<acc_t>();
+    const acc_t count = static_cast<acc_t>(l.N * l.S);
+    for (int64_t c = 0; c < l.C; ++c) {
+      const acc_t invstd = cbr::inverse_std(vv[c], static_cast<acc_t>(eps));
+      gg[c] = sum_gc[c] * invstd;
+      gb[c] = sum_g[c];
+      k[c] = cbr::backward_coefficients<acc_t>(g[c], invstd, sum_g[c], sum_gc[c], count);
+    }
+    apply_bn_backward<scalar_t, acc_t>(grad, y, grad_y, l, m, scale.data(), shift.data(), k.data(), relu);
+  });
+  Tensor grad_input, grad_weight, grad_bias;
+  if (output_mask[0] || output_mask[1] || output_mask[2]) {
+    c10::optional<at::IntArrayRef> bias_sizes;
+    std::vector<int64_t> bias_shape{l.C};
+    if (output_mask[2]) bias_sizes = at::IntArrayRef(bias_shape);
+    std::tie(grad_input, grad_weight, grad_bias) = at::convolution_backward(
+        grad_y, x, weight, bias_sizes, stride, padding, dilation, false, {0, 0}, groups, output_mask);
+  }
+  if (bn_weight.has_value() && bn_weight->defined()) grad_gamma = grad_gamma.to(bn_weight->scalar_type());
+  if (bn_bias.has_value() && bn_bias->defined()) grad_beta = grad_beta.to(bn_bias->scalar_type());
+  return {grad_input, grad_weight, grad_bias, grad_gamma, grad_beta};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slsdeep_kernels, CPU, m) {
+  m.impl("conv_bn_relu_eval_kernel", &conv_bn_relu_eval_kernel);
+  m.impl("conv_bn_relu_train_kernel", &conv_bn_relu_train_kernel);
+  m.impl("conv_bn_relu_train_backward_kernel", &conv_bn_relu_train_backward_kernel);
+}
