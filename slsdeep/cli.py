@@ -5,6 +5,7 @@
     slsdeep train --data ROOT --out RUN [...]
     slsdeep evaluate --data ROOT --checkpoint CK [--split test] [--out DIR]
     slsdeep predict --checkpoint CK IMAGES... --out DIR [--tta]
+    slsdeep bench [--device cpu|cuda] [--quick] [--out FILE.json]
 
 Expected errors (a missing file, a bad argument, an unreadable image) print one line and exit
 non-zero; a traceback means a bug.
@@ -83,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--image-size", type=int, default=None)
     predict.add_argument("--tta", action="store_true")
     predict.add_argument("--device", choices=("cpu", "cuda"), default=None)
+
+    bench = commands.add_parser("bench", help="every op and the whole model: fused vs eager vs torch.compile")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    bench.add_argument("--quick", action="store_true", help="forward+backward only, the largest shapes, fewer repeats")
+    bench.add_argument("--out", default=None, help="JSON file for the figures (a PNG bar chart is written beside it)")
     return parser
 
 
@@ -168,7 +174,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict}
+def cmd_bench(args) -> int:
+    from slsdeep.benchmark import run
+
+    run(_device(args.device), quick=args.quick, out=args.out)
+    return 0
+
+
+COMMANDS = {"bench": cmd_bench, "demo": cmd_demo, "synth": cmd_synth, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict}
 
 
 def main(argv=None) -> int:
