@@ -10,6 +10,13 @@
 
 TORCH_LIBRARY(slsdeep_kernels, m) {
   // --- nll_epe_loss (slsdeep_kernels/ops/nll_epe_loss.py) ---
+  // (loss, gradient); reduction 0 none (loss (N, H, W)), 1 mean, 2 sum (scalar loss; gradient of the loss
+  // w.r.t. the logits when compute_grad, else empty).
+  m.def("nll_epe_loss_kernel(Tensor logits, Tensor target, float alpha, int reduction, bool compute_grad) -> (Tensor, Tensor)");
+  // gradient w.r.t. the logits of the per-pixel map (reduction none) for the upstream grad_loss (N, H, W).
+  m.def("nll_epe_loss_backward_kernel(Tensor grad_loss, Tensor logits, Tensor target, float alpha) -> Tensor");
+  // gradient *= grad_loss (a scalar), in place; no work where grad_loss == 1.
+  m.def("nll_epe_loss_scale_kernel(Tensor(a!) gradient, Tensor grad_loss) -> ()");
   // --- pyramid (slsdeep_kernels/ops/pyramid.py) ---
   // (N, C, sum b^2): every bin's adaptive average cells, bins in order, each b x b row-major.
   m.def("pyramid_pool_kernel(Tensor x, int[] bins) -> Tensor");

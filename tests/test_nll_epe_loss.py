@@ -13,7 +13,7 @@ import slsdeep_kernels.nn
 from slsdeep_kernels.ops import nll_epe_loss as op
 
 TARGET_DTYPES = [torch.bool, torch.uint8, torch.int64, torch.float32]
-SHAPES = [(1, 1, 1, 1), (2, 7, 13), (1, 37, 53), (3, 1, 9), (2, 11, 1)]  # (N, H, W)
+SHAPES = [(1, 1, 1), (2, 7, 13), (1, 37, 53), (3, 1, 9), (2, 11, 1)]  # (N, H, W)
 
 
 def make_inputs(n, c, h, w, dtype=torch.float32, target_dtype=torch.uint8, scale=3.0):
@@ -168,3 +168,235 @@ def test_bad_options_raise():
 def test_target_check_can_be_switched_off():
     logits, target = make_inputs(1, 1, 3, 3)
     slsdeep_kernels.nll_epe_loss(logits, target.float() * 2, check_target=False)  # no sync, no error
+
+
+# ------------------------------------------------------------------------------------------------
+# Every fused backend against the reference, forward and gradient.
+# ------------------------------------------------------------------------------------------------
+
+FUSED = [name for name in slsdeep_kernels.available_backends() if name != "reference"]
+CPU_TENSOR_BACKENDS = [name for name in FUSED if name in ("cpu", "triton")]  # triton: the interpreter
+
+
+def dtypes_of(backend):
+    return [torch.float64, torch.float32, torch.float16, torch.bfloat16] if backend == "cpu" else [torch.float32]
+
+
+def check(backend, logits, target, alpha=0.5, reduction="mean"):
+    assert_matches_reference(
+        lambda x, t: slsdeep_kernels.nll_epe_loss(x, t, alpha, reduction, backend=backend),
+        lambda x, t: op.reference(x, t, alpha, reduction),
+        [logits, target],
+        names=["logits"],
+    )
+
+
+@pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
+@pytest.mark.parametrize("c", [1, 2])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("index, shape", list(enumerate(SHAPES)))
+def test_matches_reference(backend, c, reduction, index, shape):
+    target_dtype = TARGET_DTYPES[(index + c) % len(TARGET_DTYPES)]
+    check(backend, *make_inputs(shape[0], c, *shape[1:], target_dtype=target_dtype), alpha=0.6, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
+@pytest.mark.parametrize("target_dtype", TARGET_DTYPES + [torch.float64, torch.float16])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_every_target_dtype(backend, target_dtype, reduction):
+    check(backend, *make_inputs(2, 2, 6, 9, target_dtype=target_dtype), reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_every_dtype(backend, reduction):
+    for dtype in dtypes_of(backend):
+        check(backend, *make_inputs(2, 2, 9, 14, dtype=dtype), reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
+@pytest.mark.parametrize("c", [1, 2])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_channels_last_and_strided_inputs(backend, c, reduction):
+    logits, target = make_inputs(2, c, 9, 11)
+    check(backend, logits.detach().to(memory_format=torch.channels_last).requires_grad_(), target, reduction=reduction)
+    wide = torch.randn(2, c + 1, 9, 22)[:, 1:, :, ::2].requires_grad_()  # no dense layout at all
+    check(backend, wide, target, reduction=reduction)
+    check(backend, logits, torch.rand(2, 11, 9).lt(0.5).transpose(1, 2), reduction=reduction)  # strided target
+
+
+@pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
+@pytest.mark.parametrize("c", [1, 2])
+def test_saturated_logits_stay_finite_and_exact(backend, c):
+    logits = torch.tensor([[-200.0, 200.0, 150.0, -90.0, 30.0, -30.0, 0.0, 1e-3]]).repeat(3, 1).reshape(1, 1, 3, 8)
+    logits = torch.cat([torch.zeros_like(logits), logits], 1) if c == 2 else logits
+    target = torch.tensor([1, 0, 1, 1, 1, 0, 1, 0], dtype=torch.uint8).repeat(3, 1).unsqueeze(0)
+    for reduction in ("none", "sum"):
+        x = logits.clone().requires_grad_()
+        loss = slsdeep_kernels.nll_epe_loss(x, target, reduction=reduction, backend=backend)
+        loss.sum().backward()
+        y = logits.clone().requires_grad_()
+        expected = op.reference(y, target, reduction=reduction)
+        expected.sum().backward()
+        assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_gradient_layout_follows_the_logits(backend):
+    logits, target = make_inputs(2, 2, 5, 6)
+    logits = logits.detach().to(memory_format=torch.channels_last).requires_grad_()
+    for reduction in ("mean", "none"):
+        logits.grad = None
+        slsdeep_kernels.nll_epe_loss(logits, target, reduction=reduction, backend=backend).sum().backward()
+        assert logits.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("c", [1, 2])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_cpu_gradcheck(c, reduction):
+    logits, target = make_inputs(2, c, 5, 6, dtype=torch.float64, scale=1.0)
+    assert torch.autograd.gradcheck(
+        lambda x: slsdeep_kernels.nll_epe_loss(x, target, 0.5, reduction, backend="cpu"), (logits,)
+    )
+
+
+def test_cpu_loss_is_deterministic_for_any_thread_count():
+    logits, target = make_inputs(3, 2, 70, 41)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = slsdeep_kernels.nll_epe_loss(logits, target, backend="cpu")
+        one.backward()
+        one_grad, logits.grad = logits.grad, None
+        torch.set_num_threads(2)
+        two = slsdeep_kernels.nll_epe_loss(logits, target, backend="cpu")
+        two.backward()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and torch.equal(one_grad, logits.grad)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_no_gradient_computed_when_none_is_needed(backend):
+    logits, target = make_inputs(2, 2, 5, 6)
+    with torch.no_grad():
+        loss = slsdeep_kernels.nll_epe_loss(logits, target, backend=backend)
+    torch.testing.assert_close(loss, op.reference(logits.detach(), target))
+    _, gradient = op._loss_op(logits.detach(), target, 0.5, "mean", False, backend)
+    assert gradient.numel() == 0
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_backward_through_a_retained_graph_twice(backend):
+    logits, target = make_inputs(2, 2, 5, 6)
+    expected = torch.autograd.grad(op.reference(logits, target), logits)[0]
+    loss = slsdeep_kernels.nll_epe_loss(logits, target, backend=backend)
+    (first,) = torch.autograd.grad(3 * loss, logits, retain_graph=True)
+    kept = first.clone()
+    (second,) = torch.autograd.grad(-2 * loss, logits, retain_graph=True)
+    (third,) = torch.autograd.grad(loss, logits)
+    torch.testing.assert_close(first, 3 * expected)
+    torch.testing.assert_close(second, -2 * expected)
+    torch.testing.assert_close(third, expected)
+    assert torch.equal(first, kept)  # the gradient handed out first is never written again
+
+
+def test_retained_graph_after_a_zero_upstream_gradient_raises():
+    logits, target = make_inputs(1, 2, 4, 4)
+    loss = slsdeep_kernels.nll_epe_loss(logits, target, backend="cpu")
+    torch.autograd.grad(0 * loss, logits, retain_graph=True)
+    with pytest.raises(RuntimeError, match="scaled in place by grad_output = 0"):
+        torch.autograd.grad(loss, logits)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_double_backward_raises(backend, reduction):
+    logits, target = make_inputs(1, 2, 4, 5)
+    loss = slsdeep_kernels.nll_epe_loss(logits, target, reduction=reduction, backend=backend).sum()
+    with pytest.raises(RuntimeError, match="nll_epe_loss: double backward is not supported"):
+        (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
+        grad.sum().backward()
+
+
+def test_backward_op_refuses_its_own_backward():
+    logits, target = make_inputs(1, 2, 4, 5)
+    grad_map = torch.randn(1, 4, 5, requires_grad=True)
+    gradient = op._backward_op(grad_map, logits, target, 0.5, "cpu")
+    with pytest.raises(RuntimeError, match="nll_epe_loss: double backward is not supported"):
+        gradient.sum().backward()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_opcheck(backend):
+    logits, target = make_inputs(2, 2, 5, 7)
+    for reduction in ("none", "mean", "sum"):
+        for compute_grad in (True, False):
+            x = logits if compute_grad else logits.detach()  # compute_grad=False: no gradient wanted
+            torch.library.opcheck(op._loss_op, (x, target, 0.5, reduction, compute_grad, backend))
+    grad_map = torch.randn(2, 5, 7)
+    torch.library.opcheck(op._backward_op, (grad_map, logits.detach(), target, 0.5, backend))
+    gradient = torch.randn(2, 2, 5, 7)
+    torch.library.opcheck(op._scale_op, (gradient, torch.tensor(0.5), backend))
+    torch.library.opcheck(op._scale_op, (gradient, torch.tensor(1.0), backend))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_torch_compile_fullgraph(reduction):
+    torch._dynamo.reset()
+    logits, target = make_inputs(2, 2, 7, 13)
+
+    def loss_of(x, t):
+        return slsdeep_kernels.nll_epe_loss(2 * x, t, 0.4, reduction, backend="cpu").sum()
+
+    compiled = torch.compile(loss_of, fullgraph=True)  # a graph break raises
+    loss = compiled(logits, target)
+    (grad,) = torch.autograd.grad(loss, logits)
+    expected = op.reference(2 * logits, target, 0.4, reduction).sum()
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_the_scale_op_skips_a_unit_factor_and_scales_otherwise():
+    gradient = torch.randn(2, 2, 3, 4)
+    before = gradient.clone()
+    op._scale_op(gradient, torch.tensor(1.0), "cpu")
+    assert torch.equal(gradient, before)
+    op._scale_op(gradient, torch.tensor(-2.5, dtype=torch.float64), "cpu")
+    torch.testing.assert_close(gradient, -2.5 * before)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the compiled Triton kernels and the CUDA kernels on CUDA tensors at realistic shapes.
+# ------------------------------------------------------------------------------------------------
+
+GPU_BACKENDS = ["triton", "cuda"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("c", [1, 2])
+def test_gpu_matches_reference(backend, dtype, reduction, c):
+    if backend not in slsdeep_kernels.available_backends():
+        pytest.skip(f"{backend} backend unavailable")
+    for shape, target_dtype in [((4, 384, 384), torch.uint8), ((3, 37, 53), torch.int64), ((2, 1, 257), torch.bool)]:
+        logits, target = make_inputs(shape[0], c, *shape[1:], dtype=dtype, target_dtype=target_dtype)
+        logits = logits.detach().cuda().requires_grad_()
+        check(backend, logits, target.cuda(), reduction=reduction)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_channels_last_float_target_and_default_choice(backend):
+    if backend not in slsdeep_kernels.available_backends():
+        pytest.skip(f"{backend} backend unavailable")
+    logits, target = make_inputs(2, 2, 130, 67, target_dtype=torch.float32)
+    logits = logits.detach().cuda().to(memory_format=torch.channels_last).requires_grad_()
+    check(backend, logits, target.cuda(), reduction="mean")
+    check(backend, logits, target.cuda(), reduction="none")
+    assert slsdeep_kernels.backend.resolve("nll_epe_loss", logits.device, torch.float32, cuda_preference=op.CUDA_PREFERENCE) in GPU_BACKENDS

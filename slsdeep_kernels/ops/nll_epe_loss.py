@@ -6,7 +6,7 @@ binary segmentation model.
 Maths, per pixel, with ``z`` the foreground logit margin (C = 1: the logit; C = 2: ``l1 - l0``, so
 ``softmax(l)[1] = sigmoid(z)``), ``p = sigmoid(z)`` and ``v`` the mask value::
 
-    NLL = softplus(z) - v·z                  (= -[v·log p + (1-v)·log(1-p)], never from a clamped p)
+    NLL = v·softplus(-z) + (1-v)·softplus(z)  (= -[v·log p + (1-v)·log(1-p)], never from a clamped p)
     d = p - v,  (Ex, Ey) = Sobel(d) = (Mx - Gx, My - Gy)   (the stencils are linear: one pass on d)
     EPE = sqrt(Ex² + Ey²)
     ∂loss_sum/∂z(r) = d(r) + alpha · p(1-p)(r) · Σ_q [Ex, Ey](q)/EPE(q) · ∂(Ex, Ey)(q)/∂d(r)
@@ -65,6 +65,141 @@ def reference(logits: Tensor, target: Tensor, alpha: float = 0.5, reduction: str
     elif reduction == "sum":
         per_pixel = per_pixel.sum()
     return per_pixel.to(logits.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Triton kernels and their launchers.
+# ---------------------------------------------------------------------------------------------
+
+
+def _triton_forward(logits, target, alpha, reduction, compute_grad):
+    raise NotImplementedError(f"{OP}: the Triton kernels are not written yet")
+
+
+_triton_backward = _triton_scale = _triton_forward
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Custom ops: forward, backward of the per-pixel map, in-place scaling of the saved gradient.
+# ---------------------------------------------------------------------------------------------
+
+
+def _gradient_format(logits: Tensor) -> torch.memory_format:
+    """The gradient's memory format: channels_last for channels_last logits, else contiguous."""
+    if logits.is_contiguous(memory_format=torch.channels_last) and not logits.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _compiled():
+    return torch.ops.slsdeep_kernels
+
+
+@torch.library.custom_op("slsdeep_kernels::nll_epe_loss", mutates_args=())
+def _loss_op(
+    logits: Tensor, target: Tensor, alpha: float, reduction: str, compute_grad: bool, backend: str
+) -> tuple[Tensor, Tensor]:
+    """(loss, gradient): for mean/sum with ``compute_grad`` the gradient of the loss w.r.t. the logits
+    (for a unit upstream gradient), computed in the same pass; otherwise an empty tensor."""
+    if backend == "triton":
+        return _triton_forward(logits, target, alpha, reduction, compute_grad)
+    return _compiled().nll_epe_loss_kernel(logits, target, alpha, REDUCTIONS.index(reduction), compute_grad)
+
+
+@_loss_op.register_fake
+def _(logits, target, alpha, reduction, compute_grad, backend):
+    n, _, h, w = logits.shape
+    loss = logits.new_empty((n, h, w) if reduction == "none" else ())
+    if compute_grad and reduction != "none":
+        return loss, torch.empty(logits.shape, dtype=logits.dtype, device=logits.device, memory_format=_gradient_format(logits))
+    return loss, logits.new_empty(0)
+
+
+@torch.library.custom_op("slsdeep_kernels::nll_epe_loss_backward", mutates_args=())
+def _backward_op(grad_loss: Tensor, logits: Tensor, target: Tensor, alpha: float, backend: str) -> Tensor:
+    """Gradient w.r.t. the logits of the per-pixel loss map (reduction none) for the upstream ``grad_loss``."""
+    if backend == "triton":
+        return _triton_backward(grad_loss, logits, target, alpha)
+    return _compiled().nll_epe_loss_backward_kernel(grad_loss, logits, target, alpha)
+
+
+@_backward_op.register_fake
+def _(grad_loss, logits, target, alpha, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device, memory_format=_gradient_format(logits))
+
+
+def _no_double_backward(ctx, grad):
+    raise RuntimeError(f"{OP}: double backward is not supported")
+
+
+_backward_op.register_autograd(_no_double_backward)
+
+
+@torch.library.custom_op("slsdeep_kernels::nll_epe_loss_scale_", mutates_args=("gradient",))
+def _scale_op(gradient: Tensor, grad_loss: Tensor, backend: str) -> None:
+    """``gradient *= grad_loss`` (a scalar) in place; no work where ``grad_loss == 1`` (decided on the device)."""
+    if backend == "triton":
+        _triton_scale(gradient, grad_loss)
+    else:
+        _compiled().nll_epe_loss_scale_kernel(gradient, grad_loss)
+
+
+@_scale_op.register_fake
+def _(gradient, grad_loss, backend):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, alpha, reduction, compute_grad, backend = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no logits-sized zeros for the non-differentiable gradient output
+    ctx.alpha, ctx.reduction, ctx.backend = alpha, reduction, backend
+    ctx.scaled_by = None  # the upstream gradient the saved gradient was scaled by in place
+    if reduction == "none":
+        ctx.save_for_backward(logits, target)
+    else:
+        ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_of_gradient):
+    if torch.is_grad_enabled():  # backward(create_graph=True)
+        raise RuntimeError(f"{OP}: double backward is not supported")
+    if grad_loss is None:
+        return None, None, None, None, None, None
+    if ctx.reduction == "none":
+        logits, target = ctx.saved_tensors
+        return _backward_op(grad_loss, logits, target, ctx.alpha, ctx.backend), None, None, None, None, None
+    (gradient,) = ctx.saved_tensors
+    if gradient.numel() == 0:
+        raise RuntimeError(f"{OP}: the forward ran with compute_grad=False; no gradient was computed")
+    return _scaled_gradient(ctx, gradient, grad_loss), None, None, None, None, None
+
+
+def _scaled_gradient(ctx, gradient: Tensor, grad_loss: Tensor) -> Tensor:
+    """The saved gradient times the scalar upstream gradient.
+
+    Eager, first backward: scaled in place and handed out, so the only logits-sized allocation of the
+    loss is that gradient (``.data``: the saved tensor's version stays valid for a retained graph).
+    Traced by the compiler (which plans buffers itself), or a second backward through a retained graph
+    (the saved tensor now holds ``gradient · first grad_loss``): out of place.
+    """
+    if type(gradient) is Tensor and ctx.scaled_by is None:
+        _scale_op(gradient.data, grad_loss, ctx.backend)
+        ctx.scaled_by = grad_loss.detach().clone()
+        return gradient
+    factor = grad_loss.double()
+    if ctx.scaled_by is not None:  # rare: sync to refuse what cannot be undone
+        if bool(ctx.scaled_by == 0):
+            raise RuntimeError(
+                f"{OP}: a second backward through a retained graph needs the saved gradient, which the first "
+                "backward scaled in place by grad_output = 0; recompute the loss instead"
+            )
+        factor = factor / ctx.scaled_by.double()
+    compute = torch.promote_types(gradient.dtype, torch.float32)
+    return (gradient.to(compute) * factor.to(compute)).to(gradient.dtype)
+
+
+_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +268,14 @@ def nll_epe_loss(
     return _dispatch(logits, target, float(alpha), reduction, backend)
 
 
+# backend.resolve reads cached availability (functools.cache), which Dynamo would trace into: under
+# torch.compile its answer is a constant of the trace instead.
+_resolve = torch.compiler.assume_constant_result(backends.resolve)
+
+
 def _dispatch(logits: Tensor, target: Tensor, alpha: float, reduction: str, backend: str | None) -> Tensor:
-    backends.resolve(OP, logits.device, logits.dtype, backend, cuda_preference=CUDA_PREFERENCE)
-    return reference(logits, target, alpha, reduction)  # the fused backends follow
+    name = _resolve(OP, logits.device, logits.dtype, backend, cuda_preference=CUDA_PREFERENCE)
+    if name in ("reference", "triton"):  # the Triton kernels follow
+        return reference(logits, target, alpha, reduction)
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    return _loss_op(logits, target, alpha, reduction, compute_grad, name)[0]
