@@ -15,12 +15,13 @@ pooling decoder; see DESIGN.md §5.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import slsdeep_kernels
 
 VARIANTS = ("slsdeep", "slsdeep-epe", "slsdeep+asc")
 STEMS = ("deep", "torchvision")
@@ -36,32 +37,11 @@ PRESETS = {
     "tiny": {"width": 8, "blocks": (1, 1, 1, 1), "decoder": 32, "branch_channels": 32},
 }
 
-# The slsdeep_kernels API the fused forward calls: (module, name).
-FUSED_API = (
-    ("slsdeep_kernels.ops.conv_bn_relu", "conv_bn_relu_modules"),
-    ("slsdeep_kernels", "pyramid_pool"),
-    ("slsdeep_kernels", "pyramid_conv3x3"),
-)
-
-
-def _missing_fused_ops() -> list[str]:
-    """The names of FUSED_API this slsdeep_kernels does not provide."""
-    missing = []
-    for module, name in FUSED_API:
-        try:
-            getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            missing.append(f"{module}.{name}")
-    return missing
-
-
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, fused: bool) -> torch.Tensor:
     """``relu(bn(conv(x)))`` (or without the ReLU); one fused op when ``fused``, which uses and
     updates BatchNorm's parameters and running statistics exactly as the modules would."""
     if fused:
-        from slsdeep_kernels.ops.conv_bn_relu import conv_bn_relu_modules
-
-        return conv_bn_relu_modules(x, conv, bn, relu)
+        return slsdeep_kernels.conv_bn_relu_modules(x, conv, bn, relu)
     y = bn(conv(x))
     return F.relu(y) if relu else y
 
@@ -210,8 +190,6 @@ class Decoder(nn.Module):
         """Pyramid pooling + head conv + BN + ReLU without the concatenation: every bin pooled in one
         read of ``top``, the branches' 1×1 conv+BN+ReLU fused at b×b, and the head's 3×3 conv
         split into a conv over ``dense`` plus low-resolution taps of the branches."""
-        import slsdeep_kernels
-
         pooled = slsdeep_kernels.pyramid_pool(top, BINS)
         branches, offset = [], 0
         for b, stage in zip(BINS, self.branches):
@@ -253,13 +231,6 @@ class SLSDeep(nn.Module):
         for name, value in (("branch_channels", branch_channels), ("num_classes", num_classes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SLSDeep: {name} must be a positive int, got {value!r}")
-        if fused:
-            missing = _missing_fused_ops()
-            if missing:
-                raise NotImplementedError(
-                    f"SLSDeep(fused=True) needs {', '.join(missing)}, "
-                    "which this slsdeep_kernels does not provide yet; use fused=False"
-                )
         self.config = dict(variant=variant, stem=stem, branch_channels=branch_channels, num_classes=num_classes,
                            fused=bool(fused), preset=preset, align_corners=bool(align_corners))
         self.loss_alpha = LOSS_ALPHA[variant]

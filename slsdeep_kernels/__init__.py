@@ -8,9 +8,9 @@ from slsdeep_kernels.backend import BACKENDS, available_backends
 from slsdeep_kernels.fuse import fuse_conv_bn_relu
 from slsdeep_kernels.nn import NLLEPELoss
 from slsdeep_kernels.nn import ConvBNReLU2d
-from slsdeep_kernels.ops.conv_bn_relu import conv_bn_relu
+from slsdeep_kernels.ops.conv_bn_relu import conv_bn_relu, conv_bn_relu_modules
 from slsdeep_kernels.ops.nll_epe_loss import nll_epe_loss
 from slsdeep_kernels.nn import PyramidDecoderBlock, PyramidPooling
 from slsdeep_kernels.ops.pyramid import pyramid_conv3x3, pyramid_pool, upsample_concat
 
-__all__ = ["BACKENDS", "available_backends", "nll_epe_loss", "NLLEPELoss", "pyramid_pool", "upsample_concat", "pyramid_conv3x3", "PyramidPooling", "PyramidDecoderBlock", "conv_bn_relu", "ConvBNReLU2d", "fuse_conv_bn_relu"]
+__all__ = ["BACKENDS", "available_backends", "nll_epe_loss", "NLLEPELoss", "pyramid_pool", "upsample_concat", "pyramid_conv3x3", "PyramidPooling", "PyramidDecoderBlock", "conv_bn_relu", "conv_bn_relu_modules", "ConvBNReLU2d", "fuse_conv_bn_relu"]

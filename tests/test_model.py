@@ -10,13 +10,11 @@ from slsdeep.model import (
     STEMS,
     VARIANTS,
     SLSDeep,
-    _missing_fused_ops,
     load_imagenet_weights,
     model_summary,
 )
 
 TV_RESNET50_PARAMETERS = 23_508_032  # torchvision resnet50 (25,557,032) minus fc (2,049,000)
-FUSED_READY = not _missing_fused_ops()
 
 
 def tiny(variant="slsdeep", stem="deep", **kwargs):
@@ -225,22 +223,6 @@ def test_model_summary():
     assert head < paper["flops"] < 3 * head
 
 
-def test_fused_names_a_missing_op(monkeypatch):
-    import slsdeep.model
-
-    monkeypatch.setattr(slsdeep.model, "FUSED_API", slsdeep.model.FUSED_API + (("slsdeep_kernels", "no_such_op"),))
-    with pytest.raises(NotImplementedError, match=r"needs .*slsdeep_kernels\.no_such_op"):
-        SLSDeep(preset="tiny")
-    assert SLSDeep(preset="tiny", fused=False).config["fused"] is False
-
-
-@pytest.mark.skipif(FUSED_READY, reason="slsdeep_kernels provides every fused op")
-def test_fused_raises_until_the_ops_exist():
-    with pytest.raises(NotImplementedError, match=r"needs slsdeep_kernels\.[\w.]+"):
-        SLSDeep(preset="tiny")
-
-
-@pytest.mark.skipif(not FUSED_READY, reason="slsdeep_kernels lacks fused ops: " + ", ".join(_missing_fused_ops()))
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("stem", STEMS)
 def test_fused_matches_unfused(variant, stem):
@@ -257,7 +239,6 @@ def _relative(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
-@pytest.mark.skipif(not FUSED_READY, reason="slsdeep_kernels lacks fused ops: " + ", ".join(_missing_fused_ops()))
 @pytest.mark.parametrize("variant", ["slsdeep", "slsdeep+asc"])
 def test_fused_training_step_matches_unfused(variant):
     """Train mode: same logits, same gradient of every parameter, same running statistics."""
@@ -279,7 +260,6 @@ def test_fused_training_step_matches_unfused(variant):
         torch.testing.assert_close(fused_buffers[name], buffer, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.skipif(not FUSED_READY, reason="slsdeep_kernels lacks fused ops: " + ", ".join(_missing_fused_ops()))
 def test_fused_channels_last_and_bf16_autocast():
     reference, fused = tiny("slsdeep+asc"), tiny("slsdeep+asc", fused=True)
     fused.load_state_dict(reference.state_dict())
@@ -328,7 +308,6 @@ def test_tiny_preset_learns_to_segment():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FUSED_READY, reason="slsdeep_kernels lacks fused ops: " + ", ".join(_missing_fused_ops()))
 @pytest.mark.parametrize("stem", STEMS)
 def test_fused_matches_unfused_paper_preset(stem):
     reference = SLSDeep(stem=stem, fused=False).eval()
