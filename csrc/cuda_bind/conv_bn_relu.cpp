@@ -1,0 +1,144 @@
+// CUDA binding of conv_bn_relu (slsdeep_kernels/ops/conv_bn_relu.py): the convolution (and its
+// backward) through ATen/cuDNN, everything around it through the torch-free kernels of
+// csrc/cuda/conv_bn_relu.cu. Schemas: csrc/ops.cpp.
+//   eval:  cuDNN conv with the raw weights, then ONE epilogue pass applying the folded BN (fp32
+//          scale/shift per channel) and the ReLU in place;
+//   train: conv, ONE statistics pass, ONE normalise + affine + ReLU pass;
+//   backward: one reduction and one elementwise pass (ReLU mask fused), then the conv backward.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "alloc.h"
+#include "cuda/conv_bn_relu.h"
+
+namespace {
+
+using at::Tensor;
+namespace kernels = slsdeep::conv_bn_relu_cuda;
+
+kernels::DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return kernels::DType::kFloat;
+    case at::kHalf:
+      return kernels::DType::kHalf;
+    case at::kBFloat16:
+      return kernels::DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "conv_bn_relu (cuda): input must be float32, float16 or bfloat16; got ", t.scalar_type());
+  }
+}
+
+// The memory format an activation keeps through the op (as csrc/cpu/conv_bn_relu.cpp).
+at::MemoryFormat activation_format(const Tensor& t) {
+  return (t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous()) ? at::MemoryFormat::ChannelsLast
+                                                                                  : at::MemoryFormat::Contiguous;
+}
+
+kernels::Activation activation_of(const Tensor& y, at::MemoryFormat format) {
+  return {y.size(0), y.size(1), y.size(2) * y.size(3), format == at::MemoryFormat::ChannelsLast};
+}
+
+// A per-channel vector as contiguous fp32 on the device (undefined when absent).
+Tensor channel_f32(const c10::optional<Tensor>& t) {
+  return (t.has_value() && t->defined()) ? t->to(at::kFloat).contiguous() : Tensor();
+}
+
+const float* pointer(const Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
+
+Tensor conv(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, at::IntArrayRef stride,
+            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, at::MemoryFormat format) {
+  return at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, groups).contiguous(format);
+}
+
+Tensor conv_bn_relu_eval_cuda(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+                              const c10::optional<Tensor>& bn_weight, const c10::optional<Tensor>& bn_bias,
+                              const Tensor& running_mean, const Tensor& running_var, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double eps, bool relu) {
+  c10::cuda::CUDAGuard guard(input.device());
+  const auto format = activation_format(input);
+  Tensor out = conv(input.contiguous(format), weight, c10::nullopt, stride, padding, dilation, groups, format);
+  const auto a = activation_of(out, format);
+  const Tensor gamma = channel_f32(bn_weight), beta = channel_f32(bn_bias), b = channel_f32(bias);
+  const Tensor mean = running_mean.to(at::kFloat).contiguous(), var = running_var.to(at::kFloat).contiguous();
+  Tensor affine = at::empty({2, a.C}, out.options().dtype(at::kFloat));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(kernels::fold_eval(pointer(gamma), pointer(beta), pointer(mean), pointer(var), pointer(b),
+                                    static_cast<float>(eps), a.C, affine.data_ptr<float>(),
+                                    affine.data_ptr<float>() + a.C, stream));
+  C10_CUDA_CHECK(kernels::bn_act(dtype_of(out), out.data_ptr(), out.data_ptr(), a, affine.data_ptr<float>(),
+                                 affine.data_ptr<float>() + a.C, relu, stream));
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_cuda(
+    const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, const c10::optional<Tensor>& bn_weight,
+    const c10::optional<Tensor>& bn_bias, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, double eps, bool relu) {
+  c10::cuda::CUDAGuard guard(input.device());
+  const auto format = activation_format(input);
+  const Tensor y = conv(input.contiguous(format), weight, bias, stride, padding, dilation, groups, format);
+  const auto a = activation_of(y, format);
+  const auto f32 = y.options().dtype(at::kFloat);
+  const Tensor gamma = channel_f32(bn_weight), beta = channel_f32(bn_bias);
+  Tensor mean = slsdeep::new_output({a.C}, f32), var = slsdeep::new_output({a.C}, f32);
+  Tensor workspace = at::empty({kernels::workspace_floats(a)}, f32);
+  Tensor affine = at::empty({2, a.C}, f32);
+  Tensor out = slsdeep::new_output(y.sizes(), y.options(), format);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(kernels::channel_stats(dtype_of(y), y.const_data_ptr(), a, pointer(gamma), pointer(beta),
+                                        static_cast<float>(eps), workspace.data_ptr<float>(), mean.data_ptr<float>(),
+                                        var.data_ptr<float>(), affine.data_ptr<float>(), affine.data_ptr<float>() + a.C,
+                                        stream));
+  C10_CUDA_CHECK(kernels::bn_act(dtype_of(y), y.const_data_ptr(), out.data_ptr(), a, affine.data_ptr<float>(),
+                                 affine.data_ptr<float>() + a.C, relu, stream));
+  return {out, y, mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_backward_cuda(
+    const Tensor& grad_out, const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& conv_out, const Tensor& mean, const Tensor& var, const c10::optional<Tensor>& bn_weight,
+    const c10::optional<Tensor>& bn_bias, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, double eps, bool relu, std::array<bool, 3> output_mask) {
+  c10::cuda::CUDAGuard guard(input.device());
+  const auto format = activation_format(input);
+  const Tensor x = input.contiguous(format);
+  // memory_efficient: the conv output was not kept, recompute it.
+  const Tensor y = (conv_out.has_value() && conv_out->defined())
+                       ? conv_out->contiguous(format)
+                       : conv(x, weight, bias, stride, padding, dilation, groups, format);
+  const Tensor grad = grad_out.contiguous(format);
+  const auto a = activation_of(y, format);
+  const auto f32 = y.options().dtype(at::kFloat);
+  const Tensor gamma = channel_f32(bn_weight), beta = channel_f32(bn_bias);
+  const Tensor mu = mean.to(at::kFloat).contiguous(), v = var.to(at::kFloat).contiguous();
+  Tensor workspace = at::empty({kernels::workspace_floats(a)}, f32);
+  Tensor grad_gamma = slsdeep::new_output({a.C}, f32), grad_beta = slsdeep::new_output({a.C}, f32);
+  Tensor grad_y = slsdeep::new_output(y.sizes(), y.options(), format);
+  C10_CUDA_CHECK(kernels::bn_backward(dtype_of(y), grad.const_data_ptr(), y.const_data_ptr(), grad_y.data_ptr(), a,
+                                      pointer(mu), pointer(v), pointer(gamma), pointer(beta), static_cast<float>(eps),
+                                      relu, workspace.data_ptr<float>(), grad_gamma.data_ptr<float>(),
+                                      grad_beta.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
+  Tensor grad_input, grad_weight, grad_bias;
+  if (output_mask[0] || output_mask[1] || output_mask[2]) {
+    std::vector<int64_t> bias_shape{a.C};
+    c10::optional<at::IntArrayRef> bias_sizes;
+    if (output_mask[2]) bias_sizes = at::IntArrayRef(bias_shape);
+    std::tie(grad_input, grad_weight, grad_bias) = at::convolution_backward(
+        grad_y, x, weight, bias_sizes, stride, padding, dilation, false, {0, 0}, groups, output_mask);
+  }
+  if (bn_weight.has_value() && bn_weight->defined()) grad_gamma = grad_gamma.to(bn_weight->scalar_type());
+  if (bn_bias.has_value() && bn_bias->defined()) grad_beta = grad_beta.to(bn_bias->scalar_type());
+  return {grad_input, grad_weight, grad_bias, grad_gamma, grad_beta};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slsdeep_kernels, CUDA, m) {
+  m.impl("conv_bn_relu_eval_kernel", &conv_bn_relu_eval_cuda);
+  m.impl("conv_bn_relu_train_kernel", &conv_bn_relu_train_cuda);
+  m.impl("conv_bn_relu_train_backward_kernel", &conv_bn_relu_train_backward_cuda);
+}
