@@ -175,7 +175,11 @@ void upsample_branch(const at::Tensor& z, const at::Tensor& out, int64_t offset,
         const acc_t* row0 = resized.data() + t.index0 * W;
         const acc_t* row1 = resized.data() + t.index1 * W;
         scalar_t* row = plane_out + p * s.h;
-        for (int64_t q = 0; q < W; ++q) row[q * s.w] = static_cast<scalar_t>(t.weight0 * row0[q] + t.weight1 * row1[q]);
+        if (s.w == 1) {
+          for (int64_t q = 0; q < W; ++q) row[q] = static_cast<scalar_t>(t.weight0 * row0[q] + t.weight1 * row1[q]);
+        } else {
+          for (int64_t q = 0; q < W; ++q) row[q * s.w] = static_cast<scalar_t>(t.weight0 * row0[q] + t.weight1 * row1[q]);
+        }
       }
     }
   });
@@ -220,19 +224,29 @@ void upsample_branch_backward(const at::Tensor& grad, const at::Tensor& grad_z, 
 
 // ---------------------------------------------------------------- pyramid_conv3x3 taps
 //
-// A tap tensor z (N, Co, 3, 3, h, w) holds z_t = W_t . y of one branch for the 9 taps t = (ky, kx)
-// of the 3x3 conv. Its contribution to the conv output is sum_t up(z_t)(p + t - 1), zero outside the
-// image. Separable: for every (ky, cell row i) the kx-sum of width-resized, width-shifted rows is
-// formed once per plane (u), then each output row blends two u rows per (branch, ky).
+// A tap tensor z (N, Co, 3, 3, h, w), any strides (the op keeps it in the (Co, 3, 3, N, h, w) order of
+// the matmul that makes it), holds z_t = W_t . y of one branch for the 9 taps t = (ky, kx) of the 3x3
+// conv. Its contribution to the conv output is sum_t up(z_t)(p + t - 1), zero outside the image.
+// Separable: for every (ky, cell row i) the kx-sum of width-resized, width-shifted rows is formed
+// once per plane (u), then each output row blends two u rows per (branch, ky).
+
+struct TapStrides {
+  int64_t n, c, ky, kx, i, j;
+};
+
+TapStrides tap_strides(const at::Tensor& z) {
+  return {z.stride(0), z.stride(1), z.stride(2), z.stride(3), z.stride(4), z.stride(5)};
+}
 
 template <typename acc_t>
 struct TapBranch {
   int64_t h, w, u_offset;
+  TapStrides s;
   std::vector<LinearTap<acc_t>> rows, cols;
 };
 
 template <typename scalar_t>
-void taps_add(const at::Tensor& out, const std::vector<at::Tensor>& taps, bool align_corners) {
+void taps_add(const at::Tensor& out, at::TensorList taps, bool align_corners) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t Co = out.size(1), H = out.size(2), W = out.size(3);
   const Strides4 s = strides_of(out);
@@ -240,16 +254,19 @@ void taps_add(const at::Tensor& out, const std::vector<at::Tensor>& taps, bool a
   int64_t u_size = 0;
   for (const at::Tensor& z : taps) {
     const int64_t h = z.size(4), w = z.size(5);
-    branches.push_back({h, w, u_size, axis_taps<acc_t>(h, H, align_corners), axis_taps<acc_t>(w, W, align_corners)});
+    branches.push_back(
+        {h, w, u_size, tap_strides(z), axis_taps<acc_t>(h, H, align_corners), axis_taps<acc_t>(w, W, align_corners)});
     u_size += 3 * h * W;
   }
   scalar_t* dst = out.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, out.size(0) * Co, plane_grain(H * W), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> u(u_size), row_sum(W);
     for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / Co, co = plane % Co;
       for (size_t b = 0; b < branches.size(); ++b) {
         const TapBranch<acc_t>& br = branches[b];
-        const scalar_t* z = taps[b].const_data_ptr<scalar_t>() + plane * 9 * br.h * br.w;
+        const TapStrides& t = br.s;
+        const scalar_t* z = taps[b].const_data_ptr<scalar_t>() + n * t.n + co * t.c;
         for (int64_t ky = 0; ky < 3; ++ky) {
           for (int64_t i = 0; i < br.h; ++i) {
             acc_t* u_row = u.data() + br.u_offset + (ky * br.h + i) * W;
@@ -258,93 +275,86 @@ void taps_add(const at::Tensor& out, const std::vector<at::Tensor>& taps, bool a
               for (int64_t kx = 0; kx < 3; ++kx) {
                 const int64_t column = q + kx - 1;
                 if (column < 0 || column >= W) continue;
-                const LinearTap<acc_t>& t = br.cols[column];
-                const scalar_t* z_row = z + ((ky * 3 + kx) * br.h + i) * br.w;
-                sum += t.weight0 * static_cast<acc_t>(z_row[t.index0]) + t.weight1 * static_cast<acc_t>(z_row[t.index1]);
+                const LinearTap<acc_t>& c = br.cols[column];
+                const scalar_t* z_row = z + ky * t.ky + kx * t.kx + i * t.i;
+                sum += c.weight0 * static_cast<acc_t>(z_row[c.index0 * t.j]) +
+                       c.weight1 * static_cast<acc_t>(z_row[c.index1 * t.j]);
               }
               u_row[q] = sum;
             }
           }
         }
       }
-      scalar_t* plane_out = dst + (plane / Co) * s.n + (plane % Co) * s.c;
+      scalar_t* plane_out = dst + n * s.n + co * s.c;
       for (int64_t p = 0; p < H; ++p) {
         std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
         for (const TapBranch<acc_t>& br : branches) {
           for (int64_t ky = 0; ky < 3; ++ky) {
             const int64_t row = p + ky - 1;
             if (row < 0 || row >= H) continue;
-            const LinearTap<acc_t>& t = br.rows[row];
-            const acc_t* u0 = u.data() + br.u_offset + (ky * br.h + t.index0) * W;
-            const acc_t* u1 = u.data() + br.u_offset + (ky * br.h + t.index1) * W;
-            for (int64_t q = 0; q < W; ++q) row_sum[q] += t.weight0 * u0[q] + t.weight1 * u1[q];
+            const LinearTap<acc_t>& r = br.rows[row];
+            const acc_t* u0 = u.data() + br.u_offset + (ky * br.h + r.index0) * W;
+            const acc_t* u1 = u.data() + br.u_offset + (ky * br.h + r.index1) * W;
+            for (int64_t q = 0; q < W; ++q) row_sum[q] += r.weight0 * u0[q] + r.weight1 * u1[q];
           }
         }
         scalar_t* row_out = plane_out + p * s.h;
-        for (int64_t q = 0; q < W; ++q) {
-          row_out[q * s.w] = static_cast<scalar_t>(static_cast<acc_t>(row_out[q * s.w]) + row_sum[q]);
+        if (s.w == 1) {
+          for (int64_t q = 0; q < W; ++q) row_out[q] = static_cast<scalar_t>(static_cast<acc_t>(row_out[q]) + row_sum[q]);
+        } else {
+          for (int64_t q = 0; q < W; ++q) {
+            row_out[q * s.w] = static_cast<scalar_t>(static_cast<acc_t>(row_out[q * s.w]) + row_sum[q]);
+          }
         }
       }
     }
   });
 }
 
-// Adjoint of taps_add: grad_z (N, Co, 3, 3, h, w) contiguous per branch, gathered along the width
-// (readers of the kx-shifted stencils) into an (H, 3, w) buffer, then along the height.
-template <typename acc_t>
-struct TapBranchReaders {
-  int64_t h, w;
-  std::vector<AxisReaders<acc_t>> rows, cols;  // per ky / kx
-};
-
+// Adjoint of taps_add for one branch: grad_z (N, Co, 3, 3, h, w) through its strides, gathered along
+// the width (readers of the kx-shifted stencils) into an (H, 3, w) buffer, then along the height.
 template <typename scalar_t>
-void taps_backward(const at::Tensor& grad, const std::vector<at::Tensor>& grad_taps, bool align_corners) {
+void taps_backward(const at::Tensor& grad, const at::Tensor& grad_z, bool align_corners) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t Co = grad.size(1), H = grad.size(2), W = grad.size(3);
+  const int64_t Co = grad.size(1), H = grad.size(2), W = grad.size(3), h = grad_z.size(4), w = grad_z.size(5);
   const Strides4 s = strides_of(grad);
-  std::vector<TapBranchReaders<acc_t>> branches;
-  int64_t partial_size = 0;
-  for (const at::Tensor& gz : grad_taps) {
-    TapBranchReaders<acc_t> br{gz.size(4), gz.size(5), {}, {}};
-    for (int64_t k = 0; k < 3; ++k) {
-      br.rows.push_back(axis_readers<acc_t>(br.h, H, align_corners, k - 1));
-      br.cols.push_back(axis_readers<acc_t>(br.w, W, align_corners, k - 1));
-    }
-    partial_size = std::max(partial_size, H * 3 * br.w);
-    branches.push_back(std::move(br));
+  const TapStrides t = tap_strides(grad_z);
+  std::vector<AxisReaders<acc_t>> rows, cols;  // per ky / kx
+  for (int64_t k = 0; k < 3; ++k) {
+    rows.push_back(axis_readers<acc_t>(h, H, align_corners, k - 1));
+    cols.push_back(axis_readers<acc_t>(w, W, align_corners, k - 1));
   }
   const scalar_t* src = grad.const_data_ptr<scalar_t>();
+  scalar_t* dst = grad_z.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, grad.size(0) * Co, plane_grain(H * W), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> partial(partial_size);
+    std::vector<acc_t> partial(H * 3 * w);
     for (int64_t plane = begin; plane < end; ++plane) {
-      const scalar_t* g = src + (plane / Co) * s.n + (plane % Co) * s.c;
-      for (size_t b = 0; b < branches.size(); ++b) {
-        const TapBranchReaders<acc_t>& br = branches[b];
-        for (int64_t p = 0; p < H; ++p) {
-          const scalar_t* row = g + p * s.h;
-          for (int64_t kx = 0; kx < 3; ++kx) {
-            const AxisReaders<acc_t>& cols = br.cols[kx];
-            for (int64_t j = 0; j < br.w; ++j) {
-              acc_t sum = 0;
-              for (int64_t k = cols.begin[j]; k < cols.begin[j + 1]; ++k) {
-                sum += cols.weight[k] * static_cast<acc_t>(row[cols.index[k] * s.w]);
-              }
-              partial[(p * 3 + kx) * br.w + j] = sum;
+      const int64_t n = plane / Co, co = plane % Co;
+      const scalar_t* g = src + n * s.n + co * s.c;
+      for (int64_t p = 0; p < H; ++p) {
+        const scalar_t* row = g + p * s.h;
+        for (int64_t kx = 0; kx < 3; ++kx) {
+          const AxisReaders<acc_t>& readers = cols[kx];
+          for (int64_t j = 0; j < w; ++j) {
+            acc_t sum = 0;
+            for (int64_t k = readers.begin[j]; k < readers.begin[j + 1]; ++k) {
+              sum += readers.weight[k] * static_cast<acc_t>(row[readers.index[k] * s.w]);
             }
+            partial[(p * 3 + kx) * w + j] = sum;
           }
         }
-        scalar_t* out = grad_taps[b].mutable_data_ptr<scalar_t>() + plane * 9 * br.h * br.w;
-        for (int64_t ky = 0; ky < 3; ++ky) {
-          const AxisReaders<acc_t>& rows = br.rows[ky];
-          for (int64_t kx = 0; kx < 3; ++kx) {
-            for (int64_t i = 0; i < br.h; ++i) {
-              for (int64_t j = 0; j < br.w; ++j) {
-                acc_t sum = 0;
-                for (int64_t k = rows.begin[i]; k < rows.begin[i + 1]; ++k) {
-                  sum += rows.weight[k] * partial[(rows.index[k] * 3 + kx) * br.w + j];
-                }
-                out[((ky * 3 + kx) * br.h + i) * br.w + j] = static_cast<scalar_t>(sum);
+      }
+      scalar_t* out = dst + n * t.n + co * t.c;
+      for (int64_t ky = 0; ky < 3; ++ky) {
+        const AxisReaders<acc_t>& readers = rows[ky];
+        for (int64_t kx = 0; kx < 3; ++kx) {
+          for (int64_t i = 0; i < h; ++i) {
+            for (int64_t j = 0; j < w; ++j) {
+              acc_t sum = 0;
+              for (int64_t k = readers.begin[i]; k < readers.begin[i + 1]; ++k) {
+                sum += readers.weight[k] * partial[(readers.index[k] * 3 + kx) * w + j];
               }
+              out[ky * t.ky + kx * t.kx + i * t.i + j * t.j] = static_cast<scalar_t>(sum);
             }
           }
         }
@@ -432,27 +442,29 @@ std::vector<at::Tensor> upsample_concat_backward_kernel(const at::Tensor& grad, 
 
 void pyramid_taps_add_kernel(const at::Tensor& out, at::TensorList taps, bool align_corners) {
   TORCH_CHECK(out.dim() == 4, "pyramid_taps_add_kernel: out must be (N, C_out, H, W)");
-  std::vector<at::Tensor> contiguous_taps;
   for (const at::Tensor& z : taps) {
     TORCH_CHECK(z.dim() == 6 && z.size(0) == out.size(0) && z.size(1) == out.size(1) && z.size(2) == 3 &&
                     z.size(3) == 3 && z.scalar_type() == out.scalar_type(),
                 "pyramid_taps_add_kernel: every tap tensor must be (N, C_out, 3, 3, h, w) of out's dtype");
-    contiguous_taps.push_back(z.contiguous());
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pyramid_taps_add_kernel",
-                                  [&] { taps_add<scalar_t>(out, contiguous_taps, align_corners); });
+                                  [&] { taps_add<scalar_t>(out, taps, align_corners); });
 }
 
+// Each grad is returned as (N, C_out, 3, 3, h, w) over (C_out, 3, 3, N, h, w) storage: the order in
+// which the op's matmuls read it.
 std::vector<at::Tensor> pyramid_taps_backward_kernel(const at::Tensor& grad, at::IntArrayRef tap_sizes,
                                                      bool align_corners) {
   TORCH_CHECK(grad.dim() == 4 && tap_sizes.size() % 2 == 0,
               "pyramid_taps_backward_kernel: grad (N, C_out, H, W) and (h, w) per branch");
   std::vector<at::Tensor> grads;
   for (size_t b = 0; b < tap_sizes.size(); b += 2) {
-    grads.push_back(new_output({grad.size(0), grad.size(1), 3, 3, tap_sizes[b], tap_sizes[b + 1]}, grad.options()));
+    at::Tensor grad_z = new_output({grad.size(1), 3, 3, grad.size(0), tap_sizes[b], tap_sizes[b + 1]}, grad.options())
+                            .permute({3, 0, 1, 2, 4, 5});
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "pyramid_taps_backward_kernel",
+                                    [&] { taps_backward<scalar_t>(grad, grad_z, align_corners); });
+    grads.push_back(grad_z);
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "pyramid_taps_backward_kernel",
-                                  [&] { taps_backward<scalar_t>(grad, grads, align_corners); });
   return grads;
 }
 

@@ -444,12 +444,19 @@ def _branch_weights(weight: Tensor, branches: list[Tensor], channels: int) -> li
     return slices
 
 
+def _by_channel(y: Tensor) -> Tensor:
+    """(N, C_b, h, w) -> (C_b, N·h·w): a branch's cells as matmul columns."""
+    return y.transpose(0, 1).reshape(y.shape[1], -1)
+
+
 def _taps(weight: Tensor, branches: list[Tensor], channels: int) -> list[Tensor]:
-    """z_t = W_t·y of every branch at its own size: (N, C_out, 3, 3, h, w)."""
+    """z_t = W_t·y of every branch at its own size, one matmul each: (N, C_out, 3, 3, h, w) views
+    of the (C_out, 3, 3, N, h, w) product (the kernels read any strides)."""
     taps = []
     for y, w9 in zip(branches, _branch_weights(weight, branches, channels)):
-        N, cb, h, w = y.shape
-        taps.append(torch.matmul(w9, y.reshape(N, cb, h * w)).view(N, weight.shape[0], 3, 3, h, w))
+        N, _, h, w = y.shape
+        z = w9 @ _by_channel(y)  # (C_out·9, N·h·w)
+        taps.append(z.view(weight.shape[0], 3, 3, N, h, w).permute(3, 0, 1, 2, 4, 5))
     return taps
 
 
@@ -498,12 +505,11 @@ def _pyramid_conv3x3_backward_op(
             grad_taps = _kernels.pyramid_taps_backward_kernel(grad, sizes, align_corners)
         for y, w9, grad_z in zip(branches, _branch_weights(weight, branches, channels), grad_taps):
             N, cb, h, w = y.shape
-            grad_z = grad_z.reshape(N, -1, h * w)  # (N, C_out·9, cells)
+            grad_z = grad_z.permute(1, 2, 3, 0, 4, 5).reshape(-1, N * h * w)  # (C_out·9, N·h·w)
             if need_branches:
-                grad_branches.append(torch.matmul(w9.t(), grad_z).view(N, cb, h, w))
+                grad_branches.append((w9.t() @ grad_z).view(cb, N, h, w).transpose(0, 1).contiguous())
             if need_weight:
-                rows = grad_z.transpose(0, 1).reshape(grad_z.shape[1], -1)  # (C_out·9, N·cells)
-                grad_w9 = rows @ y.reshape(N, cb, h * w).transpose(0, 1).reshape(cb, -1).t()
+                grad_w9 = grad_z @ _by_channel(y).t()  # (C_out·9, C_b)
                 grad_weights.append(grad_w9.view(out_channels, 3, 3, cb).permute(0, 3, 1, 2))
     empty = x.new_empty(0)
     return (
