@@ -63,12 +63,11 @@ def test_cpu_matches_reference_fp64(dilation, stride, kernel, bias, channels_las
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dilation,stride", [(1, 1), (2, 2), (4, 1)])
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("training", [False, True])
-def test_matches_reference_fp32(backend, dilation, stride, channels_last, training):
-    inputs = make_inputs(torch.float32, channels_last=channels_last)
-    check(backend, inputs, training=training, stride=stride, padding=dilation, dilation=dilation)
+@pytest.mark.parametrize("dilation,stride,kernel,bias,channels_last,training", GRID)
+def test_matches_reference_fp32(backend, dilation, stride, kernel, bias, channels_last, training):
+    """Every backend (Triton under the interpreter takes no fp64) over the same grid in fp32."""
+    inputs = make_inputs(torch.float32, kernel=kernel, bias=bias, channels_last=channels_last)
+    check(backend, inputs, training=training, stride=stride, padding=dilation * (kernel // 2) + 1, dilation=dilation)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -104,10 +103,12 @@ def test_cpu_half_precision(dtype, channels_last, training):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_without_affine(backend):
-    x, weight, bias, _, _, running_mean, running_var = make_inputs(torch.float32)
+@pytest.mark.parametrize("has_gamma,has_beta", [(False, False), (True, False), (False, True)])
+def test_bn_without_weight_or_bias(backend, has_gamma, has_beta):
+    x, weight, bias, gamma, beta, running_mean, running_var = make_inputs(torch.float32)
+    gamma, beta = gamma if has_gamma else None, beta if has_beta else None
     for training in (False, True):
-        check(backend, (x, weight, bias, None, None, running_mean, running_var), training=training, padding=1)
+        check(backend, (x, weight, bias, gamma, beta, running_mean, running_var), training=training, padding=1)
 
 
 @pytest.mark.parametrize("backend", ["reference", *CPU_BACKENDS])

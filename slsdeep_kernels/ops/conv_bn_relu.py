@@ -10,7 +10,7 @@ including the running-statistics update in training (unbiased variance in the ru
   convolution that applies the fold and the ReLU in its epilogue; ``cpu``: oneDNN conv with the ReLU
   as a post-op (C++ epilogue for fp64/fp16); ``cuda``: cuDNN conv + one epilogue kernel.
 * Train: the convolution (ATen: oneDNN/cuDNN), then ONE pass for the per-channel statistics
-  (two-pass on cache-sized tiles merged by Chan's formula, never Σx² − (Σx)²) and ONE for
+  (exact two-pass on cache-sized tiles, or Welford, merged by Chan's formula; never Σx² − (Σx)²) and ONE for
   normalise + affine + ReLU. Backward: a reduction pass and an elementwise pass, both with the ReLU
   mask fused (no mask tensor), then ``aten.convolution_backward``. By default it saves the conv
   input and output (as eager; the input is the previous layer's output anyway);
@@ -32,8 +32,6 @@ Floors, layer3 of the encoder at 384×384 (N=16, 48×48, eval, one pass over x a
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +89,7 @@ def _conv_configs():
     ]
 
 
+# X_CHANNELS_LAST only keys the tuning (the best tiles differ between the layouts).
 @triton.autotune(configs=_conv_configs(), key=["C_in", "C_out", "M", "KH", "KW", "X_CHANNELS_LAST"])
 @triton.jit
 def _conv_bn_act_kernel(
@@ -99,7 +98,7 @@ def _conv_bn_act_kernel(
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, son, soc, soh, sow,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, eps,
     KH: tl.constexpr, KW: tl.constexpr, X_CHANNELS_LAST: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_AFFINE: tl.constexpr, RELU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, RELU: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -142,10 +141,10 @@ def _conv_bn_act_kernel(
     centre = -tl.load(mean_ptr + co, mask=n_mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         centre += tl.load(bias_ptr + co, mask=n_mask, other=0.0).to(tl.float32)
-    if HAS_AFFINE:
+    if HAS_GAMMA:
         scale *= tl.load(gamma_ptr + co, mask=n_mask, other=0.0).to(tl.float32)
     shift = centre * scale
-    if HAS_AFFINE:
+    if HAS_BETA:
         shift += tl.load(beta_ptr + co, mask=n_mask, other=0.0).to(tl.float32)
     v = acc * scale[None, :] + shift[None, :]
     if RELU:
@@ -196,14 +195,14 @@ def _stats_partial_kernel(
 
 
 @triton.jit
-def _bn_affine(mean, var, gamma_ptr, beta_ptr, cols, col_mask, eps, HAS_AFFINE: tl.constexpr):
+def _bn_affine(mean, var, gamma_ptr, beta_ptr, cols, col_mask, eps, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
     """Training BN as an affine map per channel: y·scale + shift (shared by forward and backward)."""
     invstd = 1.0 / tl.sqrt(var + eps)
     scale = invstd
-    if HAS_AFFINE:
+    if HAS_GAMMA:
         scale = scale * tl.load(gamma_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
     shift = -mean * scale
-    if HAS_AFFINE:
+    if HAS_BETA:
         shift += tl.load(beta_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     return invstd, scale, shift
 
@@ -211,7 +210,7 @@ def _bn_affine(mean, var, gamma_ptr, beta_ptr, cols, col_mask, eps, HAS_AFFINE: 
 @triton.jit
 def _stats_merge_kernel(
     pmean_ptr, pm2_ptr, mean_ptr, var_ptr, scale_ptr, shift_ptr, gamma_ptr, beta_ptr,
-    C, rows, rows_per_part, parts, eps, HAS_AFFINE: tl.constexpr, BLOCK_C: tl.constexpr,
+    C, rows, rows_per_part, parts, eps, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Merge the parts in a fixed order (deterministic): batch mean, biased var, BN's affine map."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -229,7 +228,7 @@ def _stats_merge_kernel(
         m2 += part_m2 + delta * delta * (count * n_part / total)
         count = total
     var = m2 / count
-    _, scale, shift = _bn_affine(mean, var, gamma_ptr, beta_ptr, cols, col_mask, eps, HAS_AFFINE)
+    _, scale, shift = _bn_affine(mean, var, gamma_ptr, beta_ptr, cols, col_mask, eps, HAS_GAMMA, HAS_BETA)
     tl.store(mean_ptr + cols, mean, mask=col_mask)
     tl.store(var_ptr + cols, var, mask=col_mask)
     tl.store(scale_ptr + cols, scale, mask=col_mask)
@@ -270,7 +269,7 @@ def _masked_grad(g, y, scale, shift, RELU: tl.constexpr):
 def _backward_partial_kernel(
     g_ptr, y_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, sum_g_ptr, sum_gc_ptr,
     C, S, rows, rows_per_part, s_n, s_c, s_s, eps,
-    HAS_AFFINE: tl.constexpr, RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Per channel and part: Σg and Σg·(y − mean), g the ReLU-masked gradient."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -280,7 +279,7 @@ def _backward_partial_kernel(
     end = tl.minimum(start + rows_per_part, rows)
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
     var = tl.load(var_ptr + cols, mask=col_mask, other=1.0)
-    _, scale, shift = _bn_affine(mean, var, gamma_ptr, beta_ptr, cols, col_mask, eps, HAS_AFFINE)
+    _, scale, shift = _bn_affine(mean, var, gamma_ptr, beta_ptr, cols, col_mask, eps, HAS_GAMMA, HAS_BETA)
     sum_g = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sum_gc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_R):
@@ -297,7 +296,7 @@ def _backward_partial_kernel(
 @triton.jit
 def _backward_merge_kernel(
     sum_g_ptr, sum_gc_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, grad_gamma_ptr, grad_beta_ptr, coef_ptr,
-    C, rows, parts, eps, HAS_AFFINE: tl.constexpr, BLOCK_C: tl.constexpr,
+    C, rows, parts, eps, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """grad_γ, grad_β, and per channel (scale, shift, g_coef, c_coef, const) of
     grad_y = g_coef·g + c_coef·(y − mean) + const, g masked where y·scale + shift ≤ 0."""
@@ -310,9 +309,9 @@ def _backward_merge_kernel(
         sum_gc += tl.load(sum_gc_ptr + part * C + cols, mask=col_mask, other=0.0)
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
     var = tl.load(var_ptr + cols, mask=col_mask, other=1.0)
-    invstd, scale, shift = _bn_affine(mean, var, gamma_ptr, beta_ptr, cols, col_mask, eps, HAS_AFFINE)
+    invstd, scale, shift = _bn_affine(mean, var, gamma_ptr, beta_ptr, cols, col_mask, eps, HAS_GAMMA, HAS_BETA)
     g_coef = invstd
-    if HAS_AFFINE:
+    if HAS_GAMMA:
         g_coef *= tl.load(gamma_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
     tl.store(grad_gamma_ptr + cols, sum_gc * invstd, mask=col_mask)
     tl.store(grad_beta_ptr + cols, sum_g, mask=col_mask)
@@ -378,26 +377,29 @@ def _eval_triton(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
     OH, OW = _output_size(x, weight, stride, padding, dilation)
     out = _backend.new_output((N, C_out, OH, OW), dtype=x.dtype, device=x.device, memory_format=_activation_format(x))
     M = N * OH * OW
-    dummy = running_mean
+    (gamma, beta), affine_flags = _affine(bn_weight, bn_bias, running_mean)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C_out // groups, meta["BLOCK_N"]), groups)
 
     _conv_bn_act_kernel[grid](
         x, weight, out,
-        bias if bias is not None else dummy,
-        bn_weight if bn_weight is not None else dummy,
-        bn_bias if bn_bias is not None else dummy,
-        running_mean, running_var,
+        bias if bias is not None else running_mean, gamma, beta, running_mean, running_var,
         C_in // groups, C_out // groups, H, W, OH, OW, M,
         *x.stride(), *weight.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], eps,
         KH=weight.shape[2], KW=weight.shape[3], X_CHANNELS_LAST=_activation_format(x) == torch.channels_last,
-        HAS_BIAS=bias is not None, HAS_AFFINE=bn_weight is not None, RELU=relu,
+        HAS_BIAS=bias is not None, **affine_flags, RELU=relu,
         DOT_FP32=_backend.triton_interpreted() or x.dtype == torch.float32,
         INPUT_PRECISION=_dot_precision(x.dtype),
     )  # fmt: skip
     return out
+
+
+def _affine(bn_weight, bn_bias, placeholder):
+    """γ and β for a kernel (``placeholder`` for an absent one: its flag is off, it is never read)."""
+    pointers = [t if t is not None else placeholder for t in (bn_weight, bn_bias)]
+    return pointers, dict(HAS_GAMMA=bn_weight is not None, HAS_BETA=bn_bias is not None)
 
 
 def _reduction_split(y: torch.Tensor):
@@ -430,10 +432,10 @@ def _train_triton(x, weight, bias, bn_weight, bn_bias, stride, padding, dilation
     )  # fmt: skip
     mean, var = _backend.new_output((C,), **f32), _backend.new_output((C,), **f32)
     scale, shift = torch.empty((C,), **f32), torch.empty((C,), **f32)
+    (gamma, beta), affine_flags = _affine(bn_weight, bn_bias, mean)
     _stats_merge_kernel[(sp["c_blocks"],)](
-        part_mean, part_m2, mean, var, scale, shift,
-        bn_weight if bn_weight is not None else scale, bn_bias if bn_bias is not None else shift,
-        C, sp["rows"], sp["rows_per_part"], parts, eps, HAS_AFFINE=bn_weight is not None, BLOCK_C=sp["block_c"],
+        part_mean, part_m2, mean, var, scale, shift, gamma, beta,
+        C, sp["rows"], sp["rows_per_part"], parts, eps, **affine_flags, BLOCK_C=sp["block_c"],
     )  # fmt: skip
     out = _backend.new_output(y.shape, dtype=y.dtype, device=y.device, memory_format=_activation_format(y))
     total = y.numel()
@@ -452,17 +454,17 @@ def _train_backward_triton(grad_out, x, weight, bias, conv_out, mean, var, bn_we
     C, parts = sp["C"], sp["parts"]
     f32 = dict(dtype=torch.float32, device=y.device)
     sum_g, sum_gc = torch.empty((parts, C), **f32), torch.empty((parts, C), **f32)
-    affine = dict(gamma_ptr=bn_weight if bn_weight is not None else mean, beta_ptr=bn_bias if bn_bias is not None else mean)
+    (gamma, beta), affine_flags = _affine(bn_weight, bn_bias, mean)
     _backward_partial_kernel[(sp["c_blocks"], parts)](
-        g, y, mean, var, affine["gamma_ptr"], affine["beta_ptr"], sum_g, sum_gc,
+        g, y, mean, var, gamma, beta, sum_g, sum_gc,
         C, sp["S"], sp["rows"], sp["rows_per_part"], *sp["strides"], eps,
-        HAS_AFFINE=bn_weight is not None, RELU=relu, BLOCK_R=sp["block_r"], BLOCK_C=sp["block_c"],
+        **affine_flags, RELU=relu, BLOCK_R=sp["block_r"], BLOCK_C=sp["block_c"],
     )  # fmt: skip
     grad_gamma, grad_beta = _backend.new_output((C,), **f32), _backend.new_output((C,), **f32)
     coefficients = torch.empty((5, C), **f32)
     _backward_merge_kernel[(sp["c_blocks"],)](
-        sum_g, sum_gc, mean, var, affine["gamma_ptr"], affine["beta_ptr"], grad_gamma, grad_beta, coefficients,
-        C, sp["rows"], parts, eps, HAS_AFFINE=bn_weight is not None, BLOCK_C=sp["block_c"],
+        sum_g, sum_gc, mean, var, gamma, beta, grad_gamma, grad_beta, coefficients,
+        C, sp["rows"], parts, eps, **affine_flags, BLOCK_C=sp["block_c"],
     )  # fmt: skip
     grad_y = _backend.new_output(y.shape, dtype=y.dtype, device=y.device, memory_format=_activation_format(y))
     total = y.numel()
