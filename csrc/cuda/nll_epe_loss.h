@@ -1,0 +1,53 @@
+// CUDA kernels of the NLL + EPE loss (DESIGN.md §4.3; maths in csrc/common/nll_epe_loss.h). Torch-free:
+// raw pointers, sizes and strides (in elements) as int64_t, a stream; every launcher returns the
+// launch's cudaError_t. The binding is csrc/cuda_bind/nll_epe_loss.cpp.
+//
+// One block per 2-D tile of the image: d = p - v on the tile plus a 2-pixel halo, then the EPE and its
+// direction on the tile plus 1, then the gradient on the tile, all through shared memory (about 1.4
+// exponentials per pixel). The loss is reduced per tile into one float; finish_loss sums the partials
+// in a fixed order: deterministic.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace slsdeep {
+namespace nll_epe_loss_cuda {
+
+enum class DType { kFloat, kHalf, kBFloat16 };  // logits, and the loss, gradient and upstream gradient
+enum class TargetType { kUInt8, kInt64, kFloat, kDouble, kHalf, kBFloat16 };  // bool is read as uint8
+
+// One call: which outputs are present decides what it computes.
+struct Problem {
+  int64_t N, C, H, W;  // C = 1 (sigmoid) or 2 (softmax)
+  DType dtype;
+  const void* logits;
+  int64_t logits_stride[4];
+  TargetType target_type;
+  const void* target;
+  int64_t target_stride[3];
+  float alpha;
+  void* loss_map = nullptr;  // forward of reduction none: (N, H, W) contiguous
+  float* partials = nullptr;  // mean/sum: one sum of NLL + alpha EPE per tile (partial_count of them)
+  const void* grad_map = nullptr;  // backward of reduction none: the upstream gradient (N, H, W)
+  int64_t grad_map_stride[3] = {0, 0, 0};
+  void* gradient = nullptr;  // gradient_scale * d(loss)/d(logits), shaped like the logits
+  int64_t gradient_stride[4] = {0, 0, 0, 0};
+  float gradient_scale = 1.0f;
+};
+
+int64_t partial_count(int64_t N, int64_t H, int64_t W);
+
+cudaError_t run(const Problem& problem, cudaStream_t stream);
+
+// loss (one element of dtype) = scale * the sum of the partials, in a fixed order.
+cudaError_t finish_loss(DType dtype, const float* partials, int64_t count, double scale, void* loss,
+                        cudaStream_t stream);
+
+// gradient *= *factor (fp32 on the device) in place, over numel dense elements; no memory traffic
+// where *factor == 1 (decided on the device, no sync).
+cudaError_t scale(DType dtype, void* gradient, int64_t numel, const float* factor, cudaStream_t stream);
+
+}  // namespace nll_epe_loss_cuda
+}  // namespace slsdeep
