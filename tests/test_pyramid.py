@@ -210,6 +210,10 @@ def test_opcheck(backend):
     torch.library.opcheck(ops.upsample_concat_backward, (torch.randn(2, 11, 5, 7), 3, [2, 1, 1, 3, 2, 2, 1, 3, 3, 2, 6, 6], True, backend))
     torch.library.opcheck(ops.pyramid_conv3x3, (x, branches, weight, bias, True, backend))
     torch.library.opcheck(ops.pyramid_conv3x3, (x, branches, weight, None, False, backend))
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(ops.pyramid_pool, (x_cl, [2, 5], backend))
+    torch.library.opcheck(ops.upsample_concat, (x_cl, branches, True, backend))
+    torch.library.opcheck(ops.pyramid_conv3x3, (x_cl, branches, weight, bias, False, backend))
     grad = torch.randn(2, 4, 5, 7)
     torch.library.opcheck(
         ops.pyramid_conv3x3_backward, (grad, x.detach(), [y.detach() for y in branches], weight.detach(), False, [True, False, True, False], backend)

@@ -76,6 +76,7 @@ def pyramid_conv3x3_reference(
 # ---------------------------------------------------------------------------------------------
 
 _BLOCK_C, _BLOCK_P, _BLOCK_K = 64, 64, 32
+_MAX_REDUCE_K = 128  # reduce: every cell of a k-tile shares one read of x (all pooling cells at once)
 
 
 @triton.jit
@@ -170,10 +171,11 @@ def _reduce(x: Tensor, tables: tuple[Tensor, Tensor, Tensor], out: Tensor, tf32:
     N, C, H, W = x.shape
     K = rows.shape[0]
     dot_fp32, precision = _dot_mode(x.dtype, tf32)
-    grid = (triton.cdiv(K, _BLOCK_K), triton.cdiv(C, _BLOCK_C), N)
+    block_k = min(_MAX_REDUCE_K, triton.next_power_of_2(max(K, 16)))
+    grid = (triton.cdiv(K, block_k), triton.cdiv(C, _BLOCK_C), N)
     _reduce_kernel[grid](
         x, rows, cols, scale, out, C, K, H, W, *x.stride(), *out.stride(),
-        DOT_FP32=dot_fp32, PRECISION=precision, BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P, BLOCK_K=_BLOCK_K,
+        DOT_FP32=dot_fp32, PRECISION=precision, BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P, BLOCK_K=block_k,
     )  # fmt: skip
     return out
 
