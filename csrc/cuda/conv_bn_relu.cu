@@ -4,6 +4,8 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 
 #include "common/conv_bn_relu.h"
 #include "cuda/conv_bn_relu.h"
@@ -147,14 +149,26 @@ __global__ void fold_eval_kernel(const float* gamma, const float* beta, const fl
                         load_or(conv_bias, c, 0.f), eps, scale[c], shift[c]);
 }
 
-template <typename T>
+// kVec consecutive elements moved as one aligned 16-byte (or kVec-element) access.
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
+template <typename T, int kVec>
 __global__ void bn_act_kernel(const T* y, T* out, Activation a, const float* __restrict__ scale,
                               const float* __restrict__ shift, bool relu) {
-  const int64_t total = a.N * a.C * a.S;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = channel_of(i, a);
-    out[i] = from_float<T>(cbr::bn_act(to_float(y[i]), scale[c], shift[c], relu));
+  const int64_t packs = a.N * a.C * a.S / kVec;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < packs;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const Pack<T, kVec> in = reinterpret_cast<const Pack<T, kVec>*>(y)[p];
+    Pack<T, kVec> result;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const int64_t c = channel_of(p * kVec + j, a);
+      result.v[j] = from_float<T>(cbr::bn_act(to_float(in.v[j]), scale[c], shift[c], relu));
+    }
+    reinterpret_cast<Pack<T, kVec>*>(out)[p] = result;
   }
 }
 
@@ -224,24 +238,42 @@ __global__ void backward_merge_kernel(const float* part_g, const float* part_gc,
   coef[4 * a.C + c] = k.constant;
 }
 
-template <typename T>
+template <typename T, int kVec>
 __global__ void backward_apply_kernel(const T* __restrict__ grad, const T* __restrict__ y, T* __restrict__ grad_y,
                                       Activation a, const float* __restrict__ mean, const float* __restrict__ coef,
                                       bool relu) {
-  const int64_t total = a.N * a.C * a.S;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = channel_of(i, a);
-    const float yv = to_float(y[i]);
-    const float g = cbr::relu_masked(to_float(grad[i]), yv, coef[c], coef[a.C + c], relu);
-    const cbr::BackwardCoefficients<float> k{coef[2 * a.C + c], coef[3 * a.C + c], coef[4 * a.C + c]};
-    grad_y[i] = from_float<T>(cbr::bn_backward(g, yv - mean[c], k));
+  const int64_t packs = a.N * a.C * a.S / kVec;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < packs;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const Pack<T, kVec> gv = reinterpret_cast<const Pack<T, kVec>*>(grad)[p];
+    const Pack<T, kVec> yv = reinterpret_cast<const Pack<T, kVec>*>(y)[p];
+    Pack<T, kVec> result;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const int64_t c = channel_of(p * kVec + j, a);
+      const float yj = to_float(yv.v[j]);
+      const float g = cbr::relu_masked(to_float(gv.v[j]), yj, coef[c], coef[a.C + c], relu);
+      const cbr::BackwardCoefficients<float> k{coef[2 * a.C + c], coef[3 * a.C + c], coef[4 * a.C + c]};
+      result.v[j] = from_float<T>(cbr::bn_backward(g, yj - mean[c], k));
+    }
+    reinterpret_cast<Pack<T, kVec>*>(grad_y)[p] = result;
   }
 }
 
-unsigned elementwise_blocks(const Activation& a) {
-  const int64_t total = a.N * a.C * a.S;
-  return static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535LL * 8));
+// Elements per thread access: 16 bytes where the size and every pointer allow it, else 1.
+template <typename T>
+int vector_width(const Activation& a, std::initializer_list<const void*> pointers) {
+  constexpr int kWide = 16 / sizeof(T);
+  if ((a.N * a.C * a.S) % kWide != 0) return 1;
+  for (const void* p : pointers) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+  }
+  return kWide;
+}
+
+unsigned elementwise_blocks(const Activation& a, int vec) {
+  const int64_t packs = a.N * a.C * a.S / vec;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((packs + kThreads - 1) / kThreads, 65535LL * 8)));
 }
 
 unsigned channel_threads_blocks(int64_t C) { return static_cast<unsigned>((C + kThreads - 1) / kThreads); }
@@ -292,8 +324,14 @@ cudaError_t bn_act(DType dtype, const void* y, void* out, const Activation& a, c
                    bool relu, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    bn_act_kernel<T><<<elementwise_blocks(a), kThreads, 0, stream>>>(static_cast<const T*>(y), static_cast<T*>(out), a,
-                                                                      scale, shift, relu);
+    constexpr int kWide = 16 / sizeof(T);
+    const T* in = static_cast<const T*>(y);
+    T* o = static_cast<T*>(out);
+    if (vector_width<T>(a, {y, out}) == kWide) {
+      bn_act_kernel<T, kWide><<<elementwise_blocks(a, kWide), kThreads, 0, stream>>>(in, o, a, scale, shift, relu);
+    } else {
+      bn_act_kernel<T, 1><<<elementwise_blocks(a, 1), kThreads, 0, stream>>>(in, o, a, scale, shift, relu);
+    }
   });
 }
 
@@ -339,8 +377,15 @@ cudaError_t bn_backward(DType dtype, const void* grad, const void* y, void* grad
   if (launched != cudaSuccess) return launched;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    backward_apply_kernel<T><<<elementwise_blocks(a), kThreads, 0, stream>>>(
-        static_cast<const T*>(grad), static_cast<const T*>(y), static_cast<T*>(grad_y), a, mean, coef, relu);
+    constexpr int kWide = 16 / sizeof(T);
+    const T* g = static_cast<const T*>(grad);
+    const T* yv = static_cast<const T*>(y);
+    T* o = static_cast<T*>(grad_y);
+    if (vector_width<T>(a, {grad, y, grad_y}) == kWide) {
+      backward_apply_kernel<T, kWide><<<elementwise_blocks(a, kWide), kThreads, 0, stream>>>(g, yv, o, a, mean, coef, relu);
+    } else {
+      backward_apply_kernel<T, 1><<<elementwise_blocks(a, 1), kThreads, 0, stream>>>(g, yv, o, a, mean, coef, relu);
+    }
   });
 }
 
