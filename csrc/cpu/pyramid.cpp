@@ -11,7 +11,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "alloc.h"
 #include "common/pyramid.h"
@@ -26,6 +31,20 @@ struct Strides4 {
 };
 
 Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+// Ask Linux for transparent huge pages over a fresh, not yet touched output (the 2 MiB-aligned
+// interior of its storage), as PyTorch's allocator does under THP_MEM_ALLOC_ENABLE=1: writing a
+// large new output otherwise costs one page fault per 4 KiB, which dominates a copy-bound op.
+// Only a hint: without THP (or on memory already touched) nothing changes.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.storage().data());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + t.storage().nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
 
 // Planes per parallel task so that a task touches about GRAIN_SIZE elements.
 int64_t plane_grain(int64_t plane_elements) {
@@ -397,6 +416,7 @@ at::Tensor pyramid_pool_backward_kernel(const at::Tensor& grad, at::IntArrayRef 
               "pyramid_pool_backward_kernel: grad must be (N, C, sum of bin^2)");
   const at::Tensor g = grad.contiguous();
   at::Tensor out = new_output({g.size(0), g.size(1), height, width}, g.options(), memory_format(channels_last));
+  advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pyramid_pool_backward_kernel",
                                   [&] { pool_backward<scalar_t>(g, out, bin_list); });
   return out;
@@ -412,6 +432,7 @@ at::Tensor upsample_concat_kernel(const at::Tensor& x, at::TensorList branches, 
     channels += z.size(1);
   }
   at::Tensor out = new_output({x.size(0), channels, x.size(2), x.size(3)}, x.options(), memory_format(channels_last));
+  advise_huge_pages(out);
   out.narrow(1, 0, x.size(1)).copy_(x);
   int64_t offset = x.size(1);
   for (const at::Tensor& branch : branches) {
