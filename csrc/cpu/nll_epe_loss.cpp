@@ -101,6 +101,30 @@ inline double log1p_unit(double e) {
   return std::log1p(e);
 }
 
+// 1/sqrt(x) for x >= 0 without sqrtf (whose errno path keeps a loop scalar): the bit-level first guess
+// and three Newton steps (relative error ~1e-7). At x = 0 it stays finite, so x * rsqrt(x) = 0.
+inline float reciprocal_sqrt(float x) {
+  float r = c10::bit_cast<float>(0x5f3759df - (c10::bit_cast<int32_t>(x) >> 1));
+  const float half_x = 0.5f * x;
+  r = r * (1.5f - half_x * r * r);
+  r = r * (1.5f - half_x * r * r);
+  return r * (1.5f - half_x * r * r);
+}
+
+// EPE = |(ex, ey)| and its direction (ex, ey) / EPE (0 where EPE = 0), as end_point_error in
+// common/nll_epe_loss.h but vectorisable for float.
+inline float epe_and_direction(float ex, float ey, float& ux, float& uy) {
+  const float squared = ex * ex + ey * ey;
+  const float inverse = reciprocal_sqrt(squared);
+  ux = ex * inverse;  // ex = ey = 0 where squared = 0, and inverse is finite
+  uy = ey * inverse;
+  return squared * inverse;
+}
+
+inline double epe_and_direction(double ex, double ey, double& ux, double& uy) {
+  return end_point_error(ex, ey, ux, uy);
+}
+
 // p = sigmoid(z) from e = exp(-|z|) (also returned): 1 / (1 + e) for z >= 0, e / (1 + e) below.
 template <typename T>
 inline T probability_of(T z, T* exp_neg_abs_z = nullptr) {
@@ -158,8 +182,7 @@ struct Problem {
   T alpha;
   // Forward: the per-pixel map (reduction none; (N, H, W) contiguous) or per-band sums (mean/sum).
   scalar_t* loss_map = nullptr;
-  double* nll_sums = nullptr;
-  double* epe_sums = nullptr;
+  double* loss_sums = nullptr;
   // Backward of reduction none: the upstream per-pixel gradient.
   const scalar_t* grad_map = nullptr;
   int64_t grad_map_stride[3] = {0, 0, 0};
@@ -173,9 +196,9 @@ struct Problem {
 template <typename T>
 struct Buffers {
   int64_t width;
-  std::vector<T> margin, mask, weight, difference, spread, nll, smooth, vertical, dir_x, dir_y, adj_x, adj_y;
+  std::vector<T> margin, mask, weight, pixel_loss, difference, spread, nll, smooth, vertical, dir_x, dir_y, adj_x, adj_y;
   explicit Buffers(int64_t W)
-      : width(W), margin(W), mask(W), weight(W), difference((kBandRows + 4) * W), spread(kBandRows * W),
+      : width(W), margin(W), mask(W), weight(W), pixel_loss(W), difference((kBandRows + 4) * W), spread(kBandRows * W),
         nll(kBandRows * W), smooth(W + 2), vertical(W + 2), dir_x((kBandRows + 2) * W), dir_y((kBandRows + 2) * W),
         adj_x(W + 2), adj_y(W + 2) {}
 };
@@ -237,7 +260,7 @@ SLSDEEP_MULTIVERSION void process_band(const Problem<scalar_t>& pb, Buffers<at::
   // 2. Sobel derivatives of d, EPE and direction on rows [b0, b1).
   const int64_t b0 = with_gradient ? std::max<int64_t>(r0 - 1, 0) : r0;
   const int64_t b1 = with_gradient ? std::min(r1 + 1, H) : r1;
-  T nll_sum = 0, epe_sum = 0;
+  double loss_sum = 0;
   T* S = buf.smooth.data() + 1;  // S[-1], S[W]: the replicate padding
   T* V = buf.vertical.data() + 1;
   for (int64_t q = b0; q < b1; ++q) {
@@ -252,45 +275,44 @@ SLSDEEP_MULTIVERSION void process_band(const Problem<scalar_t>& pb, Buffers<at::
     S[-1] = S[0], S[W] = S[W - 1];
     V[-1] = V[0], V[W] = V[W - 1];
     const bool in_band = q >= r0 && q < r1;
-    const bool with_loss = in_band && (pb.loss_map != nullptr || pb.nll_sums != nullptr);
-    const T* nll = buf.nll.data() + (in_band ? q - r0 : 0) * W;
-    T* ux = buf.dir_x.data() + (q - b0) * W;
-    T* uy = buf.dir_y.data() + (q - b0) * W;
-    if (with_loss && pb.loss_map != nullptr) {
-      scalar_t* map = pb.loss_map + (n * H + q) * W;
+    const T* nll = buf.nll.data() + (in_band ? q - r0 : 0) * W;  // (read but unused outside the band)
+    T* pixel_loss = buf.pixel_loss.data();
+    if (!with_gradient) {
+#pragma omp simd
       for (int64_t j = 0; j < W; ++j) {
         T dx, dy;
-        const T epe = end_point_error((S[j + 1] - S[j - 1]) * T(0.125), (V[j - 1] + T(2) * V[j] + V[j + 1]) * T(0.125), dx, dy);
-        map[j] = static_cast<scalar_t>(nll[j] + pb.alpha * epe);
+        const T epe = epe_and_direction((S[j + 1] - S[j - 1]) * T(0.125), (V[j - 1] + T(2) * V[j] + V[j + 1]) * T(0.125), dx, dy);
+        pixel_loss[j] = nll[j] + pb.alpha * epe;
       }
-      continue;  // reduction none computes no gradient in the forward
-    }
-    T* weight = buf.weight.data();
-    if (pb.grad_map != nullptr) {
-      read_row(pb.grad_map + n * pb.grad_map_stride[0] + q * pb.grad_map_stride[1], pb.grad_map_stride[2], W, weight);
     } else {
-      std::fill(weight, weight + W, T(1));
+      T* weight = buf.weight.data();
+      if (pb.grad_map != nullptr) {
+        read_row(pb.grad_map + n * pb.grad_map_stride[0] + q * pb.grad_map_stride[1], pb.grad_map_stride[2], W, weight);
+      } else {
+        std::fill(weight, weight + W, T(1));
+      }
+      T* ux = buf.dir_x.data() + (q - b0) * W;
+      T* uy = buf.dir_y.data() + (q - b0) * W;
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) {
+        T dx, dy;
+        const T epe = epe_and_direction((S[j + 1] - S[j - 1]) * T(0.125), (V[j - 1] + T(2) * V[j] + V[j + 1]) * T(0.125), dx, dy);
+        pixel_loss[j] = nll[j] + pb.alpha * epe;
+        ux[j] = dx * weight[j];
+        uy[j] = dy * weight[j];
+      }
     }
-    T row_epe = 0;
-#pragma omp simd reduction(+ : row_epe)
-    for (int64_t j = 0; j < W; ++j) {
-      T dx, dy;
-      row_epe += end_point_error((S[j + 1] - S[j - 1]) * T(0.125), (V[j - 1] + T(2) * V[j] + V[j + 1]) * T(0.125), dx, dy);
-      ux[j] = dx * weight[j];
-      uy[j] = dy * weight[j];
-    }
-    if (with_loss) {
-      T row_nll = 0;
-#pragma omp simd reduction(+ : row_nll)
-      for (int64_t j = 0; j < W; ++j) row_nll += nll[j];
-      nll_sum += row_nll;
-      epe_sum += row_epe;
+    if (in_band && pb.loss_map != nullptr) {
+      scalar_t* map = pb.loss_map + (n * H + q) * W;
+      for (int64_t j = 0; j < W; ++j) map[j] = static_cast<scalar_t>(pixel_loss[j]);
+    } else if (in_band && pb.loss_sums != nullptr) {
+      T row_sum = 0;
+#pragma omp simd reduction(+ : row_sum)
+      for (int64_t j = 0; j < W; ++j) row_sum += pixel_loss[j];
+      loss_sum += static_cast<double>(row_sum);
     }
   }
-  if (pb.nll_sums != nullptr) {
-    pb.nll_sums[band] = static_cast<double>(nll_sum);
-    pb.epe_sums[band] = static_cast<double>(epe_sum);
-  }
+  if (pb.loss_sums != nullptr) pb.loss_sums[band] = loss_sum;
   if (!with_gradient) return;
 
   // 3. The gradient on rows [r0, r1): the vertical, then the horizontal adjoint of the stencils. At a
@@ -412,15 +434,13 @@ std::tuple<at::Tensor, at::Tensor> nll_epe_loss_cpu(const at::Tensor& logits, co
   at::Tensor gradient = with_gradient ? new_output(logits.sizes(), logits.options(), gradient_format(logits))
                                       : at::empty({0}, logits.options());
   const double scale = reduction == kMean ? 1.0 / static_cast<double>(N * H * W) : 1.0;
-  std::vector<double> nll_sums(reduction == kNone ? 0 : band_count(logits));
-  std::vector<double> epe_sums(nll_sums.size());
+  std::vector<double> loss_sums(reduction == kNone ? 0 : band_count(logits));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "nll_epe_loss_cpu", [&] {
     auto pb = make_problem<scalar_t>(logits, target, alpha);
     if (reduction == kNone) {
       pb.loss_map = loss.data_ptr<scalar_t>();
     } else {
-      pb.nll_sums = nll_sums.data();
-      pb.epe_sums = epe_sums.data();
+      pb.loss_sums = loss_sums.data();
     }
     if (with_gradient) {
       set_gradient(pb, gradient);
@@ -429,12 +449,9 @@ std::tuple<at::Tensor, at::Tensor> nll_epe_loss_cpu(const at::Tensor& logits, co
     run(pb);
   });
   if (reduction != kNone) {
-    double nll = 0, epe = 0;
-    for (size_t band = 0; band < nll_sums.size(); ++band) {
-      nll += nll_sums[band];
-      epe += epe_sums[band];
-    }
-    loss.fill_((nll + alpha * epe) * scale);
+    double total = 0;
+    for (const double band_sum : loss_sums) total += band_sum;
+    loss.fill_(total * scale);
   }
   return {loss, gradient};
 }
