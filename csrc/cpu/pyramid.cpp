@@ -166,31 +166,66 @@ void pool_backward(const at::Tensor& grad, const at::Tensor& out, const std::vec
 
 // ---------------------------------------------------------------- upsample_concat
 
-// Channels [offset, offset + Cb) of out = bilinear resize of z (N, Cb, h, w) contiguous. As ATen
-// does: each source row resized along the width first, then the two rows blended.
+// out (N, C + sum Cb, H, W) = cat([x] + bilinear resizes of the branches (N, Cb, h, w) contiguous), in
+// ONE parallel pass over the output planes (few parallel regions: robust on a busy machine). x's
+// planes are copied; a branch plane is resized as ATen does: each source row along the width
+// first, then the two rows blended.
+template <typename acc_t>
+struct ResizedBranch {
+  const void* data;
+  int64_t channels, h, w, first_channel;
+  std::vector<LinearTap<acc_t>> rows, cols;
+};
+
 template <typename scalar_t>
-void upsample_branch(const at::Tensor& z, const at::Tensor& out, int64_t offset, bool align_corners) {
+void upsample_concat_planes(const at::Tensor& x, const std::vector<at::Tensor>& branches, const at::Tensor& out,
+                            bool align_corners) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t Cb = z.size(1), h = z.size(2), w = z.size(3), H = out.size(2), W = out.size(3);
-  const Strides4 s = strides_of(out);
-  const auto rows = axis_taps<acc_t>(h, H, align_corners);
-  const auto cols = axis_taps<acc_t>(w, W, align_corners);
-  const scalar_t* src = z.const_data_ptr<scalar_t>();
+  const int64_t C = x.size(1), total = out.size(1), H = out.size(2), W = out.size(3);
+  const Strides4 s = strides_of(out), sx = strides_of(x);
+  std::vector<ResizedBranch<acc_t>> resized_branches;
+  int64_t first_channel = C, buffer_size = 0;
+  for (const at::Tensor& z : branches) {
+    const int64_t h = z.size(2), w = z.size(3);
+    resized_branches.push_back({z.const_data_ptr(), z.size(1), h, w, first_channel,
+                                axis_taps<acc_t>(h, H, align_corners), axis_taps<acc_t>(w, W, align_corners)});
+    first_channel += z.size(1);
+    buffer_size = std::max(buffer_size, h * W);
+  }
+  const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, z.size(0) * Cb, plane_grain(H * W), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> resized(h * W);
+  at::parallel_for(0, out.size(0) * total, plane_grain(H * W), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> resized(buffer_size);
     for (int64_t plane = begin; plane < end; ++plane) {
-      const scalar_t* in = src + plane * h * w;
+      const int64_t n = plane / total, c = plane % total;
+      scalar_t* plane_out = dst + n * s.n + c * s.c;
+      if (c < C) {
+        const scalar_t* in = x_data + n * sx.n + c * sx.c;
+        for (int64_t p = 0; p < H; ++p) {
+          const scalar_t* row_in = in + p * sx.h;
+          scalar_t* row = plane_out + p * s.h;
+          if (s.w == 1 && sx.w == 1) {
+            std::copy(row_in, row_in + W, row);
+          } else {
+            for (int64_t q = 0; q < W; ++q) row[q * s.w] = row_in[q * sx.w];
+          }
+        }
+        continue;
+      }
+      size_t b = 0;
+      while (c >= resized_branches[b].first_channel + resized_branches[b].channels) ++b;
+      const ResizedBranch<acc_t>& br = resized_branches[b];
+      const int64_t h = br.h, w = br.w;
+      const scalar_t* in = static_cast<const scalar_t*>(br.data) + (n * br.channels + c - br.first_channel) * h * w;
       for (int64_t i = 0; i < h; ++i) {
         for (int64_t q = 0; q < W; ++q) {
-          const LinearTap<acc_t>& t = cols[q];
+          const LinearTap<acc_t>& t = br.cols[q];
           resized[i * W + q] = t.weight0 * static_cast<acc_t>(in[i * w + t.index0]) +
                                t.weight1 * static_cast<acc_t>(in[i * w + t.index1]);
         }
       }
-      scalar_t* plane_out = dst + (plane / Cb) * s.n + (offset + plane % Cb) * s.c;
       for (int64_t p = 0; p < H; ++p) {
-        const LinearTap<acc_t>& t = rows[p];
+        const LinearTap<acc_t>& t = br.rows[p];
         const acc_t* row0 = resized.data() + t.index0 * W;
         const acc_t* row1 = resized.data() + t.index1 * W;
         scalar_t* row = plane_out + p * s.h;
@@ -204,7 +239,7 @@ void upsample_branch(const at::Tensor& z, const at::Tensor& out, int64_t offset,
   });
 }
 
-// grad_z (N, Cb, h, w) contiguous = adjoint of upsample_branch on channels [offset, offset + Cb) of
+// grad_z (N, Cb, h, w) contiguous = adjoint of the resize of one branch, on channels [offset, offset + Cb) of
 // grad: gathered along the width into an (H, w) buffer, then along the height.
 template <typename scalar_t>
 void upsample_branch_backward(const at::Tensor& grad, const at::Tensor& grad_z, int64_t offset, bool align_corners) {
@@ -433,14 +468,10 @@ at::Tensor upsample_concat_kernel(const at::Tensor& x, at::TensorList branches, 
   }
   at::Tensor out = new_output({x.size(0), channels, x.size(2), x.size(3)}, x.options(), memory_format(channels_last));
   advise_huge_pages(out);
-  out.narrow(1, 0, x.size(1)).copy_(x);
-  int64_t offset = x.size(1);
-  for (const at::Tensor& branch : branches) {
-    const at::Tensor z = branch.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upsample_concat_kernel",
-                                    [&] { upsample_branch<scalar_t>(z, out, offset, align_corners); });
-    offset += z.size(1);
-  }
+  std::vector<at::Tensor> contiguous_branches;
+  for (const at::Tensor& z : branches) contiguous_branches.push_back(z.contiguous());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upsample_concat_kernel",
+                                  [&] { upsample_concat_planes<scalar_t>(x, contiguous_branches, out, align_corners); });
   return out;
 }
 
