@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TOLERANCE, assert_matches_reference, relative_error
-from torch import nn
 
 import slsdeep_kernels
 from slsdeep_kernels import backend as backends
