@@ -122,6 +122,7 @@ def _why_not(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     return reason
 
 
+@torch.compiler.assume_constant_result
 def resolve(
     op: str,
     device: torch.device,
@@ -133,6 +134,8 @@ def resolve(
 
     ``backend`` (else ``$SLSDEEP_KERNELS_BACKEND``) forces a choice and raises ``RuntimeError``
     when it cannot run here; ``cuda_preference`` is the op's measured fastest-first order on GPU.
+    Under ``torch.compile`` the choice is made once at trace time and is a constant of the graph
+    (it imports extensions and reads the environment, which Dynamo cannot trace).
     """
     requested = backend if backend is not None else (os.environ.get(ENV_BACKEND) or None)
     if requested is not None:

@@ -94,3 +94,13 @@ def test_import_is_quiet_when_everything_is_built():
     done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "'cpu'" in done.stdout
+
+
+def test_resolve_is_a_constant_under_torch_compile():
+    # fullgraph: a graph break (Dynamo tracing into the extension import) fails the test.
+    @torch.compile(fullgraph=True, backend="eager")
+    def pick(x):
+        return x + 1 if backend.resolve("op", x.device, x.dtype) == "cpu" else x - 1
+
+    x = torch.randn(3)
+    assert torch.equal(pick(x), x + 1)
