@@ -569,13 +569,6 @@ _pyramid_conv3x3_backward_op.register_autograd(_no_double_backward("pyramid_conv
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.compiler.assume_constant_result
-def _resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str | None) -> str:
-    """``backend.resolve``; under torch.compile evaluated once at trace time (it imports the
-    extensions and reads the environment, which dynamo cannot trace)."""
-    return _backend.resolve(op, device, dtype, backend, cuda_preference=CUDA_PREFERENCE)
-
-
 def _check_bins(op: str, bins) -> tuple[int, ...]:
     if isinstance(bins, int) or not isinstance(bins, Sequence):
         raise ValueError(f"{op}: bins must be a sequence of positive ints; got {bins!r}")
@@ -625,7 +618,7 @@ def pyramid_pool(x: Tensor, bins: Sequence[int] = DEFAULT_BINS, backend: str | N
     op = "pyramid_pool"
     bins = _check_bins(op, bins)
     _check_image(op, x)
-    name = _resolve(op, x.device, x.dtype, backend)
+    name = _backend.resolve(op, x.device, x.dtype, backend, cuda_preference=CUDA_PREFERENCE)
     if name == "reference":
         return pyramid_pool_reference(x, bins)
     return _pyramid_pool_op(x, list(bins), name)
@@ -642,7 +635,7 @@ def upsample_concat(
     op = "upsample_concat"
     _check_image(op, x)
     branches = _check_branches(op, x, branches)
-    name = _resolve(op, x.device, x.dtype, backend)
+    name = _backend.resolve(op, x.device, x.dtype, backend, cuda_preference=CUDA_PREFERENCE)
     if name == "reference":
         return upsample_concat_reference(x, branches, align_corners)
     return _upsample_concat_op(x, branches, bool(align_corners), name)
@@ -685,7 +678,7 @@ def pyramid_conv3x3(
     if bias is not None and bias.dtype != x.dtype:
         raise ValueError(f"{op}: bias has dtype {bias.dtype}, x has {x.dtype}")
     _backend.common_device(op, x=x, weight=weight, bias=bias)
-    name = _resolve(op, x.device, x.dtype, backend)
+    name = _backend.resolve(op, x.device, x.dtype, backend, cuda_preference=CUDA_PREFERENCE)
     if name == "reference":
         return pyramid_conv3x3_reference(x, branches, weight, bias, align_corners)
     return _pyramid_conv3x3_op(x, branches, weight, bias, bool(align_corners), name)
