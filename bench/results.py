@@ -2,7 +2,8 @@
 
     python bench/results.py record FILE --stage build --rc 0 --seconds 42 [--log LOG]
                                         [--benchmark-json J] [--junit-xml X]
-    python bench/results.py table [bench/results/*.json]   # markdown, for the README
+    python bench/results.py table [bench/results/*.json]   # markdown
+    python bench/results.py readme                         # rewrite README.md's table from bench/results/
 
 A results file is one JSON object: when and where it was measured (date, device, torch, triton and
 CUDA versions) and one entry per stage. ``record`` rewrites the file atomically after every stage,
@@ -112,8 +113,8 @@ def speedups(benchmarks: list[dict]) -> list[dict]:
     return rows
 
 
-def table(args: argparse.Namespace) -> None:
-    files = args.files or sorted(glob.glob(str(RESULTS_DIR / "*.json")))
+def markdown(files: list[str]) -> str:
+    """The performance table of ``files``: one row per benchmark group that has a fused way."""
     lines = ["| device | case | fused ms | × eager | × compile | bandwidth roof |", "|---|---|---|---|---|---|"]
     for file in files:
         data = json.loads(Path(file).read_text())
@@ -128,7 +129,21 @@ def table(args: argparse.Namespace) -> None:
                 f"{row['roof']:.0%}" if "roof" in row else "",
             ]
             lines.append("| " + " | ".join(cells) + " |")
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def table(args: argparse.Namespace) -> None:
+    print(markdown(args.files or sorted(glob.glob(str(RESULTS_DIR / "*.json")))))
+
+
+def readme(args: argparse.Namespace) -> None:
+    path = RESULTS_DIR.parent.parent / "README.md"
+    text = path.read_text()
+    begin, end = "<!-- results-table -->", "<!-- /results-table -->"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    body = markdown(sorted(glob.glob(str(RESULTS_DIR / "*.json"))))
+    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
 
 
 def main(argv=None) -> int:
@@ -144,8 +159,9 @@ def main(argv=None) -> int:
     rec.add_argument("--junit-xml")
     tab = commands.add_parser("table")
     tab.add_argument("files", nargs="*")
+    commands.add_parser("readme")
     args = parser.parse_args(argv)
-    {"record": record, "table": table}[args.command](args)
+    {"record": record, "table": table, "readme": readme}[args.command](args)
     return 0
 
 
