@@ -14,17 +14,19 @@ import torch
 from slsdeep_kernels import benchmark as measure
 
 BENCH_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# SLSDEEP_BENCH_QUICK=1: only the forward+backward ("both") pass of each case, fewer rounds.
+# SLSDEEP_BENCH_QUICK=1: the first case of each op, its last pass only, fewer rounds.
 QUICK = os.environ.get("SLSDEEP_BENCH_QUICK", "0") == "1"
 
 
 def pytest_collection_modifyitems(config, items):
+    """Quick mode: only each case's last pass (forward+backward, or forward for inference cases)."""
     if not QUICK:
         return
     keep, drop = [], []
     for item in items:
-        which = getattr(item, "callspec", None) and item.callspec.params.get("which")
-        (drop if which not in (None, "both") else keep).append(item)
+        params = getattr(item, "callspec", None) and item.callspec.params or {}
+        last = params["case"].passes[-1] if "case" in params else "both"
+        (keep if params.get("which", last) == last else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
@@ -66,14 +68,37 @@ def run_op(benchmark):
         rounds = rounds or (20 if BENCH_DEVICE.type == "cuda" else 5) // (2 if QUICK else 1)
         benchmark.pedantic(timed, setup=lambda: ((step.setup(),), {}), rounds=rounds, iterations=1, warmup_rounds=1)
         median = benchmark.stats.stats.median
-        roof = measure.roofs(BENCH_DEVICE)
-        if bytes_moved:
-            benchmark.extra_info["gbytes_per_s"] = bytes_moved / median / 1e9
-            if roof:
-                benchmark.extra_info["bandwidth_roof_share"] = bytes_moved / median / roof[0]
-        if flops:
-            benchmark.extra_info["tflops_per_s"] = flops / median / 1e12
-            if roof:
-                benchmark.extra_info["flops_roof_share"] = flops / median / roof[1]
+        case = measure.Case(op, tuple(shape), dtype, None, None, None,
+                            bytes_moved={which: bytes_moved} if bytes_moved else {}, flops={which: flops} if flops else {})
+        benchmark.extra_info.update(measure.floors(case, which, median, BENCH_DEVICE))
 
     return run
+
+
+@pytest.fixture
+def run_case(run_op):
+    """``run_case(case, way, which)``: one way and pass of a :class:`slsdeep_kernels.benchmark.Case`.
+
+    A ``torch.compile`` of the reference that fails to compile is skipped with the error, not failed.
+    """
+
+    def run(case, way, which, rounds=None):
+        try:
+            run_op(op=case.op, way=way, which=which, fn=case.way(way), inputs=case.make_inputs(BENCH_DEVICE),
+                   shape=case.shape, bytes_moved=case.bytes_moved.get(which), flops=case.flops.get(which), rounds=rounds)
+        except Exception as error:
+            if way != "compile":
+                raise
+            pytest.skip(f"torch.compile of the reference failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+
+    return run
+
+
+def case_parameters(cases):
+    """pytest parameters (case, way, which) for every way and pass of ``cases``, with readable ids."""
+    return [
+        pytest.param(case, way, which, id=f"{case.name.replace(' ', '-')}-{which}-{way}")
+        for case in cases
+        for which in case.passes
+        for way in case.ways
+    ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -136,8 +136,8 @@ def time_pass(step: Pass, device: torch.device | str, *, warmup: int = 2, repeat
 def peak_memory(step: Pass, device: torch.device | str) -> int:
     """Peak bytes allocated by one run of ``step`` above what was allocated before it.
 
-    CUDA: the caching allocator's statistics. CPU: the profiler's allocation events, summed in
-    order (tensor allocations only, which is what "extra memory" means for a kernel).
+    CUDA: the caching allocator's statistics. CPU: the profiler's allocation and free events,
+    summed in time order (tensor allocations only, which is what "extra memory" means for a kernel).
     """
     device = torch.device(device)
     arg = step.setup()
@@ -150,15 +150,233 @@ def peak_memory(step: Pass, device: torch.device | str) -> int:
         return torch.cuda.max_memory_allocated(device) - base
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         step.run(arg)
-    events = sorted(
-        (e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start
-    )
+    # Each op event carries the bytes it allocated itself; frees come as "[memory]" events. Their
+    # running sum in time order is the allocation curve.
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
     current = peak = 0
     for event in events:
-        current += event.cpu_memory_usage
+        current += event.self_cpu_memory_usage
         peak = max(peak, current)
     return peak
 
 
-def summary(times: Sequence[float]) -> dict[str, float]:
-    return {"median_s": statistics.median(times), "min_s": min(times)}
+@dataclass
+class Case:
+    """One benchmark case: an op at one shape and dtype, timed three ways.
+
+    ``make_inputs(device)`` returns fresh inputs (differentiable ones with ``requires_grad``).
+    ``bytes_moved`` / ``flops`` map a pass to the fused op's floors: the bytes it must move (one
+    read of every input, one write of every output) and the arithmetic it must do.
+    """
+
+    op: str
+    shape: tuple
+    dtype: torch.dtype
+    make_inputs: Callable[[torch.device], list]
+    fused: Callable
+    reference: Callable
+    bytes_moved: dict[str, int] = field(default_factory=dict)
+    flops: dict[str, int] = field(default_factory=dict)
+    passes: tuple = PASSES
+    extra_ways: dict[str, Callable] = field(default_factory=dict)
+    _ways: dict | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.op} {'x'.join(map(str, self.shape))} {str(self.dtype).removeprefix('torch.')}"
+
+    @property
+    def ways(self) -> tuple[str, ...]:
+        return WAYS + tuple(self.extra_ways)
+
+    def way(self, name: str) -> Callable:
+        """The callable of way ``name`` (the three ways, then ``extra_ways`` such as a hand-folded conv)."""
+        if self._ways is None:
+            self._ways = {**three_ways(self.fused, self.reference), **self.extra_ways}
+        return self._ways[name]
+
+
+def floors(case: Case, which: str, seconds: float, device: torch.device | str) -> dict:
+    """Achieved GB/s and TFLOP/s of ``case`` at ``seconds`` per pass, and their share of the roofs."""
+    record = {"bytes_moved": case.bytes_moved.get(which), "flops": case.flops.get(which)}
+    roof = roofs(device)
+    if record["bytes_moved"]:
+        record["gbytes_per_s"] = record["bytes_moved"] / seconds / 1e9
+        if roof:
+            record["bandwidth_roof_share"] = record["bytes_moved"] / seconds / roof[0]
+    if record["flops"]:
+        record["tflops_per_s"] = record["flops"] / seconds / 1e12
+        if roof:
+            record["flops_roof_share"] = record["flops"] / seconds / roof[1]
+    return record
+
+
+def measure(case: Case, way: str, which: str, device: torch.device | str, *, repeat: int = 10) -> dict:
+    """Median time, peak memory and roof shares of one way and pass of ``case`` (no pytest).
+
+    A ``torch.compile`` of the reference that fails to compile is recorded with its error rather
+    than aborting the whole run (inductor has gaps, e.g. some CPU backward of bilinear upsampling).
+    """
+    device = torch.device(device)
+    record = {"op": case.op, "shape": list(case.shape), "dtype": str(case.dtype).removeprefix("torch."),
+              "way": way, "which": which, "device": device_name(device)}
+    step = make_pass(case.way(way), case.make_inputs(device), which)
+    try:
+        times = time_pass(step, device, repeat=repeat)
+    except Exception as error:
+        if way != "compile":
+            raise
+        return {**record, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+    median = statistics.median(times)
+    record.update(median_s=median, min_s=min(times), peak_memory_bytes=peak_memory(step, device))
+    return {**record, **floors(case, which, median, device)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The op cases: the shapes each op's issue sets its targets at.
+# ---------------------------------------------------------------------------------------------
+
+PYRAMID_BINS = (1, 2, 3, 6)
+
+
+def _nll_epe_cases(device: torch.device) -> list[Case]:
+    from slsdeep_kernels.ops.nll_epe_loss import nll_epe_loss, reference
+
+    shapes = [(16, 2, 384, 384), (8, 2, 256, 256)] + ([(64, 2, 512, 512)] if device.type == "cuda" else [])
+    cases = []
+    for shape in shapes:
+        n, _, h, w = shape
+
+        def make_inputs(device, shape=shape):
+            generator = torch.Generator().manual_seed(0)
+            logits = (3 * torch.randn(shape, generator=generator)).to(device).requires_grad_()
+            target = (torch.rand((shape[0], *shape[2:]), generator=generator) < 0.3).to(device, torch.uint8)
+            return [logits, target]
+
+        logits_bytes, target_bytes = 4 * n * 2 * h * w, n * h * w
+        cases.append(Case(
+            "nll_epe_loss", shape, torch.float32, make_inputs,
+            lambda logits, target: nll_epe_loss(logits, target, check_target=False), reference,
+            bytes_moved={"forward": logits_bytes + target_bytes, "backward": logits_bytes,
+                         "both": 2 * logits_bytes + target_bytes},
+        ))
+    return cases
+
+
+def _pyramid_cases(device: torch.device) -> list[Case]:
+    from slsdeep_kernels.ops import pyramid
+
+    gpu = device.type == "cuda"
+    # (N, C, H, W, branch channels, conv out channels): SLSDeep's decoder on GPU, a CPU-sized one.
+    n, c, h, w, cb, out = (16, 2048, 48, 48, 1024, 512) if gpu else (4, 512, 48, 48, 256, 128)
+    cells = sum(b * b for b in PYRAMID_BINS)
+    cases = []
+    for dtype in [torch.bfloat16, torch.float32] if gpu else [torch.float32]:
+        size = torch.finfo(dtype).bits // 8
+
+        def tensors(device, dtype=dtype):
+            generator = torch.Generator().manual_seed(0)
+            x = torch.randn((n, c, h, w), generator=generator).to(device, dtype).requires_grad_()
+            branches = [torch.randn((n, cb, b, b), generator=generator).to(device, dtype).requires_grad_() for b in PYRAMID_BINS]
+            weight = torch.randn((out, c + len(PYRAMID_BINS) * cb, 3, 3), generator=generator) / (3 * (c + 4 * cb) ** 0.5)
+            return x, branches, weight.to(device, dtype).requires_grad_()
+
+        image, concat, small = n * c * h * w, n * (c + len(PYRAMID_BINS) * cb) * h * w, n * (c + cb) * cells
+        pool_bytes = {"forward": (image + concat + small) * size, "backward": (concat + image + small) * size}
+        pool_bytes["both"] = pool_bytes["forward"] + pool_bytes["backward"]
+        def pool_inputs(device, tensors=tensors):
+            x, branches, _ = tensors(device)
+            return [x, *branches]
+
+        def conv_inputs(device, tensors=tensors):
+            x, branches, weight = tensors(device)
+            return [x, weight, *branches]
+
+        cases.append(Case(
+            "pool_upsample_concat", (n, c, h, w, cb), dtype, pool_inputs,
+            lambda x, *branches: (pyramid.pyramid_pool(x, PYRAMID_BINS), pyramid.upsample_concat(x, list(branches))),
+            lambda x, *branches: (pyramid.pyramid_pool_reference(x, PYRAMID_BINS),
+                                  pyramid.upsample_concat_reference(x, list(branches))),
+            bytes_moved=pool_bytes,
+        ))
+        forward = 2 * n * h * w * out * 9 * c + 2 * 9 * out * cb * n * cells + 2 * n * out * h * w * 9 * cells
+        cases.append(Case(
+            "pyramid_conv3x3", (n, c, h, w, cb, out), dtype, conv_inputs,
+            lambda x, weight, *branches: pyramid.pyramid_conv3x3(x, list(branches), weight),
+            lambda x, weight, *branches: pyramid.pyramid_conv3x3_reference(x, list(branches), weight),
+            flops={"forward": forward, "backward": 2 * forward, "both": 3 * forward},
+        ))
+    return cases
+
+
+def _conv_bn_relu_cases(device: torch.device) -> list[Case]:
+    import torch.nn.functional as F
+
+    from slsdeep_kernels.ops.conv_bn_relu import conv_bn_relu
+
+    gpu = device.type == "cuda"
+    batch, side = (16 if gpu else 8), 48
+    cases = []
+    # layer3 of the dilated ResNet-50 at 384 px: 1024→256 1×1 and 256→256 3×3 dilation 2, channels_last.
+    for c_in, c_out, k, d in [(1024, 256, 1, 1), (256, 256, 3, 2)]:
+        for dtype in [torch.bfloat16, torch.float32] if gpu else [torch.float32]:
+            for training in (False, True):
+
+                def make_inputs(device, c_in=c_in, c_out=c_out, k=k, dtype=dtype, training=training):
+                    generator = torch.Generator().manual_seed(0)
+
+                    def rand(*shape, scale=1.0, shift=0.0):
+                        return (torch.randn(shape, generator=generator) * scale + shift).to(device, dtype)
+
+                    x = rand(batch, c_in, side, side).contiguous(memory_format=torch.channels_last).requires_grad_(training)
+                    weight = rand(c_out, c_in, k, k, scale=(c_in * k * k) ** -0.5).contiguous(memory_format=torch.channels_last)
+                    gamma, beta = rand(c_out, scale=0.1, shift=1.0), rand(c_out, scale=0.1)
+                    for t in (weight, gamma, beta):
+                        t.requires_grad_(training)
+                    mean = (torch.randn(c_out, generator=generator) * 0.1).to(device)
+                    var = (torch.rand(c_out, generator=generator) + 0.5).to(device)
+                    return [x, weight, gamma, beta, mean, var]
+
+                def fused(x, weight, gamma, beta, mean, var, d=d, k=k, training=training):
+                    return conv_bn_relu(x, weight, None, gamma, beta, mean, var, padding=d * (k // 2), dilation=d, training=training)
+
+                def eager(x, weight, gamma, beta, mean, var, d=d, k=k, training=training):
+                    y = F.conv2d(x, weight, None, 1, d * (k // 2), d)
+                    return F.relu(F.batch_norm(y, mean, var, gamma, beta, training, 0.1, 1e-5))
+
+                def memory_efficient(x, weight, gamma, beta, mean, var, d=d, k=k):
+                    return conv_bn_relu(x, weight, None, gamma, beta, mean, var, padding=d * (k // 2), dilation=d,
+                                        training=True, memory_efficient=True)
+
+                def folded(x, weight, gamma, beta, mean, var, d=d, k=k):
+                    """What cuDNN users do by hand in eval: fold BN into the conv, then ReLU in place."""
+                    scale = gamma.float() * torch.rsqrt(var + 1e-5)
+                    folded_weight = (weight.float() * scale[:, None, None, None]).to(weight.dtype)
+                    return F.conv2d(x, folded_weight, (beta - mean * scale).to(x.dtype), 1, d * (k // 2), d).relu_()
+
+                size = torch.finfo(dtype).bits // 8
+                x, w, out = batch * c_in * side * side, c_out * c_in * k * k, batch * c_out * side * side
+                flops = 2 * out * c_in * k * k
+                forward_bytes = (x + w + out * (2 if training else 1)) * size
+                backward_bytes = (2 * out + 2 * x + 2 * w) * size
+                cases.append(Case(
+                    f"conv_bn_relu {'train' if training else 'eval'}", (batch, c_in, c_out, k, d, side), dtype,
+                    make_inputs, fused, eager,
+                    bytes_moved={"forward": forward_bytes, "backward": backward_bytes, "both": forward_bytes + backward_bytes},
+                    flops={"forward": flops, "backward": 2 * flops, "both": 3 * flops},
+                    passes=PASSES if training else ("forward",),
+                    extra_ways={"fused-memory-efficient": memory_efficient} if training else {"folded": folded},
+                ))
+    return cases
+
+
+def op_cases(device: torch.device | str, quick: bool = False) -> list[Case]:
+    """Every op's benchmark cases on ``device`` (``quick``: the first case of each op)."""
+    device = torch.device(device)
+    cases = _nll_epe_cases(device) + _pyramid_cases(device) + _conv_bn_relu_cases(device)
+    if quick:
+        firsts: dict[str, Case] = {}
+        for case in cases:
+            firsts.setdefault(case.op, case)
+        cases = list(firsts.values())
+    return cases

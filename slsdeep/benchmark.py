@@ -1,0 +1,150 @@
+"""Whole-model and per-op benchmarks, shared by ``slsdeep bench`` and the pytest-benchmark suites.
+
+The whole SLSDeep is measured three ways, like every op: ``fused`` (``SLSDeep(fused=True)``),
+``eager`` (``fused=False``, plain PyTorch) and ``compile`` (``torch.compile`` of the eager model),
+for inference (``forward``, eval mode, no autograd) and a training step (``both``: forward, NLL+EPE
+loss and backward, train mode). CPU: fp32 at 256 px. GPU: bf16 channels_last at 384 px (inference)
+and autocast training. FLOPs come from ``FlopCounterMode`` on the eager model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+import slsdeep_kernels
+from slsdeep_kernels.benchmark import Case, measure, op_cases
+from slsdeep.model import SLSDeep
+
+INFERENCE_BATCHES = {"cpu": (1, 4), "cuda": (1, 64)}
+TRAINING_BATCH = {"cpu": 2, "cuda": 16}
+IMAGE_SIZE = {"cpu": 256, "cuda": 384}
+
+
+def _models(device: torch.device, train: bool) -> tuple[SLSDeep, SLSDeep]:
+    """A fused model and an eager twin with the same weights, on ``device``."""
+    torch.manual_seed(0)
+    eager = SLSDeep(fused=False)
+    fused = SLSDeep(fused=True)
+    fused.load_state_dict(eager.state_dict())
+    for model in (eager, fused):
+        model.to(device).train(train)
+        if device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+            if not train:
+                model.to(torch.bfloat16)
+    return fused, eager
+
+
+def _forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops()
+
+
+def model_cases(device: torch.device | str, quick: bool = False) -> list[Case]:
+    """Inference at each batch size and one training step of the paper-preset SLSDeep."""
+    device = torch.device(device)
+    size = IMAGE_SIZE[device.type]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cases = []
+    fused, eager = _models(device, train=False)
+    batches = INFERENCE_BATCHES[device.type][-1:] if quick else INFERENCE_BATCHES[device.type]
+    for batch in batches:
+        shape = (batch, 3, size, size)
+
+        def inputs(device, shape=shape):
+            x = torch.randn(shape, device=device, dtype=dtype)
+            return [x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x]
+
+        flops = _forward_flops(eager, *inputs(device))
+        cases.append(Case("slsdeep inference", shape, dtype, inputs, fused, eager, flops={"forward": flops}, passes=("forward",)))
+
+    fused_train, eager_train = _models(device, train=True)
+    batch = TRAINING_BATCH[device.type]
+    shape = (batch, 3, size, size)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step(model, fused_loss):
+        def loss(x, target):
+            with autocast:
+                logits = model(x)
+            return slsdeep_kernels.nll_epe_loss(logits.float(), target, backend=None if fused_loss else "reference")
+
+        return loss
+
+    def training_inputs(device, shape=shape):
+        x = torch.randn(shape, device=device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return [x, (torch.rand(shape[0], *shape[2:], device=device) > 0.5).long()]
+
+    train_flops = 3 * _forward_flops(eager_train, training_inputs(device)[0])
+    cases.append(Case("slsdeep training step", shape, torch.float32, training_inputs, step(fused_train, True),
+                      step(eager_train, False), flops={"both": train_flops}, passes=("both",)))
+    return cases
+
+
+def run(device: torch.device | str, quick: bool = False, out: str | os.PathLike | None = None, log=print) -> list[dict]:
+    """Measure every op and the whole model three ways; print one table; write JSON and a bar chart."""
+    device = torch.device(device)
+    repeat = 3 if quick else 10
+    cases = op_cases(device, quick=quick) + model_cases(device, quick=quick)
+    records = []
+    log(f"device: {slsdeep_kernels.benchmark.device_name(device)}")
+    log(f"{'case':<52} {'pass':<9} {'eager ms':>10} {'compile ms':>11} {'fused ms':>10} {'× eager':>8} {'× compile':>10}")
+    for case in cases:
+        for which in case.passes if not quick else case.passes[-1:]:
+            row = {way: measure(case, way, which, device, repeat=repeat) for way in case.ways}
+            records += row.values()
+            times = {way: record.get("median_s", math.nan) for way, record in row.items()}
+            log(f"{case.name:<52} {which:<9} {times['eager'] * 1e3:>10.2f} {times['compile'] * 1e3:>11.2f} "
+                f"{times['fused'] * 1e3:>10.2f} {times['eager'] / times['fused']:>8.2f} {times['compile'] / times['fused']:>10.2f}")
+    if out is not None:
+        _write(Path(out), records)
+        log(f"wrote {out} and {Path(out).with_suffix('.png')}")
+    return records
+
+
+def _write(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        json.dump({"torch": torch.__version__, "records": records}, handle, indent=1)
+    os.replace(handle.name, path)
+    _bar_chart(records, path.with_suffix(".png"))
+
+
+def _bar_chart(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, eager_ratio, compile_ratio = [], [], []
+    by_case: dict[tuple, dict] = {}
+    for record in records:
+        key = (record["op"], tuple(record["shape"]), record["dtype"], record["which"])
+        by_case.setdefault(key, {})[record["way"]] = record.get("median_s", math.nan)
+    for (op, shape, dtype, which), ways in by_case.items():
+        labels.append(f"{op} {'x'.join(map(str, shape))} {dtype} {which}")
+        eager_ratio.append(ways["eager"] / ways["fused"])
+        compile_ratio.append(ways["compile"] / ways["fused"])
+    figure, axis = plt.subplots(figsize=(10, 0.35 * len(labels) + 1.5))
+    positions = range(len(labels))
+    axis.barh([p + 0.2 for p in positions], eager_ratio, height=0.4, label="fused vs eager")
+    axis.barh([p - 0.2 for p in positions], compile_ratio, height=0.4, label="fused vs torch.compile")
+    axis.axvline(1.0, color="black", linewidth=0.8)
+    axis.set_yticks(list(positions), labels, fontsize=7)
+    axis.set_xlabel("speed-up (×, higher is better)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
