@@ -479,13 +479,8 @@ def nll_epe_loss(
     return _dispatch(logits, target, float(alpha), reduction, backend)
 
 
-# backend.resolve reads cached availability (functools.cache), which Dynamo would trace into: under
-# torch.compile its answer is a constant of the trace instead.
-_resolve = torch.compiler.assume_constant_result(backends.resolve)
-
-
 def _dispatch(logits: Tensor, target: Tensor, alpha: float, reduction: str, backend: str | None) -> Tensor:
-    name = _resolve(OP, logits.device, logits.dtype, backend, cuda_preference=CUDA_PREFERENCE)
+    name = backends.resolve(OP, logits.device, logits.dtype, backend, cuda_preference=CUDA_PREFERENCE)
     if name == "reference":
         return reference(logits, target, alpha, reduction)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
