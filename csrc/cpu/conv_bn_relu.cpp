@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "alloc.h"
@@ -49,17 +50,20 @@ Layout layout_of(const Tensor& y, at::MemoryFormat format) {
   return {y.size(0), y.size(1), y.size(2) * y.size(3), format == at::MemoryFormat::ChannelsLast};
 }
 
+// Parallel-loop grains: about at::internal::GRAIN_SIZE elements per task, so small maps stay serial.
+int64_t grain_for(int64_t elements_per_item) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(elements_per_item, 1));
+}
+
 // Runs plane(offset, channel) over every NCHW plane, or row(offset) over every NHWC row, in parallel.
 template <typename Plane, typename Row>
 void parallel_over(const Layout& l, const Plane& plane, const Row& row) {
   if (l.channels_last) {
-    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(l.C, 1));
-    at::parallel_for(0, l.rows(), grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, l.rows(), grain_for(l.C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) row(r * l.C);
     });
   } else {
-    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(l.S, 1));
-    at::parallel_for(0, l.N * l.C, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, l.N * l.C, grain_for(l.S), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) plane(p * l.S, p % l.C);
     });
   }
@@ -117,7 +121,7 @@ void channel_moments(const Tensor& y, const Layout& l, acc_t* mean, acc_t* var) 
   if (l.channels_last) {
     const int64_t blocks = l.blocks();
     std::vector<acc_t> part_mean(blocks * l.C), part_m2(blocks * l.C);
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, blocks, grain_for(kRowsPerBlock * l.C), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t r0 = b * kRowsPerBlock, r1 = std::min(r0 + kRowsPerBlock, l.rows());
         acc_t* m = part_mean.data() + b * l.C;
@@ -145,7 +149,7 @@ void channel_moments(const Tensor& y, const Layout& l, acc_t* mean, acc_t* var) 
     }
   } else {
     std::vector<cbr::Moments<acc_t>> planes(l.N * l.C);
-    at::parallel_for(0, l.N * l.C, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, l.N * l.C, grain_for(l.S), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) planes[p] = span_moments<acc_t>(data + p * l.S, l.S);
     });
     for (int64_t n = 0; n < l.N; ++n) {
@@ -158,46 +162,66 @@ void channel_moments(const Tensor& y, const Layout& l, acc_t* mean, acc_t* var) 
   }
 }
 
+// Calls f(std::integral_constant<bool, relu>{}): loops specialised on the ReLU vectorise cleanly.
+template <typename F>
+void with_relu(bool relu, const F& f) {
+  if (relu) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 // out = act(y * scale[c] + shift[c]); out may be y (in place).
-template <typename scalar_t, typename acc_t>
-void apply_bn_act(const Tensor& y, const Tensor& out, const Layout& l, const acc_t* scale, const acc_t* shift, bool relu) {
+template <typename scalar_t, typename acc_t, bool kRelu>
+void apply_bn_act(const Tensor& y, const Tensor& out, const Layout& l, const acc_t* __restrict__ scale,
+                  const acc_t* __restrict__ shift) {
   const scalar_t* in = y.const_data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
   parallel_over(
       l,
       [&](int64_t offset, int64_t c) {
         const acc_t s = scale[c], b = shift[c];
-        for (int64_t i = offset; i < offset + l.S; ++i) o[i] = static_cast<scalar_t>(cbr::bn_act(static_cast<acc_t>(in[i]), s, b, relu));
+        for (int64_t i = offset; i < offset + l.S; ++i) o[i] = static_cast<scalar_t>(cbr::bn_act(static_cast<acc_t>(in[i]), s, b, kRelu));
       },
       [&](int64_t offset) {
         for (int64_t c = 0; c < l.C; ++c) {
-          o[offset + c] = static_cast<scalar_t>(cbr::bn_act(static_cast<acc_t>(in[offset + c]), scale[c], shift[c], relu));
+          o[offset + c] = static_cast<scalar_t>(cbr::bn_act(static_cast<acc_t>(in[offset + c]), scale[c], shift[c], kRelu));
         }
       });
 }
 
+// Per-channel vectors of the training backward, as a structure of arrays (the NHWC loops run over c).
+template <typename acc_t>
+struct BackwardChannels {
+  explicit BackwardChannels(int64_t C) : scale(C), shift(C), g_coef(C), centered_coef(C), constant(C) {}
+  std::vector<acc_t> scale, shift, g_coef, centered_coef, constant;
+};
+
 // Per channel: sum_g = Σ g and sum_gc = Σ g (y - mean), g the ReLU-masked gradient (one read of each).
-template <typename scalar_t, typename acc_t>
-void backward_sums(const Tensor& grad, const Tensor& y, const Layout& l, const acc_t* mean, const acc_t* scale,
-                   const acc_t* shift, bool relu, acc_t* sum_g, acc_t* sum_gc) {
+template <typename scalar_t, typename acc_t, bool kRelu>
+void backward_sums(const Tensor& grad, const Tensor& y, const Layout& l, const acc_t* __restrict__ mean,
+                   const BackwardChannels<acc_t>& ch, acc_t* sum_g, acc_t* sum_gc) {
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   const scalar_t* yd = y.const_data_ptr<scalar_t>();
+  const acc_t* __restrict__ scale = ch.scale.data();
+  const acc_t* __restrict__ shift = ch.shift.data();
   std::fill(sum_g, sum_g + l.C, acc_t(0));
   std::fill(sum_gc, sum_gc + l.C, acc_t(0));
   if (l.channels_last) {
     const int64_t blocks = l.blocks();
-    std::vector<acc_t> part_g(blocks * l.C), part_gc(blocks * l.C);
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> part_g(blocks * l.C, acc_t(0)), part_gc(blocks * l.C, acc_t(0));
+    at::parallel_for(0, blocks, grain_for(kRowsPerBlock * l.C), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t r0 = b * kRowsPerBlock, r1 = std::min(r0 + kRowsPerBlock, l.rows());
-        acc_t* pg = part_g.data() + b * l.C;
-        acc_t* pgc = part_gc.data() + b * l.C;
-        std::fill(pg, pg + l.C, acc_t(0));
-        std::fill(pgc, pgc + l.C, acc_t(0));
+        acc_t* __restrict__ pg = part_g.data() + b * l.C;
+        acc_t* __restrict__ pgc = part_gc.data() + b * l.C;
         for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* __restrict__ gr = g + r * l.C;
+          const scalar_t* __restrict__ yr = yd + r * l.C;
           for (int64_t c = 0; c < l.C; ++c) {
-            const acc_t yv = static_cast<acc_t>(yd[r * l.C + c]);
-            const acc_t gv = cbr::relu_masked(static_cast<acc_t>(g[r * l.C + c]), yv, scale[c], shift[c], relu);
+            const acc_t yv = static_cast<acc_t>(yr[c]);
+            const acc_t gv = cbr::relu_masked(static_cast<acc_t>(gr[c]), yv, scale[c], shift[c], kRelu);
             pg[c] += gv;
             pgc[c] += gv * (yv - mean[c]);
           }
@@ -212,18 +236,18 @@ void backward_sums(const Tensor& grad, const Tensor& y, const Layout& l, const a
     }
   } else {
     std::vector<acc_t> plane_g(l.N * l.C), plane_gc(l.N * l.C);
-    at::parallel_for(0, l.N * l.C, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, l.N * l.C, grain_for(l.S), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const int64_t c = p % l.C;
         const acc_t m = mean[c], s = scale[c], b = shift[c];
         acc_t lanes_g[kLanes] = {}, lanes_gc[kLanes] = {};
-        const scalar_t* gp = g + p * l.S;
-        const scalar_t* yp = yd + p * l.S;
+        const scalar_t* __restrict__ gp = g + p * l.S;
+        const scalar_t* __restrict__ yp = yd + p * l.S;
         int64_t i = 0;
         for (; i + kLanes <= l.S; i += kLanes) {
           for (int j = 0; j < kLanes; ++j) {
             const acc_t yv = static_cast<acc_t>(yp[i + j]);
-            const acc_t gv = cbr::relu_masked(static_cast<acc_t>(gp[i + j]), yv, s, b, relu);
+            const acc_t gv = cbr::relu_masked(static_cast<acc_t>(gp[i + j]), yv, s, b, kRelu);
             lanes_g[j] += gv;
             lanes_gc[j] += gv * (yv - m);
           }
@@ -231,7 +255,7 @@ void backward_sums(const Tensor& grad, const Tensor& y, const Layout& l, const a
         acc_t total_g = 0, total_gc = 0;
         for (; i < l.S; ++i) {
           const acc_t yv = static_cast<acc_t>(yp[i]);
-          const acc_t gv = cbr::relu_masked(static_cast<acc_t>(gp[i]), yv, s, b, relu);
+          const acc_t gv = cbr::relu_masked(static_cast<acc_t>(gp[i]), yv, s, b, kRelu);
           total_g += gv;
           total_gc += gv * (yv - m);
         }
@@ -252,20 +276,35 @@ void backward_sums(const Tensor& grad, const Tensor& y, const Layout& l, const a
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void apply_bn_backward(const Tensor& grad, const Tensor& y, const Tensor& grad_y, const Layout& l, const acc_t* mean,
-                       const acc_t* scale, const acc_t* shift, const cbr::BackwardCoefficients<acc_t>* k, bool relu) {
-  const scalar_t* g = grad.const_data_ptr<scalar_t>();
-  const scalar_t* yd = y.const_data_ptr<scalar_t>();
-  scalar_t* o = grad_y.data_ptr<scalar_t>();
-  auto one = [&](int64_t i, int64_t c) {
-    const acc_t yv = static_cast<acc_t>(yd[i]);
-    const acc_t gv = cbr::relu_masked(static_cast<acc_t>(g[i]), yv, scale[c], shift[c], relu);
-    o[i] = static_cast<scalar_t>(cbr::bn_backward(gv, yv - mean[c], k[c]));
-  };
+// grad_y = g_coef·g + centered_coef·(y − mean) + constant, g the ReLU-masked gradient.
+template <typename scalar_t, typename acc_t, bool kRelu>
+void apply_bn_backward(const Tensor& grad, const Tensor& y, const Tensor& grad_y, const Layout& l,
+                       const acc_t* __restrict__ mean, const BackwardChannels<acc_t>& ch) {
+  const scalar_t* __restrict__ g = grad.const_data_ptr<scalar_t>();
+  const scalar_t* __restrict__ yd = y.const_data_ptr<scalar_t>();
+  scalar_t* __restrict__ o = grad_y.data_ptr<scalar_t>();
+  const acc_t *__restrict__ scale = ch.scale.data(), *__restrict__ shift = ch.shift.data();
+  const acc_t *__restrict__ g_coef = ch.g_coef.data(), *__restrict__ centered_coef = ch.centered_coef.data();
+  const acc_t* __restrict__ constant = ch.constant.data();
   parallel_over(
-      l, [&](int64_t offset, int64_t c) { for (int64_t i = offset; i < offset + l.S; ++i) one(i, c); },
-      [&](int64_t offset) { for (int64_t c = 0; c < l.C; ++c) one(offset + c, c); });
+      l,
+      [&](int64_t offset, int64_t c) {
+        const acc_t m = mean[c], s = scale[c], b = shift[c];
+        const cbr::BackwardCoefficients<acc_t> k{g_coef[c], centered_coef[c], constant[c]};
+        for (int64_t i = offset; i < offset + l.S; ++i) {
+          const acc_t yv = static_cast<acc_t>(yd[i]);
+          const acc_t gv = cbr::relu_masked(static_cast<acc_t>(g[i]), yv, s, b, kRelu);
+          o[i] = static_cast<scalar_t>(cbr::bn_backward(gv, yv - m, k));
+        }
+      },
+      [&](int64_t offset) {
+        for (int64_t c = 0; c < l.C; ++c) {
+          const acc_t yv = static_cast<acc_t>(yd[offset + c]);
+          const acc_t gv = cbr::relu_masked(static_cast<acc_t>(g[offset + c]), yv, scale[c], shift[c], kRelu);
+          const cbr::BackwardCoefficients<acc_t> k{g_coef[c], centered_coef[c], constant[c]};
+          o[offset + c] = static_cast<scalar_t>(cbr::bn_backward(gv, yv - mean[c], k));
+        }
+      });
 }
 
 // A per-channel parameter as an accumulation-type vector (value `fill` where the tensor is absent).
@@ -332,7 +371,10 @@ Tensor conv_bn_relu_eval_kernel(const Tensor& input, const Tensor& weight, const
   const Layout l = layout_of(out, format);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_bn_relu_eval", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    apply_bn_act<scalar_t, acc_t>(out, out, l, scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), relu);
+    with_relu(relu, [&](auto relu_tag) {
+      apply_bn_act<scalar_t, acc_t, decltype(relu_tag)::value>(out, out, l, scale.const_data_ptr<acc_t>(),
+                                                               shift.const_data_ptr<acc_t>());
+    });
   });
   return out;
 }
@@ -358,7 +400,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_kernel(
     std::vector<acc_t> scale(l.C), shift(l.C);
     const acc_t *g = gamma.const_data_ptr<acc_t>(), *b = beta.const_data_ptr<acc_t>();
     for (int64_t c = 0; c < l.C; ++c) cbr::fold_train<acc_t>(g[c], b[c], m[c], v[c], static_cast<acc_t>(eps), scale[c], shift[c]);
-    apply_bn_act<scalar_t, acc_t>(y, out, l, scale.data(), shift.data(), relu);
+    with_relu(relu, [&](auto relu_tag) {
+      apply_bn_act<scalar_t, acc_t, decltype(relu_tag)::value>(y, out, l, scale.data(), shift.data());
+    });
   });
   return {out, y, mean, var};
 }
@@ -386,10 +430,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_backward_k
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t *g = gamma.const_data_ptr<acc_t>(), *b = beta.const_data_ptr<acc_t>();
     const acc_t *m = mu.const_data_ptr<acc_t>(), *vv = v.const_data_ptr<acc_t>();
-    std::vector<acc_t> scale(l.C), shift(l.C), sum_g(l.C), sum_gc(l.C);
-    std::vector<cbr::BackwardCoefficients<acc_t>> k(l.C);
-    for (int64_t c = 0; c < l.C; ++c) cbr::fold_train<acc_t>(g[c], b[c], m[c], vv[c], static_cast<acc_t>(eps), scale[c], shift[c]);
-    backward_sums<scalar_t, acc_t>(grad, y, l, m, scale.data(), shift.data(), relu, sum_g.data(), sum_gc.data());
+    BackwardChannels<acc_t> ch(l.C);
+    std::vector<acc_t> sum_g(l.C), sum_gc(l.C);
+    for (int64_t c = 0; c < l.C; ++c) cbr::fold_train<acc_t>(g[c], b[c], m[c], vv[c], static_cast<acc_t>(eps), ch.scale[c], ch.shift[c]);
+    with_relu(relu, [&](auto relu_tag) {
+      backward_sums<scalar_t, acc_t, decltype(relu_tag)::value>(grad, y, l, m, ch, sum_g.data(), sum_gc.data());
+    });
     acc_t* gg = grad_gamma.data_ptr<acc_t>();
     acc_t* gb = grad_beta.data_ptr<acc_t>();
     const acc_t count = static_cast<acc_t>(l.N * l.S);
@@ -397,9 +443,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_backward_k
       const acc_t invstd = cbr::inverse_std(vv[c], static_cast<acc_t>(eps));
       gg[c] = sum_gc[c] * invstd;
       gb[c] = sum_g[c];
-      k[c] = cbr::backward_coefficients<acc_t>(g[c], invstd, sum_g[c], sum_gc[c], count);
+      const auto k = cbr::backward_coefficients<acc_t>(g[c], invstd, sum_g[c], sum_gc[c], count);
+      ch.g_coef[c] = k.g_coef;
+      ch.centered_coef[c] = k.centered_coef;
+      ch.constant[c] = k.constant;
     }
-    apply_bn_backward<scalar_t, acc_t>(grad, y, grad_y, l, m, scale.data(), shift.data(), k.data(), relu);
+    with_relu(relu, [&](auto relu_tag) {
+      apply_bn_backward<scalar_t, acc_t, decltype(relu_tag)::value>(grad, y, grad_y, l, m, ch);
+    });
   });
   Tensor grad_input, grad_weight, grad_bias;
   if (output_mask[0] || output_mask[1] || output_mask[2]) {
