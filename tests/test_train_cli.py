@@ -175,3 +175,14 @@ def test_a_bad_checkpoint_is_a_clear_error(tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="bad.pt"):
         checkpoint.load(bad)
+
+
+def test_demo_writes_every_artefact(tmp_path, capsys):
+    # The README's main job, shortened: one epoch on a few images.
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--images", "24"]) == 0
+    out = tmp_path / "demo"
+    for name in ("run/best.pt", "run/last.pt", "run/curves.png", "run/metrics.json", "scores.json"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "overlays").glob("*_overlay.png"))) >= 1
+    assert "jaccard" in capsys.readouterr().out
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--images", "24"]) == 2  # never overwrites a run
