@@ -216,14 +216,21 @@ void backward_sums(const Tensor& grad, const Tensor& y, const Layout& l, const a
         const int64_t r0 = b * kRowsPerBlock, r1 = std::min(r0 + kRowsPerBlock, l.rows());
         acc_t* __restrict__ pg = part_g.data() + b * l.C;
         acc_t* __restrict__ pgc = part_gc.data() + b * l.C;
+        std::vector<acc_t> masked_row(l.C), y_row(l.C);
+        acc_t* __restrict__ mg = masked_row.data();
+        acc_t* __restrict__ yc = y_row.data();
         for (int64_t r = r0; r < r1; ++r) {
           const scalar_t* __restrict__ gr = g + r * l.C;
           const scalar_t* __restrict__ yr = yd + r * l.C;
+          // The ReLU select in its own loop: next to the accumulations GCC keeps it as a branch.
           for (int64_t c = 0; c < l.C; ++c) {
             const acc_t yv = static_cast<acc_t>(yr[c]);
-            const acc_t gv = cbr::relu_masked(static_cast<acc_t>(gr[c]), yv, scale[c], shift[c], kRelu);
-            pg[c] += gv;
-            pgc[c] += gv * (yv - mean[c]);
+            mg[c] = cbr::relu_masked(static_cast<acc_t>(gr[c]), yv, scale[c], shift[c], kRelu);
+            yc[c] = yv - mean[c];
+          }
+          for (int64_t c = 0; c < l.C; ++c) {
+            pg[c] += mg[c];
+            pgc[c] += mg[c] * yc[c];
           }
         }
       }
@@ -245,11 +252,15 @@ void backward_sums(const Tensor& grad, const Tensor& y, const Layout& l, const a
         const scalar_t* __restrict__ yp = yd + p * l.S;
         int64_t i = 0;
         for (; i + kLanes <= l.S; i += kLanes) {
+          acc_t masked[kLanes], centered[kLanes];  // the select apart from the sums, as above
           for (int j = 0; j < kLanes; ++j) {
             const acc_t yv = static_cast<acc_t>(yp[i + j]);
-            const acc_t gv = cbr::relu_masked(static_cast<acc_t>(gp[i + j]), yv, s, b, kRelu);
-            lanes_g[j] += gv;
-            lanes_gc[j] += gv * (yv - m);
+            masked[j] = cbr::relu_masked(static_cast<acc_t>(gp[i + j]), yv, s, b, kRelu);
+            centered[j] = yv - m;
+          }
+          for (int j = 0; j < kLanes; ++j) {
+            lanes_g[j] += masked[j];
+            lanes_gc[j] += masked[j] * centered[j];
           }
         }
         acc_t total_g = 0, total_gc = 0;

@@ -18,7 +18,9 @@ including the running-statistics update in training (unbiased variance in the ru
 * Frozen BN (eval) is differentiable too: backward of the folded conv, chained to W, b, γ, β.
 
 The running statistics are updated in the Python wrapper from the batch statistics the custom op
-returns, so the custom ops mutate nothing (compile- and opcheck-friendly).
+returns, so the custom ops mutate nothing (compile- and opcheck-friendly). ``torch.compile`` traces
+the custom ops; eager calls run the same forward and backward through a ``torch.autograd.Function``,
+skipping the custom-op dispatch (~0.3 ms per layer and step, which a 53-layer encoder would pay).
 
 Floors, layer3 of the encoder at 384×384 (N=16, 48×48, eval, one pass over x and out):
   FLOPs  = 2·N·OH·OW·C_out·C_in·KH·KW: 1×1 1024→256: 19.3 GFLOP; 3×3 256→256 (dilation 2): 43.5 GFLOP.
