@@ -48,6 +48,7 @@ def write_atomic(path: Path, data: dict) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
         json.dump(data, handle, indent=1, sort_keys=True)
         handle.write("\n")
+    os.chmod(handle.name, 0o644)  # NamedTemporaryFile creates 0600; results are for everyone to read
     os.replace(handle.name, path)
 
 
