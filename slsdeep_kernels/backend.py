@@ -167,6 +167,14 @@ def common_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
     return next(iter(devices.values()))
 
 
+def preserved_format(tensor: torch.Tensor) -> torch.memory_format:
+    """The memory format an op's output keeps from ``tensor``, as PyTorch's own ops do:
+    channels_last for a 4-D channels_last tensor (that is not also plain contiguous), else contiguous."""
+    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def new_output(shape, *, dtype: torch.dtype, device: torch.device, memory_format=torch.contiguous_format) -> torch.Tensor:
     """An uninitialised output tensor, filled with NaN when ``$SLSDEEP_KERNELS_POISON`` is set.
 

@@ -348,8 +348,7 @@ _ELEMENTWISE_BLOCK = 1024
 
 def _activation_format(t: torch.Tensor) -> torch.memory_format:
     """The memory format an activation keeps through the op (as PyTorch's BatchNorm outputs)."""
-    channels_last = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
+    return _backend.preserved_format(t)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -47,15 +47,8 @@ TARGET_DTYPES = (torch.bool, torch.uint8, torch.int64, torch.float16, torch.bflo
 CUDA_PREFERENCE = ("triton", "cuda")  # not yet measured on a GPU
 
 
-def _gradient_format(logits: Tensor) -> torch.memory_format:
-    """The gradient's memory format (as the compiled kernels): channels_last for channels_last logits."""
-    if logits.is_contiguous(memory_format=torch.channels_last) and not logits.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _new_gradient(logits: Tensor) -> Tensor:
-    return backends.new_output(logits.shape, dtype=logits.dtype, device=logits.device, memory_format=_gradient_format(logits))
+    return backends.new_output(logits.shape, dtype=logits.dtype, device=logits.device, memory_format=backends.preserved_format(logits))
 
 # ---------------------------------------------------------------------------------------------
 # 1. Reference: plain differentiable PyTorch. This is the spec.
@@ -322,7 +315,7 @@ def _(logits, target, alpha, reduction, compute_grad, backend):
     n, _, h, w = logits.shape
     loss = logits.new_empty((n, h, w) if reduction == "none" else ())
     if compute_grad and reduction != "none":
-        return loss, torch.empty(logits.shape, dtype=logits.dtype, device=logits.device, memory_format=_gradient_format(logits))
+        return loss, torch.empty(logits.shape, dtype=logits.dtype, device=logits.device, memory_format=backends.preserved_format(logits))
     return loss, logits.new_empty(0)
 
 
@@ -336,7 +329,7 @@ def _backward_op(grad_loss: Tensor, logits: Tensor, target: Tensor, alpha: float
 
 @_backward_op.register_fake
 def _(grad_loss, logits, target, alpha, backend):
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device, memory_format=_gradient_format(logits))
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device, memory_format=backends.preserved_format(logits))
 
 
 def _no_double_backward(ctx, grad):

@@ -322,7 +322,7 @@ def _cells(bins: Sequence[int]) -> int:
 
 
 def _is_channels_last(x: Tensor) -> bool:
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return _backend.preserved_format(x) == torch.channels_last
 
 
 def _format(channels_last: bool) -> torch.memory_format:
