@@ -22,6 +22,14 @@ inline bool poison_outputs() {
   return enabled;
 }
 
+// The memory format an op's output keeps from its input, as PyTorch's own ops (and the Python side's
+// backend.preserved_format): channels_last for a 4-D channels_last tensor that is not also contiguous.
+inline at::MemoryFormat preserved_format(const at::Tensor& t) {
+  return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous()
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
 inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options,
                              at::MemoryFormat format = at::MemoryFormat::Contiguous) {
   at::Tensor out = at::empty(sizes, options.memory_format(format));

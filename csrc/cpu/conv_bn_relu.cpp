@@ -32,11 +32,6 @@ constexpr int64_t kSpan = 1024;        // contiguous values summed in cache befo
 constexpr int64_t kRowsPerBlock = 64;  // NHWC rows per partial-statistics block
 constexpr int kLanes = 16;             // independent accumulators (vectorisable reductions)
 
-// The memory format an activation keeps through the op (PyTorch's rule for BatchNorm outputs).
-at::MemoryFormat activation_format(const Tensor& t) {
-  return (t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous()) ? at::MemoryFormat::ChannelsLast
-                                                                                  : at::MemoryFormat::Contiguous;
-}
 
 // A dense (N, C, S) activation: NCHW planes of S values, or NHWC rows of C values.
 struct Layout {
@@ -359,7 +354,7 @@ Tensor conv_bn_relu_eval_kernel(const Tensor& input, const Tensor& weight, const
                                 const Tensor& running_mean, const Tensor& running_var, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double eps, bool relu) {
   const int64_t C = weight.size(0);
-  const auto format = activation_format(input);
+  const auto format = slsdeep::preserved_format(input);
   const Tensor x = input.contiguous(format);
   const auto acc = at::toOpMathType(x.scalar_type());
   Tensor scale = at::empty({C}, at::TensorOptions().dtype(acc));
@@ -394,7 +389,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_kernel(
     const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, const c10::optional<Tensor>& bn_weight,
     const c10::optional<Tensor>& bn_bias, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, double eps, bool relu) {
-  const auto format = activation_format(input);
+  const auto format = slsdeep::preserved_format(input);
   const Tensor y = at::convolution(input.contiguous(format), weight, bias, stride, padding, dilation, false, {0, 0}, groups)
                        .contiguous(format);
   const Layout l = layout_of(y, format);
@@ -423,7 +418,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_backward_k
     const c10::optional<Tensor>& conv_out, const Tensor& mean, const Tensor& var, const c10::optional<Tensor>& bn_weight,
     const c10::optional<Tensor>& bn_bias, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, double eps, bool relu, std::array<bool, 3> output_mask) {
-  const auto format = activation_format(input);
+  const auto format = slsdeep::preserved_format(input);
   const Tensor x = input.contiguous(format);
   // memory_efficient: the conv output was not kept, recompute it.
   const Tensor y = (conv_out.has_value() && conv_out->defined())

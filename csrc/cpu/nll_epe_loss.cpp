@@ -382,10 +382,6 @@ int64_t band_count(const at::Tensor& logits) {
   return logits.size(0) * ((logits.size(2) + kBandRows - 1) / kBandRows);
 }
 
-at::MemoryFormat gradient_format(const at::Tensor& logits) {
-  return logits.is_contiguous(at::MemoryFormat::ChannelsLast) && !logits.is_contiguous() ? at::MemoryFormat::ChannelsLast
-                                                                                         : at::MemoryFormat::Contiguous;
-}
 
 void check_inputs(const at::Tensor& logits, const at::Tensor& target) {
   TORCH_CHECK(logits.dim() == 4 && (logits.size(1) == 1 || logits.size(1) == 2),
@@ -431,7 +427,7 @@ std::tuple<at::Tensor, at::Tensor> nll_epe_loss_cpu(const at::Tensor& logits, co
   const int64_t N = logits.size(0), H = logits.size(2), W = logits.size(3);
   const bool with_gradient = compute_grad && reduction != kNone;
   at::Tensor loss = reduction == kNone ? new_output({N, H, W}, logits.options()) : new_output({}, logits.options());
-  at::Tensor gradient = with_gradient ? new_output(logits.sizes(), logits.options(), gradient_format(logits))
+  at::Tensor gradient = with_gradient ? new_output(logits.sizes(), logits.options(), slsdeep::preserved_format(logits))
                                       : at::empty({0}, logits.options());
   const double scale = reduction == kMean ? 1.0 / static_cast<double>(N * H * W) : 1.0;
   std::vector<double> loss_sums(reduction == kNone ? 0 : band_count(logits));
@@ -463,7 +459,7 @@ at::Tensor nll_epe_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tens
   TORCH_CHECK(grad_loss.sizes() == target.sizes(), "nll_epe_loss: grad_loss must be (N, H, W) = ", target.sizes(),
               "; got ", grad_loss.sizes());
   const at::Tensor grad_map = grad_loss.to(logits.scalar_type());
-  at::Tensor gradient = new_output(logits.sizes(), logits.options(), gradient_format(logits));
+  at::Tensor gradient = new_output(logits.sizes(), logits.options(), slsdeep::preserved_format(logits));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "nll_epe_loss_backward_cpu", [&] {
     auto pb = make_problem<scalar_t>(logits, target, alpha);
     pb.grad_map = grad_map.data_ptr<scalar_t>();

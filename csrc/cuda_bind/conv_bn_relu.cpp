@@ -32,11 +32,6 @@ kernels::DType dtype_of(const Tensor& t) {
   }
 }
 
-// The memory format an activation keeps through the op (as csrc/cpu/conv_bn_relu.cpp).
-at::MemoryFormat activation_format(const Tensor& t) {
-  return (t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous()) ? at::MemoryFormat::ChannelsLast
-                                                                                  : at::MemoryFormat::Contiguous;
-}
 
 kernels::Activation activation_of(const Tensor& y, at::MemoryFormat format) {
   return {y.size(0), y.size(1), y.size(2) * y.size(3), format == at::MemoryFormat::ChannelsLast};
@@ -59,7 +54,7 @@ Tensor conv_bn_relu_eval_cuda(const Tensor& input, const Tensor& weight, const c
                               const Tensor& running_mean, const Tensor& running_var, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double eps, bool relu) {
   c10::cuda::CUDAGuard guard(input.device());
-  const auto format = activation_format(input);
+  const auto format = slsdeep::preserved_format(input);
   Tensor out = conv(input.contiguous(format), weight, c10::nullopt, stride, padding, dilation, groups, format);
   const auto a = activation_of(out, format);
   const Tensor gamma = channel_f32(bn_weight), beta = channel_f32(bn_bias), b = channel_f32(bias);
@@ -79,7 +74,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_cuda(
     const c10::optional<Tensor>& bn_bias, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, double eps, bool relu) {
   c10::cuda::CUDAGuard guard(input.device());
-  const auto format = activation_format(input);
+  const auto format = slsdeep::preserved_format(input);
   const Tensor y = conv(input.contiguous(format), weight, bias, stride, padding, dilation, groups, format);
   const auto a = activation_of(y, format);
   const auto f32 = y.options().dtype(at::kFloat);
@@ -104,7 +99,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_backward_c
     const c10::optional<Tensor>& bn_bias, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, double eps, bool relu, std::array<bool, 3> output_mask) {
   c10::cuda::CUDAGuard guard(input.device());
-  const auto format = activation_format(input);
+  const auto format = slsdeep::preserved_format(input);
   const Tensor x = input.contiguous(format);
   // memory_efficient: the conv output was not kept, recompute it.
   const Tensor y = (conv_out.has_value() && conv_out->defined())

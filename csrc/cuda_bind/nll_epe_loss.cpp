@@ -51,11 +51,6 @@ kernels::TargetType target_type_of(const Tensor& t) {
   }
 }
 
-// The gradient keeps channels_last logits' layout (as csrc/cpu/nll_epe_loss.cpp).
-at::MemoryFormat gradient_format(const Tensor& logits) {
-  return logits.is_contiguous(at::MemoryFormat::ChannelsLast) && !logits.is_contiguous() ? at::MemoryFormat::ChannelsLast
-                                                                                         : at::MemoryFormat::Contiguous;
-}
 
 void check_inputs(const Tensor& logits, const Tensor& target) {
   TORCH_CHECK(logits.dim() == 4 && (logits.size(1) == 1 || logits.size(1) == 2),
@@ -98,7 +93,7 @@ std::tuple<Tensor, Tensor> nll_epe_loss_cuda(const Tensor& logits, const Tensor&
   const bool with_gradient = compute_grad && reduction != kNone;
   Tensor loss = reduction == kNone ? slsdeep::new_output({N, H, W}, logits.options())
                                    : slsdeep::new_output({}, logits.options());
-  Tensor gradient = with_gradient ? slsdeep::new_output(logits.sizes(), logits.options(), gradient_format(logits))
+  Tensor gradient = with_gradient ? slsdeep::new_output(logits.sizes(), logits.options(), slsdeep::preserved_format(logits))
                                   : at::empty({0}, logits.options());
   const double scale = reduction == kMean ? 1.0 / static_cast<double>(N * H * W) : 1.0;
   kernels::Problem pb = make_problem(logits, target, alpha);
@@ -127,7 +122,7 @@ Tensor nll_epe_loss_backward_cuda(const Tensor& grad_loss, const Tensor& logits,
               "; got ", grad_loss.sizes());
   c10::cuda::CUDAGuard guard(logits.device());
   const Tensor grad_map = grad_loss.to(logits.scalar_type());
-  Tensor gradient = slsdeep::new_output(logits.sizes(), logits.options(), gradient_format(logits));
+  Tensor gradient = slsdeep::new_output(logits.sizes(), logits.options(), slsdeep::preserved_format(logits));
   kernels::Problem pb = make_problem(logits, target, alpha);
   pb.grad_map = grad_map.data_ptr();
   for (int k = 0; k < 3; ++k) pb.grad_map_stride[k] = grad_map.stride(k);

@@ -36,7 +36,7 @@ kernels::TapStrides tap_strides_of(const at::Tensor& t) {
 }
 
 bool is_channels_last(const at::Tensor& t) {
-  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+  return slsdeep::preserved_format(t) == at::MemoryFormat::ChannelsLast;
 }
 
 at::MemoryFormat memory_format(bool channels_last) {
