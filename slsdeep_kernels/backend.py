@@ -15,6 +15,7 @@ A compiled extension that fails to load costs one warning and the ``reference`` 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -185,3 +186,36 @@ def new_output(shape, *, dtype: torch.dtype, device: torch.device, memory_format
     if os.environ.get(ENV_POISON, "0") not in ("", "0"):
         out.fill_(float("nan") if out.is_floating_point() else 0x5A)
     return out
+
+
+# Every Triton kernel of the library is launched through :func:`launch`, so one place guards the
+# device and tests and the ahead-of-time compile check (``slsdeep_kernels.compile_check``) can
+# observe each launch with the arguments the GPU path computes.
+_launch_observer = None
+
+
+def launch(kernel, grid, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)`` under the CUDA device of its tensor arguments.
+
+    Triton launches on the *current* device; without the guard, tensors on ``cuda:1`` while the
+    current device is 0 would be read by a kernel on device 0. Under :func:`observe_launches` the
+    observer receives ``(kernel, grid, args, meta, device)`` (inside the guard) instead of the launch.
+    """
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        if _launch_observer is not None:
+            _launch_observer(kernel, grid, args, meta, device)
+        else:
+            kernel[grid](*args, **meta)
+
+
+@contextlib.contextmanager
+def observe_launches(observer):
+    """Within the block, Triton launches call ``observer(kernel, grid, args, meta, device)`` and run nothing."""
+    global _launch_observer
+    previous, _launch_observer = _launch_observer, observer
+    try:
+        yield
+    finally:
+        _launch_observer = previous

@@ -106,7 +106,13 @@ def _conv_bn_act_kernel(
 ):  # fmt: skip
     """Implicit GEMM: rows = output pixels (n, oh, ow), columns = output channels of one group,
     reduction over (kh, kw, input channel). The epilogue folds eval BN and applies the ReLU."""
-    pid_m, pid_n, group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # One grid axis (axes 1 and 2 stop at 65,535): m tiles fastest, then column tiles, then groups.
+    pid = tl.program_id(0)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    n_tiles = tl.cdiv(C_out, BLOCK_N)
+    pid_m = pid % m_tiles
+    pid_n = (pid // m_tiles) % n_tiles
+    group = pid // (m_tiles * n_tiles)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
@@ -381,10 +387,10 @@ def _eval_triton(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
     (gamma, beta), affine_flags = _affine(bn_weight, bn_bias, running_mean)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C_out // groups, meta["BLOCK_N"]), groups)
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_out // groups, meta["BLOCK_N"]) * groups,)
 
-    _conv_bn_act_kernel[grid](
-        x, weight, out,
+    _backend.launch(
+        _conv_bn_act_kernel, grid, x, weight, out,
         bias if bias is not None else running_mean, gamma, beta, running_mean, running_var,
         C_in // groups, C_out // groups, H, W, OH, OW, M,
         *x.stride(), *weight.stride(), *out.stride(),
@@ -427,20 +433,23 @@ def _train_triton(x, weight, bias, bn_weight, bn_bias, stride, padding, dilation
     C, parts = sp["C"], sp["parts"]
     f32 = dict(dtype=torch.float32, device=y.device)
     part_mean, part_m2 = torch.empty((parts, C), **f32), torch.empty((parts, C), **f32)
-    _stats_partial_kernel[(sp["c_blocks"], parts)](
+    _backend.launch(
+        _stats_partial_kernel, (sp["c_blocks"], parts),
         y, part_mean, part_m2, C, sp["S"], sp["rows"], sp["rows_per_part"], *sp["strides"],
         BLOCK_R=sp["block_r"], BLOCK_C=sp["block_c"],
     )  # fmt: skip
     mean, var = _backend.new_output((C,), **f32), _backend.new_output((C,), **f32)
     scale, shift = torch.empty((C,), **f32), torch.empty((C,), **f32)
     (gamma, beta), affine_flags = _affine(bn_weight, bn_bias, mean)
-    _stats_merge_kernel[(sp["c_blocks"],)](
+    _backend.launch(
+        _stats_merge_kernel, (sp["c_blocks"],),
         part_mean, part_m2, mean, var, scale, shift, gamma, beta,
         C, sp["rows"], sp["rows_per_part"], parts, eps, **affine_flags, BLOCK_C=sp["block_c"],
     )  # fmt: skip
     out = _backend.new_output(y.shape, dtype=y.dtype, device=y.device, memory_format=_activation_format(y))
     total = y.numel()
-    _bn_act_kernel[(triton.cdiv(total, _ELEMENTWISE_BLOCK),)](
+    _backend.launch(
+        _bn_act_kernel, (triton.cdiv(total, _ELEMENTWISE_BLOCK),),
         y, out, scale, shift, total, C, sp["S"],
         CHANNELS_LAST=sp["channels_last"], RELU=relu, BLOCK=_ELEMENTWISE_BLOCK,
     )  # fmt: skip
@@ -456,20 +465,23 @@ def _train_backward_triton(grad_out, x, weight, bias, conv_out, mean, var, bn_we
     f32 = dict(dtype=torch.float32, device=y.device)
     sum_g, sum_gc = torch.empty((parts, C), **f32), torch.empty((parts, C), **f32)
     (gamma, beta), affine_flags = _affine(bn_weight, bn_bias, mean)
-    _backward_partial_kernel[(sp["c_blocks"], parts)](
+    _backend.launch(
+        _backward_partial_kernel, (sp["c_blocks"], parts),
         g, y, mean, var, gamma, beta, sum_g, sum_gc,
         C, sp["S"], sp["rows"], sp["rows_per_part"], *sp["strides"], eps,
         **affine_flags, RELU=relu, BLOCK_R=sp["block_r"], BLOCK_C=sp["block_c"],
     )  # fmt: skip
     grad_gamma, grad_beta = _backend.new_output((C,), **f32), _backend.new_output((C,), **f32)
     coefficients = torch.empty((5, C), **f32)
-    _backward_merge_kernel[(sp["c_blocks"],)](
+    _backend.launch(
+        _backward_merge_kernel, (sp["c_blocks"],),
         sum_g, sum_gc, mean, var, gamma, beta, grad_gamma, grad_beta, coefficients,
         C, sp["rows"], parts, eps, **affine_flags, BLOCK_C=sp["block_c"],
     )  # fmt: skip
     grad_y = _backend.new_output(y.shape, dtype=y.dtype, device=y.device, memory_format=_activation_format(y))
     total = y.numel()
-    _backward_apply_kernel[(triton.cdiv(total, _ELEMENTWISE_BLOCK),)](
+    _backend.launch(
+        _backward_apply_kernel, (triton.cdiv(total, _ELEMENTWISE_BLOCK),),
         g, y, grad_y, mean, coefficients, total, C, sp["S"],
         CHANNELS_LAST=sp["channels_last"], RELU=relu, BLOCK=_ELEMENTWISE_BLOCK,
     )  # fmt: skip

@@ -128,7 +128,11 @@ def _nll_epe_kernel(
     C: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
     WRITE_MAP: tl.constexpr, SUM_LOSS: tl.constexpr, WRITE_GRADIENT: tl.constexpr, HAS_GRAD_MAP: tl.constexpr,
 ):
-    pid_w, pid_h, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Grid (N · row tiles, column tiles): the batch shares axis 0 (axes 1 and 2 stop at 65,535).
+    pid_w = tl.program_id(1)
+    row_tiles = tl.cdiv(H, ROWS)
+    n = tl.program_id(0) // row_tiles
+    pid_h = tl.program_id(0) % row_tiles
     cols = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
     col_ok = cols < W
     c_m2 = tl.minimum(tl.maximum(cols - 2, 0), W - 1)
@@ -182,7 +186,9 @@ def _nll_epe_kernel(
             _, dx_p1, dy_p1 = _direction((s_p2 - s_0) * 0.125, (v_d0 + 2.0 * v_dp1 + v_dp2) * 0.125)
             g_q = zeros + 1.0
             if HAS_GRAD_MAP:
-                g_row = grad_map_ptr + n.to(tl.int64) * stride_gn + tl.maximum(q, 0).to(tl.int64) * stride_gh
+                # q runs from r0 - 3 to r_end: clamped to the image at both ends (the loads are unmasked)
+                q_row = tl.minimum(tl.maximum(q, 0), H - 1)
+                g_row = grad_map_ptr + n.to(tl.int64) * stride_gn + q_row.to(tl.int64) * stride_gh
                 g_q = tl.load(g_row + c_0 * stride_gw).to(tl.float32)
                 dx_m1 *= tl.load(g_row + c_m1 * stride_gw).to(tl.float32)
                 dy_m1 *= tl.load(g_row + c_m1 * stride_gw).to(tl.float32)
@@ -219,8 +225,7 @@ def _nll_epe_kernel(
         b_m1, b_0, b_p1 = d_m1, d_0, d_p1
         nll_b = nll
     if SUM_LOSS:
-        tiles = tl.num_programs(0) * (n * tl.num_programs(1) + pid_h) + pid_w
-        tl.store(partial_ptr + tiles, tl.sum(acc, axis=0))
+        tl.store(partial_ptr + tl.program_id(0) * tl.num_programs(1) + pid_w, tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -248,9 +253,9 @@ def _triton_launch(logits, target, alpha, *, loss_map=None, partials=None, gradi
     target = target.view(torch.uint8) if target.dtype == torch.bool else target
     grad_strides = grad_map.stride() if grad_map is not None else (0, 0, 0)
     out_strides = gradient.stride() if gradient is not None else (0, 0, 0, 0)
-    grid = (triton.cdiv(w, block_w), triton.cdiv(h, rows), n)
-    _nll_epe_kernel[grid](
-        logits, target, grad_map if grad_map is not None else logits,
+    grid = (n * triton.cdiv(h, rows), triton.cdiv(w, block_w))
+    backends.launch(
+        _nll_epe_kernel, grid, logits, target, grad_map if grad_map is not None else logits,
         loss_map if loss_map is not None else logits, partials if partials is not None else logits,
         gradient if gradient is not None else logits,
         h, w, *logits.stride(), *target.stride(), *grad_strides, *out_strides,
@@ -287,7 +292,7 @@ def _triton_backward(grad_loss, logits, target, alpha):
 
 def _triton_scale(gradient, grad_loss):
     block = 1024
-    _scale_kernel[(triton.cdiv(gradient.numel(), block),)](gradient, grad_loss, gradient.numel(), BLOCK=block)
+    backends.launch(_scale_kernel, (triton.cdiv(gradient.numel(), block),), gradient, grad_loss, gradient.numel(), BLOCK=block)
 
 
 # ---------------------------------------------------------------------------------------------

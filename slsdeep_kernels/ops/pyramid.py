@@ -88,8 +88,10 @@ def _reduce_kernel(
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    n = tl.program_id(2).to(tl.int64)
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    # Grid (N · k tiles, channel tiles): the batch shares axis 0 (axes 1 and 2 stop at 65,535).
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    n = (tl.program_id(0) // k_tiles).to(tl.int64)
+    offs_k = (tl.program_id(0) % k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     mask_k = offs_k < K
     mask_c = offs_c < C
@@ -128,8 +130,10 @@ def _expand_kernel(
     ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    n = tl.program_id(2).to(tl.int64)
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    # Grid (N · pixel tiles, channel tiles): the batch shares axis 0 (axes 1 and 2 stop at 65,535).
+    p_tiles = tl.cdiv(H * W, BLOCK_P)
+    n = (tl.program_id(0) // p_tiles).to(tl.int64)
+    offs_p = (tl.program_id(0) % p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     mask_p = offs_p < H * W
     mask_c = offs_c < C
@@ -172,9 +176,9 @@ def _reduce(x: Tensor, tables: tuple[Tensor, Tensor, Tensor], out: Tensor, tf32:
     K = rows.shape[0]
     dot_fp32, precision = _dot_mode(x.dtype, tf32)
     block_k = min(_MAX_REDUCE_K, triton.next_power_of_2(max(K, 16)))
-    grid = (triton.cdiv(K, block_k), triton.cdiv(C, _BLOCK_C), N)
-    _reduce_kernel[grid](
-        x, rows, cols, scale, out, C, K, H, W, *x.stride(), *out.stride(),
+    grid = (N * triton.cdiv(K, block_k), triton.cdiv(C, _BLOCK_C))
+    _backend.launch(
+        _reduce_kernel, grid, x, rows, cols, scale, out, C, K, H, W, *x.stride(), *out.stride(),
         DOT_FP32=dot_fp32, PRECISION=precision, BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P, BLOCK_K=block_k,
     )  # fmt: skip
     return out
@@ -186,9 +190,9 @@ def _expand(v: Tensor, tables: tuple[Tensor, Tensor, Tensor], out: Tensor, accum
     N, C, H, W = out.shape
     K = rows.shape[0]
     dot_fp32, precision = _dot_mode(out.dtype, tf32)
-    grid = (triton.cdiv(H * W, _BLOCK_P), triton.cdiv(C, _BLOCK_C), N)
-    _expand_kernel[grid](
-        v, rows, cols, scale, out, C, K, H, W, *v.stride(), *out.stride(),
+    grid = (N * triton.cdiv(H * W, _BLOCK_P), triton.cdiv(C, _BLOCK_C))
+    _backend.launch(
+        _expand_kernel, grid, v, rows, cols, scale, out, C, K, H, W, *v.stride(), *out.stride(),
         ACCUMULATE=accumulate, DOT_FP32=dot_fp32, PRECISION=precision,
         BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P, BLOCK_K=_BLOCK_K,
     )  # fmt: skip
