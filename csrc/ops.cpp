@@ -11,7 +11,8 @@
 TORCH_LIBRARY(slsdeep_kernels, m) {
   // --- nll_epe_loss (slsdeep_kernels/ops/nll_epe_loss.py) ---
   // (loss, gradient); reduction 0 none (loss (N, H, W)), 1 mean, 2 sum (scalar loss; gradient of the loss
-  // w.r.t. the logits when compute_grad, else empty).
+  // w.r.t. the logits when compute_grad, else empty; for fp16 logits with mean, the gradient of the sum:
+  // see saved_gradient_scale in csrc/common/nll_epe_loss.h).
   m.def("nll_epe_loss_kernel(Tensor logits, Tensor target, float alpha, int reduction, bool compute_grad) -> (Tensor, Tensor)");
   // gradient w.r.t. the logits of the per-pixel map (reduction none) for the upstream grad_loss (N, H, W).
   m.def("nll_epe_loss_backward_kernel(Tensor grad_loss, Tensor logits, Tensor target, float alpha) -> Tensor");

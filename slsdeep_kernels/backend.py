@@ -6,9 +6,11 @@ spec). The choice, made per call by :func:`resolve`:
 1. the call's ``backend=`` argument, else the ``SLSDEEP_KERNELS_BACKEND`` environment variable;
    a requested backend that cannot run for these tensors raises a clear error;
 2. otherwise by device: CPU tensors -> ``cpu`` (the compiled C++ extension) else ``reference``;
-   CUDA tensors -> the faster of ``triton``/``cuda`` for that op (its measured preference order)
-   else ``reference``. ``triton`` runs on CPU tensors only when asked for explicitly under
-   ``TRITON_INTERPRET=1`` (how the test suite checks the Triton kernels without a GPU).
+   CUDA tensors -> the op's GPU backends that a committed ``bench/gpu_validate.sh`` run has
+   validated (:data:`GPU_VALIDATED`, fastest first), else ``reference`` (ATen / cuDNN): no GPU
+   kernel is what a GPU user gets by default before it has passed its tests on a GPU.
+   ``triton`` runs on CPU tensors only when asked for explicitly under ``TRITON_INTERPRET=1``
+   (how the test suite checks the Triton kernels without a GPU).
 
 A compiled extension that fails to load costs one warning and the ``reference`` path, never a crash.
 """
@@ -21,13 +23,18 @@ import importlib
 import importlib.util
 import os
 import warnings
-from collections.abc import Sequence
 
 import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 ENV_BACKEND = "SLSDEEP_KERNELS_BACKEND"
 ENV_POISON = "SLSDEEP_KERNELS_POISON"
+
+# The GPU backends each op runs by default on CUDA tensors, fastest first. An op enters only with a
+# committed bench/gpu_validate.sh results file whose GPU tests of that op and backend passed (cite
+# the file beside the entry). None has run on a GPU yet, so CUDA tensors default to ``reference``;
+# ``backend="triton"`` / ``"cuda"`` (or $SLSDEEP_KERNELS_BACKEND) opt in.
+GPU_VALIDATED: dict[str, tuple[str, ...]] = {}
 
 _GPU_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 SUPPORTED_DTYPES = {
@@ -129,12 +136,11 @@ def resolve(
     device: torch.device,
     dtype: torch.dtype,
     backend: str | None = None,
-    cuda_preference: Sequence[str] = ("triton", "cuda"),
 ) -> str:
     """The backend that runs ``op`` on tensors of ``device``/``dtype``.
 
     ``backend`` (else ``$SLSDEEP_KERNELS_BACKEND``) forces a choice and raises ``RuntimeError``
-    when it cannot run here; ``cuda_preference`` is the op's measured fastest-first order on GPU.
+    when it cannot run here; by default CUDA tensors get the op's :data:`GPU_VALIDATED` backends.
     Under ``torch.compile`` the choice is made once at trace time and is a constant of the graph
     (it imports extensions and reads the environment, which Dynamo cannot trace).
     """
@@ -148,9 +154,9 @@ def resolve(
             raise RuntimeError(f"{op}: backend {requested!r} cannot run here: {reason}")
         return requested
     if device.type == "cpu":
-        candidates: Sequence[str] = ("cpu",)
+        candidates: tuple[str, ...] = ("cpu",)
     elif device.type == "cuda":
-        candidates = cuda_preference
+        candidates = GPU_VALIDATED.get(op, ())
     else:
         candidates = ()
     for name in candidates:
@@ -176,13 +182,31 @@ def preserved_format(tensor: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+# Test hook (tests/guard_pages.py places outputs next to unreadable pages): within
+# :func:`allocate_outputs_with`, :func:`new_output` allocates through the given allocator.
+_output_allocator = None
+
+
+@contextlib.contextmanager
+def allocate_outputs_with(allocator):
+    """Within the block, :func:`new_output` gets its tensor from ``allocator(shape, dtype=, device=,
+    memory_format=)`` instead of ``torch.empty`` (a test hook; the poison still applies)."""
+    global _output_allocator
+    previous, _output_allocator = _output_allocator, allocator
+    try:
+        yield
+    finally:
+        _output_allocator = previous
+
+
 def new_output(shape, *, dtype: torch.dtype, device: torch.device, memory_format=torch.contiguous_format) -> torch.Tensor:
     """An uninitialised output tensor, filled with NaN when ``$SLSDEEP_KERNELS_POISON`` is set.
 
     Kernels write every element of their outputs; the poison (set by the test suite) makes an
     element a kernel forgot visible instead of leaving whatever the allocator had there.
     """
-    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    allocate = torch.empty if _output_allocator is None else _output_allocator
+    out = allocate(shape, dtype=dtype, device=device, memory_format=memory_format)
     if os.environ.get(ENV_POISON, "0") not in ("", "0"):
         out.fill_(float("nan") if out.is_floating_point() else 0x5A)
     return out

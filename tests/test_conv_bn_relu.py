@@ -359,3 +359,29 @@ def test_gpu_nchw_stride_and_memory_efficient(backend, memory_efficient):
     for training in (False, True):
         inputs = make_inputs(torch.float16, c_in=64, c_out=96, n=3, size=(37, 53), device="cuda")
         check(backend, inputs, training=training, stride=2, padding=1, memory_efficient=memory_efficient)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_gpu_every_autotune_config(dtype, channels_last):
+    """Each production config of the Triton conv once on a tiny case (the rest of the GPU tests may
+    run pinned to the first: $SLSDEEP_KERNELS_PIN_AUTOTUNE=1)."""
+    if "triton" not in slsdeep_kernels.available_backends():
+        pytest.skip("triton unavailable")
+    x, weight, bias, gamma, beta, mean, var = make_inputs(dtype, c_in=40, c_out=72, n=2, size=(19, 23), device="cuda")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    args = (x, weight, bias, gamma, beta, mean, var, [1, 1], [2, 2], [2, 2], 1, 1e-5, True)
+    launches = []
+    with slsdeep_kernels.backend.observe_launches(lambda *launch: launches.append(launch)):
+        op._eval_triton(*args)
+    ((autotuner, grid, kernel_args, meta, _),) = launches
+    expected = op.reference(*args[:7], stride=1, padding=2, dilation=2, training=False)
+    configs = op._conv_configs(pinned=False)
+    assert len(configs) > 1
+    for config in configs:
+        out = kernel_args[2].fill_(float("nan"))
+        autotuner.fn[grid({**meta, **config.kwargs})](*kernel_args, **meta, **config.all_kwargs())
+        error = relative_error(out, expected)
+        assert error <= 4 * TOLERANCE[dtype], f"{config}: relative error {error:.2e}"

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_matches_reference
+from conftest import ERROR_FACTOR, assert_matches_reference, relative_error
 
 import slsdeep_kernels
 import slsdeep_kernels.functional
@@ -370,6 +370,64 @@ def test_the_scale_op_skips_a_unit_factor_and_scales_otherwise():
 
 
 # ------------------------------------------------------------------------------------------------
+# fp16: the mean's 1/(N·H·W) must not push the saved gradient into subnormals (a loss scale then
+# multiplies it: mixed-precision training). Compared against the fp64 gradient, each backend must be
+# within ERROR_FACTOR of eager fp16 (the reference on fp16 logits), at shapes where 1/(N·H·W) < 2^-14.
+# ------------------------------------------------------------------------------------------------
+
+FP16_SMALLEST_NORMAL = 2.0**-14
+
+
+def fp16_gradient_errors(backend, shape, loss_scale=1024.0):
+    """(backend, eager fp16) pairs of the relative error of loss_scale·∂mean/∂logits against fp64 and
+    of the share of exact zeros where the fp64 gradient is not zero."""
+    logits, target = make_inputs(shape[0], 2, *shape[1:], dtype=torch.float64)
+    logits = logits.detach()
+
+    def gradient(fn, x):
+        x = x.detach().requires_grad_()
+        (fn(x, target) * loss_scale).backward()
+        return x.grad.double()
+
+    exact = gradient(lambda x, t: op.reference(x, t), logits)
+    eager = gradient(lambda x, t: op.reference(x, t), logits.half())
+    ours = gradient(lambda x, t: slsdeep_kernels.nll_epe_loss(x, t, backend=backend), logits.half())
+    def flushed(g):
+        return ((g == 0) & (exact != 0)).double().mean().item()
+
+    return (relative_error(ours, exact), relative_error(eager, exact)), (flushed(ours), flushed(eager))
+
+
+@pytest.mark.parametrize(
+    "backend, shape",
+    [("cpu", (16, 384, 384)), ("triton", (1, 97, 181))],  # the paper's training batch; the interpreter's
+    ids=["cpu-paper-shape", "triton-interpreter"],
+)
+def test_fp16_gradient_keeps_its_precision_under_a_loss_scale(backend, shape):
+    if backend not in slsdeep_kernels.available_backends():
+        pytest.skip(f"{backend} backend unavailable")
+    pixels = shape[0] * shape[1] * shape[2]
+    assert 1.0 / pixels < FP16_SMALLEST_NORMAL  # the shape reaches the range where pre-scaling underflowed
+    (ours, eager), (ours_flushed, eager_flushed) = fp16_gradient_errors(backend, shape)
+    assert ours <= ERROR_FACTOR * eager, f"{backend}: fp16 gradient error {ours:.2e} > {ERROR_FACTOR} × eager's {eager:.2e}"
+    # saturated pixels' tiny gradients flush in fp16 anyway; the op must not flush more than eager does
+    assert ours_flushed <= eager_flushed + 1e-3, f"{backend}: {ours_flushed:.2%} flushed to zero, eager {eager_flushed:.2%}"
+
+
+@pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
+def test_fp16_saves_the_gradient_of_the_sum_and_scales_in_backward(backend):
+    logits, target = make_inputs(2, 2, 9, 14, dtype=torch.float16)
+    _, saved_mean = op._loss_op(logits.detach(), target, 0.5, "mean", True, backend)
+    _, saved_sum = op._loss_op(logits.detach(), target, 0.5, "sum", True, backend)
+    assert torch.equal(saved_mean, saved_sum)
+    check(backend, logits.float().detach().requires_grad_(), target)  # fp32 keeps pre-scaling (and is exact)
+    grad_output = torch.tensor(3.0, dtype=torch.float16)
+    (grad,) = torch.autograd.grad(slsdeep_kernels.nll_epe_loss(logits, target, backend=backend), logits, grad_output)
+    expected = (saved_sum.float() * (3.0 / saved_sum[:, 0].numel())).half()
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
 # GPU: the compiled Triton kernels and the CUDA kernels on CUDA tensors at realistic shapes.
 # ------------------------------------------------------------------------------------------------
 
@@ -399,4 +457,6 @@ def test_gpu_channels_last_float_target_and_default_choice(backend):
     logits = logits.detach().cuda().to(memory_format=torch.channels_last).requires_grad_()
     check(backend, logits, target.cuda(), reduction="mean")
     check(backend, logits, target.cuda(), reduction="none")
-    assert slsdeep_kernels.backend.resolve("nll_epe_loss", logits.device, torch.float32, cuda_preference=op.CUDA_PREFERENCE) in GPU_BACKENDS
+    validated = slsdeep_kernels.backend.GPU_VALIDATED.get("nll_epe_loss", ())
+    expected = validated[0] if validated else "reference"
+    assert slsdeep_kernels.backend.resolve("nll_epe_loss", logits.device, torch.float32) == expected

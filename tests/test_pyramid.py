@@ -214,8 +214,11 @@ def test_opcheck(backend):
     torch.library.opcheck(ops.upsample_concat, (x_cl, branches, True, backend))
     torch.library.opcheck(ops.pyramid_conv3x3, (x_cl, branches, weight, bias, False, backend))
     grad = torch.randn(2, 4, 5, 7)
+    detached = [y.detach() for y in branches]
+    weight_x, branch_weights = P._split_weight(weight.detach(), detached, x.shape[1])
     torch.library.opcheck(
-        ops.pyramid_conv3x3_backward, (grad, x.detach(), [y.detach() for y in branches], weight.detach(), False, [True, False, True, False], backend)
+        ops.pyramid_conv3x3_backward,
+        (grad, x.detach(), detached, weight_x, branch_weights, False, [True, True, True, False], backend),
     )
 
 
@@ -404,3 +407,17 @@ def test_gpu_conv_never_allocates_the_concatenation(backend):
     slsdeep_kernels.pyramid_conv3x3(x, branches, weight, backend=backend).sum().backward()
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < concat_bytes
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in slsdeep_kernels.available_backends()])
+def test_pyramid_conv_prepares_its_weights_once_per_step(backend, monkeypatch):
+    # Forward slices and reshapes the weight once and saves the pieces: backward must not redo it.
+    calls = []
+    split = P._split_weight
+    monkeypatch.setattr(P, "_split_weight", lambda *args: calls.append(1) or split(*args))
+    x = torch.randn(2, 3, 5, 6, requires_grad=True)
+    branches = [torch.randn(2, 2, b, b, requires_grad=True) for b in (1, 3)]
+    weight = torch.randn(4, 7, 3, 3, requires_grad=True)
+    slsdeep_kernels.pyramid_conv3x3(x, branches, weight, backend=backend).square().sum().backward()
+    assert len(calls) == 1
+    assert x.grad is not None and weight.grad is not None and all(y.grad is not None for y in branches)

@@ -186,3 +186,24 @@ def test_demo_writes_every_artefact(tmp_path, capsys):
     assert len(list((out / "overlays").glob("*_overlay.png"))) >= 1
     assert "jaccard" in capsys.readouterr().out
     assert main(["demo", "--out", str(out), "--epochs", "1", "--images", "24"]) == 2  # never overwrites a run
+
+
+def test_training_loss_does_not_recheck_the_masks_every_step(data, monkeypatch):
+    # The {0, 1} check syncs a GPU; ISICDataset's masks are binary by construction, checked at load.
+    from slsdeep.data import ISICDataset
+    from slsdeep.model import SLSDeep
+    from slsdeep.train import loss_fn
+    from slsdeep_kernels.ops import nll_epe_loss as loss_op
+
+    masks = torch.stack([ISICDataset(data, "train", image_size=SIZE, augment=True)[i][1] for i in range(4)])
+    assert set(masks.unique().tolist()) <= {0, 1}
+
+    def refuse(target):
+        raise AssertionError("the training loss re-checked the target values")
+
+    monkeypatch.setattr(loss_op, "_check_target_values", refuse)
+    logits = torch.randn(4, 2, SIZE, SIZE, requires_grad=True)
+    for fused in (True, False):
+        loss_fn(SLSDeep(preset="tiny"), fused)(logits, masks).backward()
+    with pytest.raises(AssertionError, match="re-checked"):  # the public default still checks
+        loss_op.nll_epe_loss(logits, masks)

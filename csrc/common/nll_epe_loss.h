@@ -24,6 +24,14 @@ namespace nll_epe {
 // Reduction codes of the compiled ops (the Python side passes REDUCTIONS.index(reduction)).
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
+// The factor the forward applies to the gradient it saves for mean/sum: the mean's 1/(N·H·W), except
+// for fp16 logits, where that product lands in subnormals (below 2^-14 once N·H·W > 16384) before the
+// upstream gradient (a loss scale) multiplies it; there the gradient of the sum is saved and backward's
+// factor carries the 1/(N·H·W). The same rule is _saved_gradient_scale in slsdeep_kernels/ops/nll_epe_loss.py.
+inline double saved_gradient_scale(bool half, int64_t reduction, int64_t pixels) {
+  return reduction == kMean && !half ? 1.0 / static_cast<double>(pixels) : 1.0;
+}
+
 SLSDEEP_HD float exp_(float x) { return expf(x); }
 SLSDEEP_HD double exp_(double x) { return exp(x); }
 SLSDEEP_HD float log_(float x) { return logf(x); }

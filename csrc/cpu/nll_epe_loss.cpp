@@ -440,7 +440,8 @@ std::tuple<at::Tensor, at::Tensor> nll_epe_loss_cpu(const at::Tensor& logits, co
     }
     if (with_gradient) {
       set_gradient(pb, gradient);
-      pb.gradient_scale = static_cast<at::opmath_type<scalar_t>>(scale);
+      pb.gradient_scale = static_cast<at::opmath_type<scalar_t>>(
+        saved_gradient_scale(logits.scalar_type() == at::kHalf, reduction, N * H * W));
     }
     run(pb);
   });

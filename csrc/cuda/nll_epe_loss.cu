@@ -74,8 +74,10 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(Problem pb) {
   __shared__ float nll_s[kTileH][kTileW];
   __shared__ float scratch[kThreadsY];
 
-  const int64_t n = blockIdx.z;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTileH, c0 = static_cast<int64_t>(blockIdx.x) * kTileW;
+  // grid (N · row tiles, column tiles): the batch shares axis x (y and z stop at 65,535); once per block
+  const unsigned row_tiles = (static_cast<unsigned>(pb.H) + kTileH - 1) / kTileH;
+  const int64_t n = blockIdx.x / row_tiles;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x % row_tiles) * kTileH, c0 = static_cast<int64_t>(blockIdx.y) * kTileW;
   const int64_t H = pb.H, W = pb.W;
   const int tid = threadIdx.y * kThreadsX + threadIdx.x;
   const auto* logits = static_cast<const scalar_t*>(pb.logits) + n * pb.logits_stride[0];
@@ -137,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(Problem pb) {
   }
   if (pb.partials != nullptr) {
     const float total = block_sum(loss_sum, scratch);
-    if (tid == 0) pb.partials[(n * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] = total;
+    if (tid == 0) pb.partials[static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y] = total;
   }
   if (!with_gradient) return;
   __syncthreads();
@@ -219,8 +221,8 @@ int64_t partial_count(int64_t N, int64_t H, int64_t W) {
 }
 
 cudaError_t run(const Problem& problem, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((problem.W + kTileW - 1) / kTileW),
-                  static_cast<unsigned>((problem.H + kTileH - 1) / kTileH), static_cast<unsigned>(problem.N));
+  const dim3 grid(static_cast<unsigned>(problem.N * ((problem.H + kTileH - 1) / kTileH)),
+                  static_cast<unsigned>((problem.W + kTileW - 1) / kTileW));
   const dim3 block(kThreadsX, kThreadsY);
   return dispatch(problem.dtype, [&](auto zero) {
     using scalar_t = decltype(zero);

@@ -17,6 +17,7 @@ namespace kernels = slsdeep::nll_epe_loss_cuda;
 using slsdeep::nll_epe::kMean;
 using slsdeep::nll_epe::kNone;
 using slsdeep::nll_epe::kSum;
+using slsdeep::nll_epe::saved_gradient_scale;
 
 kernels::DType dtype_of(const Tensor& t) {
   switch (t.scalar_type()) {
@@ -106,7 +107,8 @@ std::tuple<Tensor, Tensor> nll_epe_loss_cuda(const Tensor& logits, const Tensor&
   }
   if (with_gradient) {
     set_gradient(pb, gradient);
-    pb.gradient_scale = static_cast<float>(scale);
+    pb.gradient_scale = static_cast<float>(
+        saved_gradient_scale(logits.scalar_type() == at::kHalf, reduction, N * H * W));
   }
   const auto stream = at::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(kernels::run(pb, stream));

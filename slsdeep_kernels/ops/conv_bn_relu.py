@@ -35,6 +35,8 @@ Floors, layer3 of the encoder at 384×384 (N=16, 48×48, eval, one pass over x a
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -75,10 +77,17 @@ def reference(
 # ---------------------------------------------------------------------------------------------
 # 2. Triton kernels
 # ---------------------------------------------------------------------------------------------
-def _conv_configs():
+ENV_PIN_AUTOTUNE = "SLSDEEP_KERNELS_PIN_AUTOTUNE"
+
+
+def _conv_configs(pinned: bool | None = None):
+    """The conv's autotune configs (read at import). ``$SLSDEEP_KERNELS_PIN_AUTOTUNE=1`` pins the first:
+    a GPU test run then compiles one config per shape instead of six (one test runs them all)."""
+    if pinned is None:
+        pinned = os.environ.get(ENV_PIN_AUTOTUNE, "0") == "1"
     if _backend.triton_interpreted():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
-    return [
+    configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in (
             (128, 128, 64, 8, 3),
@@ -89,6 +98,7 @@ def _conv_configs():
             (256, 128, 64, 8, 3),
         )
     ]
+    return configs[:1] if pinned else configs
 
 
 # X_CHANNELS_LAST only keys the tuning (the best tiles differ between the layouts).
@@ -879,7 +889,7 @@ def conv_bn_relu(
         if num_batches_tracked is None:
             raise ValueError(f"{OP}: momentum=None (cumulative average) needs num_batches_tracked")
         factor = 1.0 / num_batches_tracked.to(running_mean.dtype)
-    chosen = _backend.resolve(OP, device, x.dtype, backend, cuda_preference=("cuda", "triton"))
+    chosen = _backend.resolve(OP, device, x.dtype, backend)
     if chosen == "reference":
         if isinstance(factor, torch.Tensor):
             factor = float(factor)

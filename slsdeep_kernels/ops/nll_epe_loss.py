@@ -21,6 +21,8 @@ channels 0 and 1.
 Backward. mean/sum: the forward writes the gradient for a unit upstream gradient in the same pass
 (when one is needed); backward scales it in place by the scalar ``grad_output`` (no work where it
 is 1, decided on the device) and hands it out, so the loss allocates one logits-sized tensor in all.
+(fp16 logits save the gradient of the sum instead, and backward's factor carries the mean's 1/(N·H·W):
+pre-scaled it would be subnormal in fp16 at any realistic N·H·W; see ``_saved_gradient_scale``.)
 none: a separate kernel gathers g(q)·∂EPE(q)/∂p(r) over the 3×3 neighbours q (a 2-pixel halo).
 
 Floors, per pixel, for fp32 logits with C = 2 and a uint8 mask: bytes = one read of logits and mask
@@ -44,7 +46,15 @@ from slsdeep_kernels import backend as backends
 OP = "nll_epe_loss"
 REDUCTIONS = ("none", "mean", "sum")
 TARGET_DTYPES = (torch.bool, torch.uint8, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64)
-CUDA_PREFERENCE = ("triton", "cuda")  # not yet measured on a GPU
+
+
+def _saved_gradient_scale(dtype: torch.dtype, reduction: str, pixels: int) -> float:
+    """The factor the forward applies to the gradient it saves for mean/sum: the mean's 1/(N·H·W),
+    except for fp16 logits, where that product lands in subnormals (below 2^-14 once N·H·W > 16384)
+    before the upstream gradient (a loss scale) multiplies it; there the gradient of the sum is saved
+    and backward's factor carries the 1/(N·H·W). Same rule as ``saved_gradient_scale`` in
+    ``csrc/common/nll_epe_loss.h`` (the compiled kernels)."""
+    return 1.0 / pixels if reduction == "mean" and dtype != torch.float16 else 1.0
 
 
 def _new_gradient(logits: Tensor) -> Tensor:
@@ -277,10 +287,10 @@ def _triton_forward(logits, target, alpha, reduction, compute_grad):
     partials = backends.new_output(
         (n * triton.cdiv(h, rows) * triton.cdiv(w, block_w),), dtype=torch.float32, device=logits.device
     )
-    scale = 1.0 / (n * h * w) if reduction == "mean" else 1.0
     gradient = _new_gradient(logits) if compute_grad else None
-    _triton_launch(logits, target, alpha, partials=partials, gradient=gradient, gradient_scale=scale)
-    loss = (partials.sum() * scale).to(logits.dtype)
+    gradient_scale = _saved_gradient_scale(logits.dtype, reduction, n * h * w)
+    _triton_launch(logits, target, alpha, partials=partials, gradient=gradient, gradient_scale=gradient_scale)
+    loss = (partials.sum() * (1.0 / (n * h * w) if reduction == "mean" else 1.0)).to(logits.dtype)
     return loss, gradient if gradient is not None else logits.new_empty(0)
 
 
@@ -363,6 +373,10 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no logits-sized zeros for the non-differentiable gradient output
     ctx.alpha, ctx.reduction, ctx.backend = alpha, reduction, backend
+    # what backward's factor still carries of the mean's 1/(N·H·W) (see _saved_gradient_scale)
+    n, _, h, w = logits.shape
+    mean = 1.0 / (n * h * w) if reduction == "mean" else 1.0
+    ctx.deferred_scale = mean / _saved_gradient_scale(logits.dtype, reduction, n * h * w)
     ctx.scaled_by = None  # the upstream gradient the saved gradient was scaled by in place
     if reduction == "none":
         ctx.save_for_backward(logits, target)
@@ -392,6 +406,8 @@ def _scaled_gradient(ctx, gradient: Tensor, grad_loss: Tensor) -> Tensor:
     Traced by the compiler (which plans buffers itself), or a second backward through a retained graph
     (the saved tensor now holds ``gradient · first grad_loss``): out of place.
     """
+    if ctx.deferred_scale != 1.0:
+        grad_loss = grad_loss.detach().float() * ctx.deferred_scale  # a scalar op on the device: no sync
     if type(gradient) is Tensor and ctx.scaled_by is None:
         _scale_op(gradient.data, grad_loss, ctx.backend)
         ctx.scaled_by = grad_loss.detach().clone()
@@ -478,7 +494,7 @@ def nll_epe_loss(
 
 
 def _dispatch(logits: Tensor, target: Tensor, alpha: float, reduction: str, backend: str | None) -> Tensor:
-    name = backends.resolve(OP, logits.device, logits.dtype, backend, cuda_preference=CUDA_PREFERENCE)
+    name = backends.resolve(OP, logits.device, logits.dtype, backend)
     if name == "reference":
         return reference(logits, target, alpha, reduction)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad

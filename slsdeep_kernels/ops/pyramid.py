@@ -39,7 +39,6 @@ from torch import Tensor, nn
 
 from slsdeep_kernels import backend as _backend
 
-CUDA_PREFERENCE = ("triton", "cuda")  # not yet measured on a GPU
 DEFAULT_BINS = (1, 2, 3, 6)
 
 # ---------------------------------------------------------------------------------------------
@@ -440,14 +439,17 @@ _upsample_concat_backward_op.register_autograd(_no_double_backward("upsample_con
 # --- pyramid_conv3x3
 
 
-def _branch_weights(weight: Tensor, branches: list[Tensor], channels: int) -> list[Tensor]:
-    """Per branch, its weight slice as (C_out·9, C_b), rows ordered (out channel, ky, kx)."""
+def _split_weight(weight: Tensor, branches: list[Tensor], channels: int) -> tuple[Tensor, list[Tensor]]:
+    """The conv weight as the op uses it: x's slice (C_out, C, 3, 3), dense, for the conv over x, and
+    per branch its slice as (C_out·9, C_b), rows ordered (out channel, ky, kx), for the tap matmuls.
+    Computed once in forward and saved for backward; fresh tensors (custom-op outputs never alias inputs)."""
+    weight_x = weight[:, :channels].clone(memory_format=torch.contiguous_format)
     slices, offset = [], channels
     for y in branches:
         cb = y.shape[1]
-        slices.append(weight[:, offset : offset + cb].permute(0, 2, 3, 1).reshape(-1, cb))
+        slices.append(weight[:, offset : offset + cb].permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format).view(-1, cb))
         offset += cb
-    return slices
+    return weight_x, slices
 
 
 def _by_channel(y: Tensor) -> Tensor:
@@ -455,34 +457,40 @@ def _by_channel(y: Tensor) -> Tensor:
     return y.transpose(0, 1).reshape(y.shape[1], -1)
 
 
-def _taps(weight: Tensor, branches: list[Tensor], channels: int) -> list[Tensor]:
+def _taps(branch_weights: list[Tensor], branches: list[Tensor]) -> list[Tensor]:
     """z_t = W_t·y of every branch at its own size, one matmul each: (N, C_out, 3, 3, h, w) views
     of the (C_out, 3, 3, N, h, w) product (the kernels read any strides)."""
     taps = []
-    for y, w9 in zip(branches, _branch_weights(weight, branches, channels)):
+    for y, w9 in zip(branches, branch_weights):
         N, _, h, w = y.shape
         z = w9 @ _by_channel(y)  # (C_out·9, N·h·w)
-        taps.append(z.view(weight.shape[0], 3, 3, N, h, w).permute(3, 0, 1, 2, 4, 5))
+        taps.append(z.view(-1, 3, 3, N, h, w).permute(3, 0, 1, 2, 4, 5))
     return taps
 
 
 @torch.library.custom_op("slsdeep_kernels::pyramid_conv3x3", mutates_args=())
 def _pyramid_conv3x3_op(
     x: Tensor, branches: list[Tensor], weight: Tensor, bias: Tensor | None, align_corners: bool, backend: str
-) -> Tensor:
-    channels = x.shape[1]
-    out = F.conv2d(x, weight[:, :channels], bias, padding=1).contiguous(memory_format=_memory_format(x))
-    taps = _taps(weight, branches, channels)
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """(out, x's weight slice, the branches' (C_out·9, C_b) weights): the last two are saved for backward."""
+    weight_x, branch_weights = _split_weight(weight, branches, x.shape[1])
+    out = F.conv2d(x, weight_x, bias, padding=1).contiguous(memory_format=_memory_format(x))
+    taps = _taps(branch_weights, branches)
     if backend == "triton":
         _triton_taps_add(out, taps, align_corners)
     else:
         _kernels.pyramid_taps_add_kernel(out, taps, align_corners)
-    return out
+    return out, weight_x, branch_weights
 
 
 @_pyramid_conv3x3_op.register_fake
 def _(x, branches, weight, bias, align_corners, backend):
-    return _empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), x, _memory_format(x))
+    out_channels = weight.shape[0]
+    return (
+        _empty((x.shape[0], out_channels, x.shape[2], x.shape[3]), x, _memory_format(x)),
+        _empty((out_channels, x.shape[1], 3, 3), weight),
+        [_empty((out_channels * 9, y.shape[1]), weight) for y in branches],
+    )
 
 
 @torch.library.custom_op("slsdeep_kernels::pyramid_conv3x3_backward", mutates_args=())
@@ -490,17 +498,17 @@ def _pyramid_conv3x3_backward_op(
     grad: Tensor,
     x: Tensor,
     branches: list[Tensor],
-    weight: Tensor,
+    weight_x: Tensor,
+    branch_weights: list[Tensor],
     align_corners: bool,
     output_mask: list[bool],
     backend: str,
 ) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
     """Grads of (x, branches, weight, bias) where output_mask says so, else empty tensors / []."""
     need_x, need_branches, need_weight, need_bias = output_mask
-    channels, out_channels = x.shape[1], weight.shape[0]
+    out_channels = weight_x.shape[0]
     grad_x, grad_weight_x, grad_bias = torch.ops.aten.convolution_backward(
-        grad, x, weight[:, :channels], [out_channels], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-        [need_x, need_weight, need_bias],
+        grad, x, weight_x, [out_channels], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [need_x, need_weight, need_bias],
     )  # fmt: skip
     grad_branches, grad_weights = [], [grad_weight_x]
     if need_branches or need_weight:
@@ -509,7 +517,7 @@ def _pyramid_conv3x3_backward_op(
             grad_taps = _triton_taps_backward(grad, sizes, align_corners)
         else:
             grad_taps = _kernels.pyramid_taps_backward_kernel(grad, sizes, align_corners)
-        for y, w9, grad_z in zip(branches, _branch_weights(weight, branches, channels), grad_taps):
+        for y, w9, grad_z in zip(branches, branch_weights, grad_taps):
             N, cb, h, w = y.shape
             grad_z = grad_z.permute(1, 2, 3, 0, 4, 5).reshape(-1, N * h * w)  # (C_out·9, N·h·w)
             if need_branches:
@@ -527,20 +535,24 @@ def _pyramid_conv3x3_backward_op(
 
 
 @_pyramid_conv3x3_backward_op.register_fake
-def _(grad, x, branches, weight, align_corners, output_mask, backend):
+def _(grad, x, branches, weight_x, branch_weights, align_corners, output_mask, backend):
     need_x, need_branches, need_weight, need_bias = output_mask
+    out_channels, channels = weight_x.shape[0], x.shape[1] + sum(y.shape[1] for y in branches)
     return (
         _empty(x.shape, x, _memory_format(x)) if need_x else _empty((0,), x),
         [_empty(y.shape, y) for y in branches] if need_branches else [],
-        _empty(weight.shape, weight) if need_weight else _empty((0,), x),
-        _empty((weight.shape[0],), weight) if need_bias else _empty((0,), x),
+        _empty((out_channels, channels, 3, 3), weight_x) if need_weight else _empty((0,), x),
+        _empty((out_channels,), weight_x) if need_bias else _empty((0,), x),
     )
 
 
 def _conv_setup(ctx, inputs, output):
     x, branches, weight, bias, align_corners, backend = inputs
-    ctx.save_for_backward(x, weight, *branches)
-    ctx.align_corners, ctx.backend = align_corners, backend
+    _, weight_x, branch_weights = output
+    ctx.mark_non_differentiable(weight_x, *branch_weights)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, weight_x, *branches, *branch_weights)
+    ctx.branch_count, ctx.align_corners, ctx.backend = len(branches), align_corners, backend
     ctx.output_mask = [
         x.requires_grad,
         any(y.requires_grad for y in branches),
@@ -549,15 +561,19 @@ def _conv_setup(ctx, inputs, output):
     ]
 
 
-def _conv_backward(ctx, grad):
-    x, weight, *branches = ctx.saved_tensors
+def _conv_backward(ctx, grad, _grad_weight_x, _grad_branch_weights):
+    x, weight_x, *rest = ctx.saved_tensors
+    branches, branch_weights = rest[: ctx.branch_count], rest[ctx.branch_count :]
+    none_for_branches = [None] * ctx.branch_count  # a list argument takes a list of gradients
+    if grad is None:
+        return None, none_for_branches, None, None, None, None
     grad_x, grad_branches, grad_weight, grad_bias = _pyramid_conv3x3_backward_op(
-        grad, x, branches, weight, ctx.align_corners, ctx.output_mask, ctx.backend
+        grad, x, branches, weight_x, branch_weights, ctx.align_corners, ctx.output_mask, ctx.backend
     )
     need_x, need_branches, need_weight, need_bias = ctx.output_mask
     return (
         grad_x if need_x else None,
-        grad_branches if need_branches else None,
+        grad_branches if need_branches else none_for_branches,
         grad_weight if need_weight else None,
         grad_bias if need_bias else None,
         None,
@@ -622,7 +638,7 @@ def pyramid_pool(x: Tensor, bins: Sequence[int] = DEFAULT_BINS, backend: str | N
     op = "pyramid_pool"
     bins = _check_bins(op, bins)
     _check_image(op, x)
-    name = _backend.resolve(op, x.device, x.dtype, backend, cuda_preference=CUDA_PREFERENCE)
+    name = _backend.resolve(op, x.device, x.dtype, backend)
     if name == "reference":
         return pyramid_pool_reference(x, bins)
     return _pyramid_pool_op(x, list(bins), name)
@@ -639,7 +655,7 @@ def upsample_concat(
     op = "upsample_concat"
     _check_image(op, x)
     branches = _check_branches(op, x, branches)
-    name = _backend.resolve(op, x.device, x.dtype, backend, cuda_preference=CUDA_PREFERENCE)
+    name = _backend.resolve(op, x.device, x.dtype, backend)
     if name == "reference":
         return upsample_concat_reference(x, branches, align_corners)
     return _upsample_concat_op(x, branches, bool(align_corners), name)
@@ -682,10 +698,10 @@ def pyramid_conv3x3(
     if bias is not None and bias.dtype != x.dtype:
         raise ValueError(f"{op}: bias has dtype {bias.dtype}, x has {x.dtype}")
     _backend.common_device(op, x=x, weight=weight, bias=bias)
-    name = _backend.resolve(op, x.device, x.dtype, backend, cuda_preference=CUDA_PREFERENCE)
+    name = _backend.resolve(op, x.device, x.dtype, backend)
     if name == "reference":
         return pyramid_conv3x3_reference(x, branches, weight, bias, align_corners)
-    return _pyramid_conv3x3_op(x, branches, weight, bias, bool(align_corners), name)
+    return _pyramid_conv3x3_op(x, branches, weight, bias, bool(align_corners), name)[0]
 
 
 # ---------------------------------------------------------------------------------------------
