@@ -1,5 +1,5 @@
 """The SLSDeep network (Sarker et al., MICCAI 2018): a dilated ResNet-50 encoder and a pyramid
-pooling decoder; see DESIGN.md §5.
+pooling decoder; see docs/design.md §5.
 
 * Encoder: ResNet-50 (Bottleneck [3, 4, 6, 3]) at output stride 8, dilated exactly as
   torchvision's ``replace_stride_with_dilation=[False, True, True]``, with torchvision's module

@@ -1,4 +1,4 @@
-"""Rewrite any model's ``Conv2d → BatchNorm2d (→ ReLU)`` chains into the fused op (DESIGN.md §4.1).
+"""Rewrite any model's ``Conv2d → BatchNorm2d (→ ReLU)`` chains into the fused op (docs/design.md §4.1).
 
 Chains are found by DATA FLOW, never by registration order: the model is traced with ``torch.fx``
 and a chain is a conv whose only consumer is a BatchNorm2d, optionally followed by a ReLU that is the

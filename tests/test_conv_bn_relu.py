@@ -1,4 +1,4 @@
-"""conv_bn_relu and ConvBNReLU2d against Conv2d → BatchNorm2d → ReLU (DESIGN.md §4.1)."""
+"""conv_bn_relu and ConvBNReLU2d against Conv2d → BatchNorm2d → ReLU (docs/design.md §4.1)."""
 
 import itertools
 

@@ -70,7 +70,7 @@ def _torchvision_dilation_rule(blocks):
 def test_dilation_layout_matches_torchvision(stem):
     encoder = paper_on_meta(stem=stem).encoder
     expected = _torchvision_dilation_rule((3, 4, 6, 3))
-    # the rule as stated in DESIGN.md §5, to make sure the helper above says what we think
+    # the rule as stated in docs/design.md §5, to make sure the helper above says what we think
     assert [expected[3, b][1] for b in range(6)] == [1, 2, 2, 2, 2, 2]
     assert [expected[4, b][1] for b in range(3)] == [2, 4, 4]
     for (layer, b), (stride, dilation) in expected.items():

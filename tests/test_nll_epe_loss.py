@@ -23,7 +23,7 @@ def make_inputs(n, c, h, w, dtype=torch.float32, target_dtype=torch.uint8, scale
 
 
 def spec_loss(logits, target, alpha, reduction):
-    """DESIGN.md §4.3 written out with explicit loops (tiny shapes only): an oracle independent of `reference`."""
+    """docs/design.md §4.3 written out with explicit loops (tiny shapes only): an oracle independent of `reference`."""
     logits, target = logits.double(), target.double()
     n_, c_, h_, w_ = logits.shape
     p = torch.softmax(logits, 1)[:, 1] if c_ == 2 else torch.sigmoid(logits[:, 0])

@@ -1,4 +1,4 @@
-// Per-channel and per-element maths of conv_bn_relu (DESIGN.md §4.1), shared by the CPU kernels
+// Per-channel and per-element maths of conv_bn_relu (docs/design.md §4.1), shared by the CPU kernels
 // (csrc/cpu/conv_bn_relu.cpp) and the CUDA kernels (csrc/cuda/conv_bn_relu.cu). Torch-free.
 //
 // BatchNorm after a convolution is an affine map per output channel, y -> y * scale + shift:

@@ -1,4 +1,4 @@
-// Per-pixel maths of the NLL + EPE loss (DESIGN.md §4.3), shared by the CPU and CUDA kernels.
+// Per-pixel maths of the NLL + EPE loss (docs/design.md §4.3), shared by the CPU and CUDA kernels.
 // Torch-free; T is the accumulation type (float, or double for fp64 inputs).
 //
 // z is the foreground logit margin (C = 1: the logit; C = 2: l1 - l0), p = sigmoid(z), v the mask value,

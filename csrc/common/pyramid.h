@@ -1,4 +1,4 @@
-// Index maths of pyramid pooling (DESIGN.md §4.2), shared by the CPU and CUDA kernels.
+// Index maths of pyramid pooling (docs/design.md §4.2), shared by the CPU and CUDA kernels.
 //
 // * Adaptive average pooling, PyTorch's rule: cell i of a grid of `cells` over `size` pixels
 //   averages the window [floor(i*size/cells), ceil((i+1)*size/cells)) (any size, also < cells).

@@ -1,4 +1,4 @@
-// CPU kernels of conv_bn_relu (slsdeep_kernels/ops/conv_bn_relu.py, DESIGN.md §4.1).
+// CPU kernels of conv_bn_relu (slsdeep_kernels/ops/conv_bn_relu.py, docs/design.md §4.1).
 //
 // The convolution runs through ATen (oneDNN); BatchNorm and ReLU around it are fused passes:
 //   eval:  BN folded into the weights and bias (fp32), the ReLU a oneDNN post-op of the convolution

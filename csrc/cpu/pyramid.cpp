@@ -1,4 +1,4 @@
-// CPU kernels of pyramid pooling (slsdeep_kernels/ops/pyramid.py, DESIGN.md §4.2).
+// CPU kernels of pyramid pooling (slsdeep_kernels/ops/pyramid.py, docs/design.md §4.2).
 //
 // Every kernel works plane by plane ((n, c) planes, at::parallel_for over planes), reads its input
 // through its strides (NCHW or channels_last alike) and accumulates in at::opmath_type. Resizing is

@@ -1,4 +1,4 @@
-// CUDA kernels of conv_bn_relu (DESIGN.md §4.1): everything around the convolution, which the
+// CUDA kernels of conv_bn_relu (docs/design.md §4.1): everything around the convolution, which the
 // binding (csrc/cuda_bind/conv_bn_relu.cpp) runs through ATen/cuDNN. Torch-free: raw pointers,
 // sizes as int64_t, a stream; every launcher returns the launch's cudaError_t.
 //

@@ -1,4 +1,4 @@
-// CUDA kernels of the NLL + EPE loss (DESIGN.md §4.3; maths in csrc/common/nll_epe_loss.h). Torch-free:
+// CUDA kernels of the NLL + EPE loss (docs/design.md §4.3; maths in csrc/common/nll_epe_loss.h). Torch-free:
 // raw pointers, sizes and strides (in elements) as int64_t, a stream; every launcher returns the
 // launch's cudaError_t. The binding is csrc/cuda_bind/nll_epe_loss.cpp.
 //

@@ -1,4 +1,4 @@
-// CUDA launchers of pyramid pooling (slsdeep_kernels/ops/pyramid.py, DESIGN.md §4.2). Torch-free:
+// CUDA launchers of pyramid pooling (slsdeep_kernels/ops/pyramid.py, docs/design.md §4.2). Torch-free:
 // raw pointers, sizes and strides in elements (int64), the caller's stream. The torch binding is
 // csrc/cuda_bind/pyramid.cpp. One thread per output element; the index maths is csrc/common/pyramid.h,
 // shared with (and tested through) the CPU kernels. Every backward is a gather: deterministic.

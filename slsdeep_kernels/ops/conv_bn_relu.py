@@ -1,4 +1,4 @@
-"""Fused conv2d + BatchNorm2d (+ ReLU), dilated, strided, padded, in both BatchNorm modes (DESIGN.md §4.1).
+"""Fused conv2d + BatchNorm2d (+ ReLU), dilated, strided, padded, in both BatchNorm modes (docs/design.md §4.1).
 
 ``conv_bn_relu(...) == relu(batch_norm(conv2d(x, W, b, stride, padding, dilation, groups), ...))``,
 including the running-statistics update in training (unbiased variance in the running estimate,

@@ -1,4 +1,4 @@
-"""Fused NLL + EPE loss (DESIGN.md §4.3): binary negative log-likelihood from the logits plus
+"""Fused NLL + EPE loss (docs/design.md §4.3): binary negative log-likelihood from the logits plus
 ``alpha`` times the end-point error of the Sobel derivatives of the foreground probability against
 those of the mask. Differentiable with respect to the logits; usable as a boundary-aware loss by any
 binary segmentation model.

@@ -1,4 +1,4 @@
-"""Pyramid pooling (DESIGN.md §4.2): the decoder of PSPNet-style models without its memory traffic.
+"""Pyramid pooling (docs/design.md §4.2): the decoder of PSPNet-style models without its memory traffic.
 
 * ``pyramid_pool(x, bins)`` -> ``(N, C, Σ b²)``: the adaptive average cells of every bin from one read
   of ``x`` (PyTorch's windows ``[⌊i·H/b⌋, ⌈(i+1)·H/b⌉)``, so any H, W, also smaller than b).
