@@ -16,17 +16,31 @@ from slsdeep_kernels import benchmark as measure
 BENCH_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # SLSDEEP_BENCH_QUICK=1: the first case of each op, its last pass only, fewer rounds.
 QUICK = os.environ.get("SLSDEEP_BENCH_QUICK", "0") == "1"
+# SLSDEEP_BENCH_WAYS: a comma list of the ways to run ("fused,eager"); "-NAME" drops a way
+# ("-compile": every way but torch.compile). Unset or empty: every way.
+WAYS = os.environ.get("SLSDEEP_BENCH_WAYS", "")
+
+
+def keep_way(way: str, spec: str = WAYS) -> bool:
+    """Whether ``way`` passes the SLSDEEP_BENCH_WAYS filter ``spec``."""
+    entries = [entry.strip() for entry in spec.split(",") if entry.strip()]
+    wanted = [entry for entry in entries if not entry.startswith("-")]
+    dropped = {entry[1:] for entry in entries if entry.startswith("-")}
+    return (not wanted or way in wanted) and way not in dropped
 
 
 def pytest_collection_modifyitems(config, items):
-    """Quick mode: only each case's last pass (forward+backward, or forward for inference cases)."""
-    if not QUICK:
+    """Quick mode: only each case's last pass (forward+backward, or forward for inference cases).
+    SLSDEEP_BENCH_WAYS: only the ways it names."""
+    if not QUICK and not WAYS:
         return
     keep, drop = [], []
     for item in items:
         params = getattr(item, "callspec", None) and item.callspec.params or {}
         last = params["case"].passes[-1] if "case" in params else "both"
-        (keep if params.get("which", last) == last else drop).append(item)
+        quick_ok = not QUICK or params.get("which", last) == last
+        way_ok = "way" not in params or keep_way(params["way"], WAYS)
+        (keep if quick_ok and way_ok else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
