@@ -75,7 +75,14 @@ def pyramid_conv3x3_reference(
 # ---------------------------------------------------------------------------------------------
 
 _BLOCK_C, _BLOCK_P, _BLOCK_K = 64, 64, 32
-_MAX_REDUCE_K = 128  # reduce: every cell of a k-tile shares one read of x (all pooling cells at once)
+
+
+def _reduce_tiles(dtype: torch.dtype) -> tuple[int, int]:
+    """reduce (BLOCK_P, most cells per k-tile): every cell of a k-tile shares one read of x (all 50
+    pooling cells of bins 1, 2, 3, 6 at once) up to 64 cells for 16-bit inputs, 32 for fp32 (tf32x3
+    splits each operand in two): the largest tiles that do not spill on sm_90 and sm_80 with triton
+    3.6 and 3.8 (ptxas -v: bench/compile/triton-sm90.json)."""
+    return (32, 32) if dtype == torch.float32 else (32, 64)
 
 
 @triton.jit
@@ -163,9 +170,18 @@ def _expand_kernel(
 
 
 def _dot_mode(dtype: torch.dtype, tf32: bool) -> tuple[bool, str]:
-    """(dot in fp32, fp32 input precision). The interpreter gets low-precision dots wrong: fp32 there."""
-    fp32 = dtype == torch.float32 or _backend.triton_interpreted()
-    return fp32, "tf32" if tf32 and not _backend.triton_interpreted() else "ieee"
+    """(dot in fp32, fp32 input precision). fp32 runs on tensor cores: "tf32" where PyTorch's flag
+    allows it, else "tf32x3" (three tf32 products: fp32's accuracy; the FMA "ieee" dot of these tiles
+    spills KBs of registers per thread). The interpreter gets low-precision dots wrong: fp32 "ieee" there."""
+    if _backend.triton_interpreted():
+        return True, "ieee"
+    return dtype == torch.float32, "tf32" if tf32 else "tf32x3"
+
+
+def _warps(dtype: torch.dtype) -> int:
+    """8 warps for fp32 (tf32x3 triples the operand registers: 4 spill), 4 for 16-bit inputs (8 get
+    128 registers a thread on sm_80 and spill): ptxas -v, bench/compile/triton-sm90.json."""
+    return 8 if dtype == torch.float32 else 4
 
 
 def _reduce(x: Tensor, tables: tuple[Tensor, Tensor, Tensor], out: Tensor, tf32: bool = False) -> Tensor:
@@ -174,11 +190,13 @@ def _reduce(x: Tensor, tables: tuple[Tensor, Tensor, Tensor], out: Tensor, tf32:
     N, C, H, W = x.shape
     K = rows.shape[0]
     dot_fp32, precision = _dot_mode(x.dtype, tf32)
-    block_k = min(_MAX_REDUCE_K, triton.next_power_of_2(max(K, 16)))
+    block_p, max_k = _reduce_tiles(x.dtype)
+    block_k = min(max_k, triton.next_power_of_2(max(K, 16)))
     grid = (N * triton.cdiv(K, block_k), triton.cdiv(C, _BLOCK_C))
     _backend.launch(
         _reduce_kernel, grid, x, rows, cols, scale, out, C, K, H, W, *x.stride(), *out.stride(),
-        DOT_FP32=dot_fp32, PRECISION=precision, BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P, BLOCK_K=block_k,
+        DOT_FP32=dot_fp32, PRECISION=precision, BLOCK_C=_BLOCK_C, BLOCK_P=block_p, BLOCK_K=block_k,
+        num_warps=_warps(x.dtype),
     )  # fmt: skip
     return out
 
@@ -193,7 +211,7 @@ def _expand(v: Tensor, tables: tuple[Tensor, Tensor, Tensor], out: Tensor, accum
     _backend.launch(
         _expand_kernel, grid, v, rows, cols, scale, out, C, K, H, W, *v.stride(), *out.stride(),
         ACCUMULATE=accumulate, DOT_FP32=dot_fp32, PRECISION=precision,
-        BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P, BLOCK_K=_BLOCK_K,
+        BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P, BLOCK_K=_BLOCK_K, num_warps=_warps(out.dtype),
     )  # fmt: skip
     return out
 
