@@ -482,7 +482,7 @@ def speedups(benchmarks: list[dict]) -> list[dict]:
             if not fused.get("median_s"):
                 continue
             row = {"group": group, "backend": key[1], "fused_ms": fused["median_s"] * 1e3}
-            for other in ("eager", "compile"):
+            for other in ("eager", "compile", "onnxruntime"):
                 if ways.get(other, {}).get("median_s"):
                     row[f"vs_{other}"] = ways[other]["median_s"] / fused["median_s"]
             if fused.get("bandwidth_roof_share") is not None:

@@ -4,11 +4,15 @@ The whole SLSDeep is measured three ways, like every op: ``fused`` (``SLSDeep(fu
 ``eager`` (``fused=False``, plain PyTorch) and ``compile`` (``torch.compile`` of the eager model),
 for inference (``forward``, eval mode, no autograd) and a training step (``both``: forward, NLL+EPE
 loss and backward, train mode). CPU: fp32 at 256 px. GPU: bf16 channels_last at 384 px (inference)
-and autocast training. FLOPs come from ``FlopCounterMode`` on the eager model.
+and autocast training. FLOPs come from ``FlopCounterMode`` on the eager model. On CPU (not ``quick``)
+one more inference case, batch 1 at 384 px, adds a fourth way: the fused model exported to ONNX and
+run by onnxruntime's CPU provider (when the ``export`` extra is installed; its peak memory is
+onnxruntime's own, which the torch profiler does not see).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -19,9 +23,11 @@ import torch
 
 import slsdeep_kernels
 from slsdeep_kernels.benchmark import Case, measure, op_cases
+from slsdeep.export import OnnxModel, metadata, write_onnx
 from slsdeep.model import SLSDeep
 
 INFERENCE_BATCHES = {"cpu": (1, 4), "cuda": (1, 64)}
+DEPLOYMENT_SIZE = 384  # the paper's input, for the onnxruntime-beside-PyTorch case
 TRAINING_BATCH = {"cpu": 2, "cuda": 16}
 IMAGE_SIZE = {"cpu": 256, "cuda": 384}
 
@@ -68,6 +74,9 @@ def model_cases(device: torch.device | str, quick: bool = False) -> list[Case]:
         flops = _forward_flops(eager, *inputs(device))
         cases.append(Case("slsdeep inference", shape, dtype, inputs, fused, eager, flops={"forward": flops}, passes=("forward",)))
 
+    if device.type == "cpu" and not quick and _onnxruntime_installed():
+        cases.append(_onnxruntime_case(fused, eager))
+
     fused_train, eager_train = _models(device, train=True)
     batch = TRAINING_BATCH[device.type]
     shape = (batch, 3, size, size)
@@ -93,6 +102,38 @@ def model_cases(device: torch.device | str, quick: bool = False) -> list[Case]:
     return cases
 
 
+def _onnxruntime_installed() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxscript", "onnxruntime"))
+
+
+class _OnnxRuntime:
+    """``model`` exported to ONNX for ``shape`` inputs and run by onnxruntime (CPU provider), exported on
+    the first call (the benchmark's untimed warm-up)."""
+
+    def __init__(self, model: SLSDeep, shape: tuple):
+        self.model, self.shape, self.session = model, shape, None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.session is None:
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / "slsdeep.onnx"
+                write_onnx(self.model, torch.zeros(self.shape), path, meta=metadata(self.model.config, self.shape[-1], False))
+                self.session = OnnxModel(path, device="cpu")  # the session holds the graph; the file may go
+        return self.session(x)
+
+
+def _onnxruntime_case(fused: SLSDeep, eager: SLSDeep) -> Case:
+    """Inference of the paper model at 384 px, batch 1: fused, eager, compile and onnxruntime."""
+    shape = (1, 3, DEPLOYMENT_SIZE, DEPLOYMENT_SIZE)
+
+    def inputs(device):
+        return [torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)]
+
+    flops = _forward_flops(eager, *inputs("cpu"))
+    return Case("slsdeep inference", shape, torch.float32, inputs, fused, eager, flops={"forward": flops},
+                passes=("forward",), extra_ways={"onnxruntime": _OnnxRuntime(fused, shape)})
+
+
 def run(device: torch.device | str, quick: bool = False, out: str | os.PathLike | None = None, log=print) -> list[dict]:
     """Measure every op and the whole model three ways; print one table; write JSON and a bar chart."""
     device = torch.device(device)
@@ -108,6 +149,8 @@ def run(device: torch.device | str, quick: bool = False, out: str | os.PathLike 
             times = {way: record.get("median_s", math.nan) for way, record in row.items()}
             log(f"{case.name:<52} {which:<9} {times['eager'] * 1e3:>10.2f} {times['compile'] * 1e3:>11.2f} "
                 f"{times['fused'] * 1e3:>10.2f} {times['eager'] / times['fused']:>8.2f} {times['compile'] / times['fused']:>10.2f}")
+            for way in case.extra_ways:
+                log(f"{'':<52} {which:<9} {way}: {times[way] * 1e3:.2f} ms ({times[way] / times['fused']:.2f}× fused)")
     if out is not None:
         _write(Path(out), records)
         log(f"wrote {out} and {Path(out).with_suffix('.png')}")

@@ -41,7 +41,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"checkpoint {path} is not a readable slsdeep checkpoint: {error}") from error
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ValueError(f"checkpoint {path} is not a readable slsdeep checkpoint: {detail}") from error
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise ValueError(f"checkpoint {path} has no model configuration and weights ('config', 'model')")
     return state

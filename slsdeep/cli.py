@@ -5,10 +5,12 @@
     slsdeep train --data ROOT --out RUN [...]
     slsdeep evaluate --data ROOT --checkpoint CK [--split test] [--out DIR]
     slsdeep predict --checkpoint CK IMAGES... --out DIR [--tta]
+    slsdeep export --checkpoint CK --format {onnx,pt2} --out FILE [--image-size S] [--opset N] [--dynamic-size]
     slsdeep bench [--device cpu|cuda] [--quick] [--out FILE.json]
 
-Expected errors (a missing file, a bad argument, an unreadable image) print one line and exit
-non-zero; a traceback means a bug.
+``evaluate`` and ``predict`` take a ``.pt`` checkpoint or an ``.onnx`` export (run by onnxruntime).
+Expected errors (a missing file, a bad argument, an unreadable image) print one line and exit 2
+(an export that does not match PyTorch: 1); a traceback means a bug.
 """
 
 from __future__ import annotations
@@ -22,10 +24,18 @@ from pathlib import Path
 import torch
 
 EXIT_ERROR = 2
+EXIT_MISMATCH = 1
 
 
 class CommandError(Exception):
     """An expected failure, reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (argparse's own prints the usage too)."""
+
+    def error(self, message):
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +62,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slsdeep", description="SLSDeep skin-lesion segmentation.")
+    parser = _Parser(prog="slsdeep", description="SLSDeep skin-lesion segmentation.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="synthesise data, train, evaluate and draw the results")
@@ -70,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="ISIC scores of a checkpoint on a split")
     evaluate.add_argument("--data", required=True)
-    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--checkpoint", required=True, help="a .pt checkpoint or an .onnx export")
     evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
     evaluate.add_argument("--out", default=None, help="folder for scores.json and the predicted masks")
     evaluate.add_argument("--image-size", type=int, default=None, help="input size (default: the training size)")
@@ -78,12 +88,20 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", choices=("cpu", "cuda"), default=None)
 
     predict = commands.add_parser("predict", help="segment images")
-    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("--checkpoint", required=True, help="a .pt checkpoint or an .onnx export")
     predict.add_argument("images", nargs="+")
     predict.add_argument("--out", required=True)
     predict.add_argument("--image-size", type=int, default=None)
     predict.add_argument("--tta", action="store_true")
     predict.add_argument("--device", choices=("cpu", "cuda"), default=None)
+
+    export = commands.add_parser("export", help="export a checkpoint to ONNX or torch.export, checked against PyTorch")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--format", required=True, choices=("onnx", "pt2"))
+    export.add_argument("--out", required=True, help="the file to write (.onnx or .pt2)")
+    export.add_argument("--image-size", type=int, default=None, help="input side (default: the training size)")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset, 18 or later (default 18)")
+    export.add_argument("--dynamic-size", action="store_true", help="height and width dynamic too (needed by --tta)")
 
     bench = commands.add_parser("bench", help="every op and the whole model: fused vs eager vs torch.compile")
     bench.add_argument("--device", choices=("cpu", "cuda"), default=None)
@@ -118,16 +136,33 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
+def _inference_model(args):
+    """(model, input size) of ``--checkpoint``: a PyTorch checkpoint, or an ``.onnx`` export run by
+    onnxruntime (whose fixed size, unless exported with --dynamic-size, must fit --image-size and --tta)."""
     from slsdeep import checkpoint
+
+    if Path(args.checkpoint).suffix == ".onnx":
+        from slsdeep.export import MissingDependency, OnnxModel
+
+        try:
+            model = OnnxModel(args.checkpoint, args.device)
+        except MissingDependency as error:
+            raise CommandError(str(error)) from None
+        image_size = args.image_size or model.image_size
+        model.check_size(image_size, multi_scale=args.tta)
+        return model, image_size
+    state = checkpoint.load(args.checkpoint)
+    return checkpoint.load_model(args.checkpoint, _device(args.device)), _training_image_size(state, args.image_size)
+
+
+def cmd_evaluate(args) -> int:
     from slsdeep.data import ISICDataset
     from slsdeep.evaluate import evaluate_model, format_scores
 
-    state = checkpoint.load(args.checkpoint)
-    model = checkpoint.load_model(args.checkpoint, _device(args.device))
+    model, image_size = _inference_model(args)
     dataset = ISICDataset(args.data, args.split)
     masks = Path(args.out) / "masks" if args.out else None
-    scores = evaluate_model(model, dataset, image_size=_training_image_size(state, args.image_size), tta=args.tta, masks_dir=masks)
+    scores = evaluate_model(model, dataset, image_size=image_size, tta=args.tta, masks_dir=masks)
     print(format_scores(scores))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -139,12 +174,9 @@ def cmd_predict(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from slsdeep import checkpoint
     from slsdeep.predict import overlay, predict_probability
 
-    state = checkpoint.load(args.checkpoint)
-    model = checkpoint.load_model(args.checkpoint, _device(args.device))
-    image_size = _training_image_size(state, args.image_size)
+    model, image_size = _inference_model(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
@@ -167,6 +199,20 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from slsdeep.export import MissingDependency, VerificationError, export_checkpoint
+
+    try:
+        difference = export_checkpoint(args.checkpoint, args.format, args.out, args.image_size, args.opset, args.dynamic_size)
+    except MissingDependency as error:
+        raise CommandError(str(error)) from None
+    except VerificationError as error:
+        print(f"slsdeep export: {error}", file=sys.stderr)
+        return EXIT_MISMATCH
+    print(f"wrote {args.out} ({args.format}); max probability difference to PyTorch on a random batch: {difference:.2e}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from slsdeep.demo import run_demo
 
@@ -181,7 +227,8 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "demo": cmd_demo, "synth": cmd_synth, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict}
+COMMANDS = {"bench": cmd_bench, "demo": cmd_demo, "synth": cmd_synth, "train": cmd_train, "evaluate": cmd_evaluate,
+            "predict": cmd_predict, "export": cmd_export}
 
 
 def main(argv=None) -> int:

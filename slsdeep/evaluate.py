@@ -110,13 +110,14 @@ def scores_from_confusion(counts) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate_model(
-    model: torch.nn.Module,
+    model,
     dataset,
     image_size: int = 384,
     tta: bool = False,
     masks_dir: str | os.PathLike | None = None,
 ) -> dict[str, float]:
-    """ISIC scores of ``model`` on an ``ISICDataset``, at each image's original size.
+    """ISIC scores of ``model`` (an ``nn.Module`` or an :class:`slsdeep.export.OnnxModel`) on an
+    ``ISICDataset``, at each image's original size.
 
     Each image is predicted as :func:`slsdeep.predict.predict_probability` does (resize to
     ``image_size``, probability resized back, > 0.5; ``tta``: scales and flips averaged). Only
@@ -128,8 +129,10 @@ def evaluate_model(
     if masks_dir is not None:
         masks_dir = Path(masks_dir)
         masks_dir.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
-    model.eval()
+    module = model if isinstance(model, torch.nn.Module) else None  # else an OnnxModel: no modes
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
     counts = []
     try:
         for index, image_id in enumerate(dataset.ids):
@@ -139,7 +142,8 @@ def evaluate_model(
             if masks_dir is not None:
                 Image.fromarray(prediction.astype(np.uint8) * 255).save(masks_dir / f"{image_id}_segmentation.png")
     finally:
-        model.train(was_training)
+        if module is not None:
+            module.train(was_training)
     return scores_from_confusion(counts)
 
 

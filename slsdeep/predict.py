@@ -3,7 +3,8 @@
 As the paper: the image is resized to the model's square input size, the softmax (sigmoid for a
 single-logit head) of the logits gives the lesion probability, which is resized back to the
 original size and thresholded at 0.5. ``tta=True`` averages the paper's scales (0.5–1.5 of the
-input size) and horizontal flips.
+input size) and horizontal flips. The model may be a PyTorch module or an ONNX export run by
+onnxruntime (:class:`slsdeep.export.OnnxModel`): same inputs, same logits.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_probability(model: torch.nn.Module, image: Image.Image, image_size: int = 384, tta: bool = False) -> np.ndarray:
-    """Lesion probability (float32, the image's original height × width) for one RGB PIL image."""
-    device = next(model.parameters()).device
+def predict_probability(model, image: Image.Image, image_size: int = 384, tta: bool = False) -> np.ndarray:
+    """Lesion probability (float32, the image's original height × width) for one RGB PIL image.
+
+    ``model``: an ``nn.Module``, or any callable from normalised images to logits that names the
+    device its inputs go to as ``input_device`` (:class:`slsdeep.export.OnnxModel`).
+    """
+    device = getattr(model, "input_device", None) or next(model.parameters()).device
     height, width = image.height, image.width
     scales = TTA_SCALES if tta else (1.0,)
     total = torch.zeros(1, 1, height, width, device=device)

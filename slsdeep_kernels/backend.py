@@ -82,6 +82,14 @@ def cuda_extension_error() -> str | None:
     return _load_extension("slsdeep_kernels._C_cuda")
 
 
+def load_extensions() -> None:
+    """Register the compiled kernels now (each failure warned once): a loaded ``torch.export``
+    program calls the custom ops directly, without an op ever resolving its backend."""
+    cpu_extension_error()
+    if torch.cuda.is_available():
+        cuda_extension_error()
+
+
 def triton_interpreted() -> bool:
     """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
