@@ -245,7 +245,9 @@ def _launcher(op: str, name: str):
 
 def _loss_cases(group, label, logits: Geometry, target: Geometry, target_dtype, dtype, layout, passes) -> list[Case]:
     """``passes``: which of the loss's launches: "mean+grad", "mean", "sum+grad", "none" (forward and the
-    map's backward), "scale" (the backward of mean/sum)."""
+    map's backward), "scale" / "scale-sum" (the backward of mean / sum: the saved gradient scaled in
+    place by the upstream gradient, which backward turns to fp32 where the forward deferred the mean's
+    1/(N·H·W): see nll_epe_loss._saved_gradient_scale)."""
     cases = []
     n, _, h, w = logits.shape
     for kind in passes:
@@ -256,9 +258,14 @@ def _loss_cases(group, label, logits: Geometry, target: Geometry, target_dtype, 
             if kind == "none":
                 forward(x, t, 0.5, "none", True)
                 _launcher("nll_epe_loss", "_triton_backward")(Geometry.dense((n, h, w)).empty(DTYPES[dtype]), x, t, 0.5)
-            elif kind == "scale":
-                _, gradient = forward(x, t, 0.5, "mean", True)
-                _launcher("nll_epe_loss", "_triton_scale")(gradient, torch.empty((), dtype=DTYPES[dtype]))
+            elif kind in ("scale", "scale-sum"):
+                reduction = "mean" if kind == "scale" else "sum"
+                _, gradient = forward(x, t, 0.5, reduction, True)
+                pixels = n * h * w
+                saved = _launcher("nll_epe_loss", "_saved_gradient_scale")(DTYPES[dtype], reduction, pixels)
+                deferred = (1.0 / pixels if reduction == "mean" else 1.0) / saved  # as _setup_context computes it
+                factor_dtype = torch.float32 if deferred != 1.0 else DTYPES[dtype]  # as _scaled_gradient passes it
+                _launcher("nll_epe_loss", "_triton_scale")(gradient, torch.empty((), dtype=factor_dtype))
             else:
                 reduction, _, grad = kind.partition("+")
                 forward(x, t, 0.5, reduction, bool(grad))
@@ -492,7 +499,7 @@ def gpu_test_cases() -> list[Case]:
         for c in (1, 2):
             for dtype in DTYPES:
                 logits, target = Geometry.dense((n, c, h, w)), Geometry.dense((n, h, w))
-                passes = ("mean+grad", "sum+grad", "scale", "none")
+                passes = ("mean+grad", "sum+grad", "scale", "scale-sum", "none")
                 cases += _loss_cases("tests", "test_nll_epe_loss:", logits, target, target_dtype, dtype, "nchw", passes)
     logits = Geometry.dense((2, 2, 130, 67), channels_last=True)
     cases += _loss_cases("tests", "test_nll_epe_loss:", logits, Geometry.dense((2, 130, 67)), torch.float32, "float32",
