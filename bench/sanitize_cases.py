@@ -36,7 +36,6 @@ if str(ROOT) not in sys.path:  # run as a script (bench/ is sys.path[0]): the pa
     sys.path.insert(0, str(ROOT))
 
 BACKENDS = ("triton", "cuda")
-BINS = (1, 2, 3, 6)
 
 
 def _dtype(name):
@@ -104,16 +103,17 @@ def pyramid_case(what, *, dtype, n, c, side, cb, out=64, channels_last=False, al
 
         import slsdeep_kernels
 
+        bins = slsdeep_kernels.PYRAMID_BINS
         dt = _dtype(dtype)
         x = torch.randn(n, c, *side, dtype=dt, device=device)
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
-        branches = [torch.randn(n, cb, b, b, dtype=dt, device=device, requires_grad=True) for b in BINS]
-        weight = (torch.randn(out, c + len(BINS) * cb, 3, 3, dtype=dt, device=device) / 40).requires_grad_()
+        branches = [torch.randn(n, cb, b, b, dtype=dt, device=device, requires_grad=True) for b in bins]
+        weight = (torch.randn(out, c + len(bins) * cb, 3, 3, dtype=dt, device=device) / 40).requires_grad_()
         bias = torch.randn(out, dtype=dt, device=device, requires_grad=True)
         x.requires_grad_()
         if what == "pool":
-            return (lambda x: slsdeep_kernels.pyramid_pool(x, BINS, backend=backend)), [x]
+            return (lambda x: slsdeep_kernels.pyramid_pool(x, bins, backend=backend)), [x]
         if what == "upsample_concat":
             return (lambda x, *b: slsdeep_kernels.upsample_concat(x, list(b), align_corners, backend=backend)), [x, *branches]
         return (lambda x, w, bias, *b: slsdeep_kernels.pyramid_conv3x3(x, list(b), w, bias, align_corners, backend=backend),

@@ -12,9 +12,9 @@ from slsdeep_kernels.nn import ConvBNReLU2d
 from slsdeep_kernels.ops.conv_bn_relu import conv_bn_relu, conv_bn_relu_modules
 from slsdeep_kernels.ops.nll_epe_loss import nll_epe_loss
 from slsdeep_kernels.nn import PyramidDecoderBlock, PyramidPooling
-from slsdeep_kernels.ops.pyramid import pyramid_conv3x3, pyramid_pool, upsample_concat
+from slsdeep_kernels.ops.pyramid import PYRAMID_BINS, pyramid_conv3x3, pyramid_pool, upsample_concat
 from slsdeep_kernels.onnx import onnx_translations  # imports onnxscript only when called
 
-__all__ = ["BACKENDS", "available_backends", "nll_epe_loss", "NLLEPELoss", "pyramid_pool", "upsample_concat", "pyramid_conv3x3", "PyramidPooling", "PyramidDecoderBlock", "conv_bn_relu", "conv_bn_relu_modules", "ConvBNReLU2d", "fuse_conv_bn_relu", "onnx_translations"]
+__all__ = ["BACKENDS", "available_backends", "nll_epe_loss", "NLLEPELoss", "pyramid_pool", "upsample_concat", "pyramid_conv3x3", "PYRAMID_BINS", "PyramidPooling", "PyramidDecoderBlock", "conv_bn_relu", "conv_bn_relu_modules", "ConvBNReLU2d", "fuse_conv_bn_relu", "onnx_translations"]
 
 _load_extensions()  # a loaded torch.export program calls the compiled kernels without resolving a backend

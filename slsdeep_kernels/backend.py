@@ -105,6 +105,18 @@ def triton_error() -> str | None:
     return None
 
 
+# The compiled kernels (csrc/): the ``<op>_kernel`` ops the extensions register in this namespace.
+COMPILED = torch.ops.slsdeep_kernels
+
+
+def triton_kernels(module: str):
+    """The Triton kernels and launchers of ``module`` (``slsdeep_kernels.ops.<module>_triton``),
+    imported on first use: ``import slsdeep_kernels`` and every other backend never import triton."""
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError(f"{module}: backend 'triton' cannot run here: triton is not installed (pip install triton)")
+    return importlib.import_module(f"slsdeep_kernels.ops.{module}_triton")
+
+
 def _backend_error(name: str) -> str | None:
     return {
         "reference": lambda: None,
@@ -224,6 +236,15 @@ def new_output(shape, *, dtype: torch.dtype, device: torch.device, memory_format
 # device and tests and the ahead-of-time compile check (``slsdeep_kernels.compile_check``) can
 # observe each launch with the arguments the GPU path computes.
 _launch_observer = None
+
+
+def no_double_backward(op: str):
+    """The autograd formula of a backward custom op: it raises (the fused backwards are not differentiable)."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{op}: double backward is not supported")
+
+    return backward
 
 
 def launch(kernel, grid, *args, **meta) -> None:

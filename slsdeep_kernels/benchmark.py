@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slsdeep_kernels.ops.pyramid import PYRAMID_BINS
+
 WAYS = ("fused", "eager", "compile")
 PASSES = ("forward", "backward", "both")
 
@@ -236,7 +238,6 @@ def measure(case: Case, way: str, which: str, device: torch.device | str, *, rep
 # The op cases: the shapes each op's issue sets its targets at.
 # ---------------------------------------------------------------------------------------------
 
-PYRAMID_BINS = (1, 2, 3, 6)
 
 
 def _nll_epe_cases(device: torch.device) -> list[Case]:

@@ -13,7 +13,7 @@ committed table ``bench/compile/triton-sm90.json``.
 
 How the variants are found. Every Triton launch goes through :func:`slsdeep_kernels.backend.launch`;
 under :func:`~slsdeep_kernels.backend.observe_launches` the real launcher functions of each op
-(``_triton_forward``, ``_triton_pool``, ``_eval_triton``, ...) are called with ordinary CPU tensors of
+(``forward``, ``pool``, ``eval_forward``, ...) are called with ordinary CPU tensors of
 the real shapes, strides and storage offsets (``torch.empty``: nothing runs), in a process without
 ``TRITON_INTERPRET`` (so tile, precision and warp decisions are the GPU's). Each captured launch is
 then specialised by **Triton's own JIT**: ``JITFunction.run(..., warmup=True)`` runs with a stand-in
@@ -105,6 +105,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from slsdeep_kernels.ops.pyramid import PYRAMID_BINS
+
 FORMAT = 1
 DEFAULT_TABLE = "bench/compile/triton-sm90.json"
 # cudaDevAttrMaxSharedMemoryPerBlockOptin, what Triton compares a kernel's shared memory with at launch.
@@ -122,17 +124,17 @@ FLAG_SETTINGS = {
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # The launcher functions the cases call (a missing one is a clear error: the cases need updating).
 OPS = {
-    "nll_epe_loss": "slsdeep_kernels.ops.nll_epe_loss",
-    "pyramid": "slsdeep_kernels.ops.pyramid",
-    "conv_bn_relu": "slsdeep_kernels.ops.conv_bn_relu",
+    "nll_epe_loss": "slsdeep_kernels.ops.nll_epe_loss_triton",
+    "pyramid": "slsdeep_kernels.ops.pyramid_triton",
+    "conv_bn_relu": "slsdeep_kernels.ops.conv_bn_relu_triton",
 }
 LAUNCHERS = {
-    "nll_epe_loss": ("_triton_forward", "_triton_backward", "_triton_scale"),
+    "nll_epe_loss": ("forward", "backward", "scale"),
     "pyramid": (
-        "_triton_pool", "_triton_pool_backward", "_triton_upsample_concat", "_triton_upsample_concat_backward",
-        "_triton_taps_add", "_triton_taps_backward",
+        "pool", "pool_backward", "upsample_concat", "upsample_concat_backward",
+        "taps_add", "taps_backward",
     ),
-    "conv_bn_relu": ("_eval_triton", "_train_triton", "_train_backward_triton"),
+    "conv_bn_relu": ("eval_forward", "train_forward", "train_backward"),
 }  # fmt: skip
 MODEL_BATCH, MODEL_SIZE = 16, 384
 
@@ -230,7 +232,13 @@ class Case:
 
 
 def _module(op: str):
+    """The op's Triton module (kernels and launchers)."""
     return importlib.import_module(OPS[op])
+
+
+def _op_module(op: str):
+    """The op's module (custom ops and public functions)."""
+    return importlib.import_module(f"slsdeep_kernels.ops.{op}")
 
 
 def _launcher(op: str, name: str):
@@ -253,19 +261,19 @@ def _loss_cases(group, label, logits: Geometry, target: Geometry, target_dtype, 
     for kind in passes:
 
         def run(kind=kind):
-            forward = _launcher("nll_epe_loss", "_triton_forward")
+            forward = _launcher("nll_epe_loss", "forward")
             x, t = logits.empty(DTYPES[dtype]), target.empty(target_dtype)
             if kind == "none":
                 forward(x, t, 0.5, "none", True)
-                _launcher("nll_epe_loss", "_triton_backward")(Geometry.dense((n, h, w)).empty(DTYPES[dtype]), x, t, 0.5)
+                _launcher("nll_epe_loss", "backward")(Geometry.dense((n, h, w)).empty(DTYPES[dtype]), x, t, 0.5)
             elif kind in ("scale", "scale-sum"):
                 reduction = "mean" if kind == "scale" else "sum"
                 _, gradient = forward(x, t, 0.5, reduction, True)
                 pixels = n * h * w
-                saved = _launcher("nll_epe_loss", "_saved_gradient_scale")(DTYPES[dtype], reduction, pixels)
+                saved = _op_module("nll_epe_loss")._saved_gradient_scale(DTYPES[dtype], reduction, pixels)
                 deferred = (1.0 / pixels if reduction == "mean" else 1.0) / saved  # as _setup_context computes it
                 factor_dtype = torch.float32 if deferred != 1.0 else DTYPES[dtype]  # as _scaled_gradient passes it
-                _launcher("nll_epe_loss", "_triton_scale")(gradient, torch.empty((), dtype=factor_dtype))
+                _launcher("nll_epe_loss", "scale")(gradient, torch.empty((), dtype=factor_dtype))
             else:
                 reduction, _, grad = kind.partition("+")
                 forward(x, t, 0.5, reduction, bool(grad))
@@ -277,10 +285,10 @@ def _loss_cases(group, label, logits: Geometry, target: Geometry, target_dtype, 
 
 def _pyramid_pool_case(group, label, x: Geometry, bins, dtype, layout, backward: bool) -> Case:
     def run():
-        pooled = _launcher("pyramid", "_triton_pool")(x.empty(DTYPES[dtype]), list(bins))
+        pooled = _launcher("pyramid", "pool")(x.empty(DTYPES[dtype]), list(bins))
         if backward:
             grad = Geometry.dense(pooled.shape).empty(DTYPES[dtype])
-            _launcher("pyramid", "_triton_pool_backward")(grad, list(bins), x.shape[2], x.shape[3], layout == "channels_last")
+            _launcher("pyramid", "pool_backward")(grad, list(bins), x.shape[2], x.shape[3], layout == "channels_last")
 
     return Case(group, "pyramid", f"{label} pyramid_pool x {x.describe()} bins {tuple(bins)}{' +backward' if backward else ''}", dtype, layout, run)
 
@@ -295,15 +303,15 @@ def _pyramid_conv_case(group, label, x: Geometry, branches: Sequence[Geometry], 
         # as _pyramid_conv3x3_op builds them (the weight split once, one matmul per branch), on the meta
         # device (a bf16 matmul of the model's size takes seconds on a CPU), then materialised
         ys = [g.empty(d, "meta") for g in branches]
-        _, branch_weights = _launcher("pyramid", "_split_weight")(weight.empty(d, "meta"), ys, x.shape[1])
-        taps = [Geometry.of(z).empty(d) for z in _launcher("pyramid", "_taps")(branch_weights, ys)]
+        _, branch_weights = _op_module("pyramid")._split_weight(weight.empty(d, "meta"), ys, x.shape[1])
+        taps = [Geometry.of(z).empty(d) for z in _op_module("pyramid")._taps(branch_weights, ys)]
         out_shape = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
         out = Geometry.dense(out_shape, layout == "channels_last").empty(d)
-        _launcher("pyramid", "_triton_taps_add")(out, taps, align_corners)
+        _launcher("pyramid", "taps_add")(out, taps, align_corners)
         if backward:
             g = grad if grad is not None else Geometry.dense(out_shape, layout == "channels_last")
             sizes = [s for y in branches for s in y.shape[2:]]
-            _launcher("pyramid", "_triton_taps_backward")(g.empty(d), sizes, align_corners)
+            _launcher("pyramid", "taps_backward")(g.empty(d), sizes, align_corners)
 
     text = ", ".join(b.describe() for b in branches)
     return Case(group, "pyramid", f"{label} pyramid_conv3x3 x {x.describe()} branches [{text}] weight {weight.describe()} "
@@ -313,10 +321,10 @@ def _pyramid_conv_case(group, label, x: Geometry, branches: Sequence[Geometry], 
 def _upsample_case(group, label, x: Geometry, branches: Sequence[Geometry], align_corners, dtype, layout, grad: Geometry | None) -> Case:
     def run():
         d = DTYPES[dtype]
-        out = _launcher("pyramid", "_triton_upsample_concat")(x.empty(d), [b.empty(d) for b in branches], align_corners)
+        out = _launcher("pyramid", "upsample_concat")(x.empty(d), [b.empty(d) for b in branches], align_corners)
         if grad is not None:
             sizes = [s for b in branches for s in b.shape[1:]]
-            _launcher("pyramid", "_triton_upsample_concat_backward")(grad.empty(d), x.shape[1], sizes, align_corners)
+            _launcher("pyramid", "upsample_concat_backward")(grad.empty(d), x.shape[1], sizes, align_corners)
         del out
 
     text = ", ".join(b.describe() for b in branches)
@@ -357,8 +365,8 @@ class ConvCall:
 
 
 def _conv_case(group, label, call: ConvCall, dtype, layout, training: bool, param_dtype: str) -> Case:
-    """Eval: ``_eval_triton`` (BN parameters and running statistics in ``param_dtype``). Training: the
-    forward ``_train_triton`` and ``_train_backward_triton`` (BN parameters in ``param_dtype``)."""
+    """Eval: ``eval_forward`` (BN parameters and running statistics in ``param_dtype``). Training: the
+    forward ``train_forward`` and ``train_backward`` (BN parameters in ``param_dtype``)."""
 
     def run():
         d, p = DTYPES[dtype], DTYPES[param_dtype]
@@ -370,11 +378,11 @@ def _conv_case(group, label, call: ConvCall, dtype, layout, training: bool, para
         options = (list(call.stride), list(call.padding), list(call.dilation), call.groups, call.eps, call.relu)
         if not training:
             mean, var = torch.empty(co, dtype=p), torch.empty(co, dtype=p)
-            _launcher("conv_bn_relu", "_eval_triton")(x, weight, bias, gamma, beta, mean, var, *options)
+            _launcher("conv_bn_relu", "eval_forward")(x, weight, bias, gamma, beta, mean, var, *options)
             return
-        out, y, mean, var = _launcher("conv_bn_relu", "_train_triton")(x, weight, bias, gamma, beta, *options)
+        out, y, mean, var = _launcher("conv_bn_relu", "train_forward")(x, weight, bias, gamma, beta, *options)
         grad_out = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype)
-        backward = _launcher("conv_bn_relu", "_train_backward_triton")
+        backward = _launcher("conv_bn_relu", "train_backward")
         backward(grad_out, x, weight, bias, y, mean, var, gamma, beta, *options, [True, True, call.bias])
 
     mode = "train fwd+bwd" if training else "eval"
@@ -415,14 +423,14 @@ def _model_calls(channels_last: bool, training: bool) -> ModelCalls:
     calls = ModelCalls({}, [], [], None)
 
     def conv_bn_relu_modules(x, conv, bn, relu=True, memory_efficient=False):
-        padding = conv.padding if isinstance(conv.padding, tuple) else tuple(_module("conv_bn_relu")._conv_padding(conv))
+        padding = conv.padding if isinstance(conv.padding, tuple) else tuple(_op_module("conv_bn_relu")._conv_padding(conv))
         call = ConvCall(Geometry.of(x), Geometry.of(conv.weight), conv.bias is not None, tuple(conv.stride), tuple(padding),
                         tuple(conv.dilation), conv.groups, bn.weight is not None, bn.bias is not None, bn.eps, relu)  # fmt: skip
         calls.convs.setdefault(call, []).append(names[id(conv)])
         y = F.conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
         return torch.empty(y.shape, device="meta", memory_format=backend.preserved_format(x))
 
-    def pyramid_pool(x, bins=(1, 2, 3, 6), backend_=None):
+    def pyramid_pool(x, bins=PYRAMID_BINS, backend_=None):
         calls.pools.append((Geometry.of(x), tuple(bins)))
         return torch.empty((x.shape[0], x.shape[1], sum(b * b for b in bins)), device="meta")
 
@@ -506,7 +514,7 @@ def gpu_test_cases() -> list[Case]:
                          "channels_last", ("mean+grad", "scale", "none"))  # fmt: skip
     # tests/test_pyramid.py::test_gpu_ops: pool, upsample_concat and pyramid_conv3x3 forward and backward
     # (the tests' cotangents are dense NCHW whatever the layout), both align_corners
-    bins = (1, 2, 3, 6)
+    bins = PYRAMID_BINS
     for dtype in ("float32", "bfloat16"):
         for channels_last in (False, True):
             layout = _layout(channels_last)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from slsdeep_kernels import compile_check as cc
-from slsdeep_kernels.ops import conv_bn_relu as conv_op
+from slsdeep_kernels.ops import conv_bn_relu_triton as conv_op
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -187,7 +187,7 @@ import json, os, sys, tempfile
 import torch
 import tiny
 from slsdeep_kernels import compile_check as cc
-from slsdeep_kernels.ops import nll_epe_loss as loss_op
+from slsdeep_kernels.ops import nll_epe_loss_triton as loss_op
 
 out = {}
 # 1. every launcher and kernel of the tests' cases, through backend.launch, with the GPU decisions

@@ -8,16 +8,17 @@ import inspect
 
 import pytest
 import torch
-from triton.runtime.jit import KernelInterface
 
-from slsdeep_kernels import backend
-from slsdeep_kernels.ops import conv_bn_relu, nll_epe_loss, pyramid
+KernelInterface = pytest.importorskip("triton.runtime.jit").KernelInterface
 
-OP_MODULES = [conv_bn_relu, nll_epe_loss, pyramid]
+from slsdeep_kernels import backend  # noqa: E402
+from slsdeep_kernels.ops import conv_bn_relu_triton, nll_epe_loss_triton, pyramid, pyramid_triton  # noqa: E402
+
+TRITON_MODULES = [conv_bn_relu_triton, nll_epe_loss_triton, pyramid_triton]
 GRID_AXIS_LIMITS = (2**31 - 1, 65535, 65535)
 
 
-@pytest.mark.parametrize("module", OP_MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+@pytest.mark.parametrize("module", TRITON_MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_no_triton_kernel_is_launched_outside_backend_launch(module):
     kernels = {name for name, value in vars(module).items() if isinstance(value, KernelInterface)}
     assert kernels, "the module defines no Triton kernel"
@@ -97,9 +98,9 @@ def test_loss_batch_is_on_grid_axis_0():
     target = torch.zeros(LARGE, 1, 3, dtype=torch.uint8)
 
     def run():
-        nll_epe_loss._triton_forward(logits, target, 0.5, "mean", True)
-        nll_epe_loss._triton_forward(logits, target, 0.5, "none", False)
-        nll_epe_loss._triton_backward(torch.empty(LARGE, 1, 3), logits, target, 0.5)
+        nll_epe_loss_triton.forward(logits, target, 0.5, "mean", True)
+        nll_epe_loss_triton.forward(logits, target, 0.5, "none", False)
+        nll_epe_loss_triton.backward(torch.empty(LARGE, 1, 3), logits, target, 0.5)
 
     _assert_within_limits(_grids(run), LARGE)
 
@@ -110,14 +111,14 @@ def test_pyramid_batch_is_on_grid_axis_0():
     weight = torch.empty(2, 3, 3, 3)
 
     def run():
-        pyramid._triton_pool(x, [1, 2])
-        pyramid._triton_pool_backward(torch.empty(LARGE, 1, 5), [1, 2], 2, 3, False)
-        pyramid._triton_upsample_concat(x, branches, False)
-        pyramid._triton_upsample_concat_backward(torch.empty(LARGE, 3, 2, 3), 1, [1, 1, 1, 1, 2, 2], False)
+        pyramid_triton.pool(x, [1, 2])
+        pyramid_triton.pool_backward(torch.empty(LARGE, 1, 5), [1, 2], 2, 3, False)
+        pyramid_triton.upsample_concat(x, branches, False)
+        pyramid_triton.upsample_concat_backward(torch.empty(LARGE, 3, 2, 3), 1, [1, 1, 1, 1, 2, 2], False)
         _, branch_weights = pyramid._split_weight(weight, branches, 1)
         out = torch.empty(LARGE, 2, 2, 3)
-        pyramid._triton_taps_add(out, pyramid._taps(branch_weights, branches), False)
-        pyramid._triton_taps_backward(out, [1, 1, 2, 2], False)
+        pyramid_triton.taps_add(out, pyramid._taps(branch_weights, branches), False)
+        pyramid_triton.taps_backward(out, [1, 1, 2, 2], False)
 
     _assert_within_limits(_grids(run), LARGE)
 
@@ -129,7 +130,7 @@ def test_conv_groups_and_batch_are_on_grid_axis_0():
     one = [1, 1]
 
     def run():
-        conv_bn_relu._eval_triton(*depthwise, None, *stats, one, [0, 0], one, LARGE, 1e-5, True)
-        conv_bn_relu._train_triton(*batch, None, None, None, one, [0, 0], one, 1, 1e-5, True)
+        conv_bn_relu_triton.eval_forward(*depthwise, None, *stats, one, [0, 0], one, LARGE, 1e-5, True)
+        conv_bn_relu_triton.train_forward(*batch, None, None, None, one, [0, 0], one, 1, 1e-5, True)
 
     _assert_within_limits(_grids(run), LARGE)

@@ -28,25 +28,22 @@ CPU shape (4, 512, 48, 48; branches 4×256; conv to 128) in fp32: pool+upsample_
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
-from torch import Tensor, nn
+from torch import Tensor
 
-from slsdeep_kernels import backend as _backend
+from slsdeep_kernels import backend as backends
 
-DEFAULT_BINS = (1, 2, 3, 6)
+PYRAMID_BINS = (1, 2, 3, 6)  # PSPNet's bins, the default everywhere
 
 # ---------------------------------------------------------------------------------------------
-# 1. References: plain differentiable PyTorch. These are the spec.
+# 1. Reference: plain differentiable PyTorch, the spec.
 # ---------------------------------------------------------------------------------------------
 
 
-def pyramid_pool_reference(x: Tensor, bins: Sequence[int] = DEFAULT_BINS) -> Tensor:
+def pyramid_pool_reference(x: Tensor, bins: Sequence[int] = PYRAMID_BINS) -> Tensor:
     """(N, C, Σ b²): ``adaptive_avg_pool2d(x, b)`` of every bin, flattened row-major, in bin order."""
     return torch.cat([F.adaptive_avg_pool2d(x, b).flatten(2) for b in bins], dim=2)
 
@@ -66,276 +63,13 @@ def pyramid_conv3x3_reference(
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Triton kernels. Every op here is a sum of separable per-cell weights, so two kernels do all:
-#    reduce: out[n, c, k] = scale[k] · Σ_p x[n, c, p] · rows[k, h(p)] · cols[k, w(p)]
-#    expand: out[n, c, p] (+)= Σ_k v[n, c, k] · scale[k] · rows[k, h(p)] · cols[k, w(p)]
-#    with k a cell (pooling window, branch cell, or branch cell and 3×3 tap) and the per-axis
-#    weight tables built once per shape from PyTorch's own index rules. Both are tl.dot GEMMs
-#    over channel tiles: coalesced in NCHW and channels_last, fp32 accumulation.
+# 2. Custom ops (torch.library): schema, fake kernel, autograd. They run the compiled kernels
+#    ("cpu", "cuda") or the Triton launchers of ops/pyramid_triton.py ("triton", imported on first use).
 # ---------------------------------------------------------------------------------------------
 
-_BLOCK_C, _BLOCK_P, _BLOCK_K = 64, 64, 32
 
-
-def _reduce_tiles(dtype: torch.dtype) -> tuple[int, int]:
-    """reduce (BLOCK_P, most cells per k-tile): every cell of a k-tile shares one read of x (all 50
-    pooling cells of bins 1, 2, 3, 6 at once) up to 64 cells for 16-bit inputs, 32 for fp32 (tf32x3
-    splits each operand in two): the largest tiles that do not spill on sm_90 and sm_80 with triton
-    3.6 and 3.8 (ptxas -v: bench/compile/triton-sm90.json)."""
-    return (32, 32) if dtype == torch.float32 else (32, 64)
-
-
-@triton.jit
-def _reduce_kernel(
-    x_ptr, rows_ptr, cols_ptr, scale_ptr, out_ptr,
-    C, K, H, W,
-    x_sn, x_sc, x_sh, x_sw,
-    o_sn, o_sc, o_sk,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    # Grid (N · k tiles, channel tiles): the batch shares axis 0 (axes 1 and 2 stop at 65,535).
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    n = (tl.program_id(0) // k_tiles).to(tl.int64)
-    offs_k = (tl.program_id(0) % k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    mask_k = offs_k < K
-    mask_c = offs_c < C
-    acc = tl.zeros((BLOCK_C, BLOCK_K), dtype=tl.float32)
-    for p0 in range(0, H * W, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < H * W
-        h = offs_p // W
-        w = offs_p % W
-        x = tl.load(
-            x_ptr + n * x_sn + offs_c[:, None] * x_sc + h[None, :] * x_sh + w[None, :] * x_sw,
-            mask=mask_c[:, None] & mask_p[None, :],
-            other=0.0,
-        )
-        mask_w = mask_p[:, None] & mask_k[None, :]
-        weight = tl.load(rows_ptr + offs_k[None, :] * H + h[:, None], mask=mask_w, other=0.0)
-        weight *= tl.load(cols_ptr + offs_k[None, :] * W + w[:, None], mask=mask_w, other=0.0)
-        if DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), weight, input_precision=PRECISION)
-        else:
-            acc += tl.dot(x, weight.to(x.dtype))
-    acc *= tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
-    tl.store(
-        out_ptr + n * o_sn + offs_c[:, None] * o_sc + offs_k[None, :] * o_sk,
-        acc.to(out_ptr.dtype.element_ty),
-        mask=mask_c[:, None] & mask_k[None, :],
-    )
-
-
-@triton.jit
-def _expand_kernel(
-    v_ptr, rows_ptr, cols_ptr, scale_ptr, out_ptr,
-    C, K, H, W,
-    v_sn, v_sc, v_sk,
-    o_sn, o_sc, o_sh, o_sw,
-    ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    # Grid (N · pixel tiles, channel tiles): the batch shares axis 0 (axes 1 and 2 stop at 65,535).
-    p_tiles = tl.cdiv(H * W, BLOCK_P)
-    n = (tl.program_id(0) // p_tiles).to(tl.int64)
-    offs_p = (tl.program_id(0) % p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    mask_p = offs_p < H * W
-    mask_c = offs_c < C
-    h = offs_p // W
-    w = offs_p % W
-    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        v = tl.load(
-            v_ptr + n * v_sn + offs_c[:, None] * v_sc + offs_k[None, :] * v_sk,
-            mask=mask_c[:, None] & mask_k[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        v *= tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
-        mask_w = mask_k[:, None] & mask_p[None, :]
-        weight = tl.load(rows_ptr + offs_k[:, None] * H + h[None, :], mask=mask_w, other=0.0)
-        weight *= tl.load(cols_ptr + offs_k[:, None] * W + w[None, :], mask=mask_w, other=0.0)
-        if DOT_FP32:
-            acc += tl.dot(v, weight, input_precision=PRECISION)
-        else:
-            acc += tl.dot(v.to(out_ptr.dtype.element_ty), weight.to(out_ptr.dtype.element_ty))
-    offsets = n * o_sn + offs_c[:, None] * o_sc + h[None, :] * o_sh + w[None, :] * o_sw
-    mask = mask_c[:, None] & mask_p[None, :]
-    if ACCUMULATE:
-        acc += tl.load(out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _dot_mode(dtype: torch.dtype, tf32: bool) -> tuple[bool, str]:
-    """(dot in fp32, fp32 input precision). fp32 runs on tensor cores: "tf32" where PyTorch's flag
-    allows it, else "tf32x3" (three tf32 products: fp32's accuracy; the FMA "ieee" dot of these tiles
-    spills KBs of registers per thread). The interpreter gets low-precision dots wrong: fp32 "ieee" there."""
-    if _backend.triton_interpreted():
-        return True, "ieee"
-    return dtype == torch.float32, "tf32" if tf32 else "tf32x3"
-
-
-def _warps(dtype: torch.dtype) -> int:
-    """8 warps for fp32 (tf32x3 triples the operand registers: 4 spill), 4 for 16-bit inputs (8 get
-    128 registers a thread on sm_80 and spill): ptxas -v, bench/compile/triton-sm90.json."""
-    return 8 if dtype == torch.float32 else 4
-
-
-def _reduce(x: Tensor, tables: tuple[Tensor, Tensor, Tensor], out: Tensor, tf32: bool = False) -> Tensor:
-    """out (N, C, K) = the reduce kernel over x (N, C, H, W)."""
-    rows, cols, scale = tables
-    N, C, H, W = x.shape
-    K = rows.shape[0]
-    dot_fp32, precision = _dot_mode(x.dtype, tf32)
-    block_p, max_k = _reduce_tiles(x.dtype)
-    block_k = min(max_k, triton.next_power_of_2(max(K, 16)))
-    grid = (N * triton.cdiv(K, block_k), triton.cdiv(C, _BLOCK_C))
-    _backend.launch(
-        _reduce_kernel, grid, x, rows, cols, scale, out, C, K, H, W, *x.stride(), *out.stride(),
-        DOT_FP32=dot_fp32, PRECISION=precision, BLOCK_C=_BLOCK_C, BLOCK_P=block_p, BLOCK_K=block_k,
-        num_warps=_warps(x.dtype),
-    )  # fmt: skip
-    return out
-
-
-def _expand(v: Tensor, tables: tuple[Tensor, Tensor, Tensor], out: Tensor, accumulate: bool, tf32: bool = False) -> Tensor:
-    """out (N, C, H, W) (+)= the expand kernel over v (N, C, K)."""
-    rows, cols, scale = tables
-    N, C, H, W = out.shape
-    K = rows.shape[0]
-    dot_fp32, precision = _dot_mode(out.dtype, tf32)
-    grid = (N * triton.cdiv(H * W, _BLOCK_P), triton.cdiv(C, _BLOCK_C))
-    _backend.launch(
-        _expand_kernel, grid, v, rows, cols, scale, out, C, K, H, W, *v.stride(), *out.stride(),
-        ACCUMULATE=accumulate, DOT_FP32=dot_fp32, PRECISION=precision,
-        BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P, BLOCK_K=_BLOCK_K, num_warps=_warps(out.dtype),
-    )  # fmt: skip
-    return out
-
-
-def _window_matrix(size: int, cells: int, device: torch.device) -> Tensor:
-    """(cells, size) 0/1: row i marks the adaptive window [⌊i·size/cells⌋, ⌈(i+1)·size/cells⌉)."""
-    i = torch.arange(cells, device=device)[:, None]
-    p = torch.arange(size, device=device)[None, :]
-    return ((p >= i * size // cells) & (p < ((i + 1) * size + cells - 1) // cells)).float()
-
-
-def _linear_matrix(out_size: int, in_size: int, align_corners: bool, shift: int, device: torch.device) -> Tensor:
-    """(in_size, out_size) fp32: column o = PyTorch's bilinear weights read at o + shift (0 outside).
-
-    Built by resizing the identity, so it is PyTorch's index rule by construction.
-    """
-    eye = torch.eye(in_size, device=device).view(in_size, 1, in_size, 1)
-    matrix = F.interpolate(eye, size=(out_size, 1), mode="bilinear", align_corners=align_corners)[:, 0, :, 0]
-    shifted = torch.zeros_like(matrix)
-    if shift >= 0:
-        shifted[:, : out_size - shift] = matrix[:, shift:]
-    else:
-        shifted[:, -shift:] = matrix[:, :shift]
-    return shifted
-
-
-@functools.lru_cache(maxsize=64)
-def _pool_tables(height: int, width: int, bins: tuple[int, ...], device: torch.device):
-    """Per-axis 0/1 windows of every cell (bins in order, b×b row-major) and 1/area."""
-    rows, cols = [], []
-    for b in bins:
-        rows.append(_window_matrix(height, b, device).repeat_interleave(b, dim=0))
-        cols.append(_window_matrix(width, b, device).repeat(b, 1))
-    rows, cols = torch.cat(rows), torch.cat(cols)
-    return rows.contiguous(), cols.contiguous(), 1.0 / (rows.sum(1) * cols.sum(1))
-
-
-@functools.lru_cache(maxsize=64)
-def _upsample_tables(height: int, width: int, size: tuple[int, int], align_corners: bool, device: torch.device):
-    """Per-axis bilinear weights of every cell (i, j) of an h×w branch resized to height×width."""
-    h, w = size
-    rows = _linear_matrix(height, h, align_corners, 0, device).repeat_interleave(w, dim=0)
-    cols = _linear_matrix(width, w, align_corners, 0, device).repeat(h, 1)
-    return rows.contiguous(), cols.contiguous(), torch.ones(h * w, device=device)
-
-
-@functools.lru_cache(maxsize=64)
-def _tap_tables(height: int, width: int, sizes: tuple[tuple[int, int], ...], align_corners: bool, device: torch.device):
-    """Per-axis weights of every (branch, ky, kx, i, j): the bilinear stencil read at p + (ky, kx) - 1."""
-    rows, cols = [], []
-    for h, w in sizes:
-        for ky in range(3):
-            for kx in range(3):
-                rows.append(_linear_matrix(height, h, align_corners, ky - 1, device).repeat_interleave(w, dim=0))
-                cols.append(_linear_matrix(width, w, align_corners, kx - 1, device).repeat(h, 1))
-    rows, cols = torch.cat(rows), torch.cat(cols)
-    return rows.contiguous(), cols.contiguous(), torch.ones(rows.shape[0], device=device)
-
-
-def _triton_pool(x: Tensor, bins: list[int]) -> Tensor:
-    out = _backend.new_output((x.shape[0], x.shape[1], _cells(bins)), dtype=x.dtype, device=x.device)
-    return _reduce(x, _pool_tables(x.shape[2], x.shape[3], tuple(bins), x.device), out)
-
-
-def _triton_pool_backward(grad: Tensor, bins: list[int], height: int, width: int, channels_last: bool) -> Tensor:
-    out = _backend.new_output(
-        (grad.shape[0], grad.shape[1], height, width), dtype=grad.dtype, device=grad.device,
-        memory_format=_format(channels_last),
-    )  # fmt: skip
-    return _expand(grad, _pool_tables(height, width, tuple(bins), grad.device), out, accumulate=False)
-
-
-def _triton_upsample_concat(x: Tensor, branches: list[Tensor], align_corners: bool) -> Tensor:
-    N, C, H, W = x.shape
-    out = _backend.new_output(
-        (N, C + sum(y.shape[1] for y in branches), H, W), dtype=x.dtype, device=x.device,
-        memory_format=_memory_format(x),
-    )  # fmt: skip
-    out[:, :C].copy_(x)
-    offset = C
-    for y in branches:
-        tables = _upsample_tables(H, W, tuple(y.shape[2:]), align_corners, x.device)
-        _expand(y.reshape(N, y.shape[1], -1), tables, out[:, offset : offset + y.shape[1]], accumulate=False)
-        offset += y.shape[1]
-    return out
-
-
-def _triton_upsample_concat_backward(grad: Tensor, channels: int, sizes: list[int], align_corners: bool) -> list[Tensor]:
-    N, _, H, W = grad.shape
-    grads, offset = [], channels
-    for cb, h, w in zip(sizes[0::3], sizes[1::3], sizes[2::3]):
-        out = _backend.new_output((N, cb, h * w), dtype=grad.dtype, device=grad.device)
-        _reduce(grad[:, offset : offset + cb], _upsample_tables(H, W, (h, w), align_corners, grad.device), out)
-        grads.append(out.view(N, cb, h, w))
-        offset += cb
-    return grads
-
-
-def _triton_taps_add(out: Tensor, taps: list[Tensor], align_corners: bool) -> None:
-    if not taps:
-        return
-    N, Co, H, W = out.shape
-    sizes = tuple(tuple(z.shape[4:]) for z in taps)
-    values = torch.cat([z.reshape(N, Co, -1) for z in taps], dim=2)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    _expand(values, _tap_tables(H, W, sizes, align_corners, out.device), out, accumulate=True, tf32=tf32)
-
-
-def _triton_taps_backward(grad: Tensor, sizes: list[int], align_corners: bool) -> list[Tensor]:
-    N, Co, H, W = grad.shape
-    pairs = tuple(zip(sizes[0::2], sizes[1::2]))
-    if not pairs:
-        return []
-    tables = _tap_tables(H, W, pairs, align_corners, grad.device)
-    out = _backend.new_output((N, Co, tables[0].shape[0]), dtype=grad.dtype, device=grad.device)
-    _reduce(grad, tables, out, tf32=torch.backends.cuda.matmul.allow_tf32)
-    return [z.reshape(N, Co, 3, 3, h, w) for z, (h, w) in zip(out.split([9 * h * w for h, w in pairs], dim=2), pairs)]
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. Custom ops (torch.library): forward and backward per op; the compiled kernels for "cpu"/"cuda".
-# ---------------------------------------------------------------------------------------------
-
-_kernels = torch.ops.slsdeep_kernels
+def _triton():
+    return backends.triton_kernels("pyramid")
 
 
 def _cells(bins: Sequence[int]) -> int:
@@ -343,27 +77,15 @@ def _cells(bins: Sequence[int]) -> int:
 
 
 def _is_channels_last(x: Tensor) -> bool:
-    return _backend.preserved_format(x) == torch.channels_last
+    return backends.preserved_format(x) == torch.channels_last
 
 
 def _format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """Outputs follow x: channels_last when x is (and is not also plain contiguous)."""
-    return _format(_is_channels_last(x))
-
-
 def _empty(shape, like: Tensor, memory_format=torch.contiguous_format) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
-
-
-def _no_double_backward(op: str):
-    def backward(ctx, *grads):
-        raise RuntimeError(f"{op}: double backward is not supported")
-
-    return backward
 
 
 # --- pyramid_pool
@@ -372,8 +94,8 @@ def _no_double_backward(op: str):
 @torch.library.custom_op("slsdeep_kernels::pyramid_pool", mutates_args=())
 def _pyramid_pool_op(x: Tensor, bins: list[int], backend: str) -> Tensor:
     if backend == "triton":
-        return _triton_pool(x, bins)
-    return _kernels.pyramid_pool_kernel(x, bins)
+        return _triton().pool(x, bins)
+    return backends.COMPILED.pyramid_pool_kernel(x, bins)
 
 
 @_pyramid_pool_op.register_fake
@@ -386,8 +108,8 @@ def _pyramid_pool_backward_op(
     grad: Tensor, bins: list[int], height: int, width: int, channels_last: bool, backend: str
 ) -> Tensor:
     if backend == "triton":
-        return _triton_pool_backward(grad, bins, height, width, channels_last)
-    return _kernels.pyramid_pool_backward_kernel(grad, bins, height, width, channels_last)
+        return _triton().pool_backward(grad, bins, height, width, channels_last)
+    return backends.COMPILED.pyramid_pool_backward_kernel(grad, bins, height, width, channels_last)
 
 
 @_pyramid_pool_backward_op.register_fake
@@ -407,7 +129,7 @@ def _pool_backward(ctx, grad):
 
 
 torch.library.register_autograd("slsdeep_kernels::pyramid_pool", _pool_backward, setup_context=_pool_setup)
-_pyramid_pool_backward_op.register_autograd(_no_double_backward("pyramid_pool"))
+_pyramid_pool_backward_op.register_autograd(backends.no_double_backward("pyramid_pool"))
 
 # --- upsample_concat
 
@@ -415,14 +137,14 @@ _pyramid_pool_backward_op.register_autograd(_no_double_backward("pyramid_pool"))
 @torch.library.custom_op("slsdeep_kernels::upsample_concat", mutates_args=())
 def _upsample_concat_op(x: Tensor, branches: list[Tensor], align_corners: bool, backend: str) -> Tensor:
     if backend == "triton":
-        return _triton_upsample_concat(x, branches, align_corners)
-    return _kernels.upsample_concat_kernel(x, branches, align_corners, _is_channels_last(x))
+        return _triton().upsample_concat(x, branches, align_corners)
+    return backends.COMPILED.upsample_concat_kernel(x, branches, align_corners, _is_channels_last(x))
 
 
 @_upsample_concat_op.register_fake
 def _(x, branches, align_corners, backend):
     N, C, H, W = x.shape
-    return _empty((N, C + sum(y.shape[1] for y in branches), H, W), x, _memory_format(x))
+    return _empty((N, C + sum(y.shape[1] for y in branches), H, W), x, backends.preserved_format(x))
 
 
 @torch.library.custom_op("slsdeep_kernels::upsample_concat_backward", mutates_args=())
@@ -430,8 +152,8 @@ def _upsample_concat_backward_op(
     grad: Tensor, channels: int, branch_sizes: list[int], align_corners: bool, backend: str
 ) -> list[Tensor]:
     if backend == "triton":
-        return _triton_upsample_concat_backward(grad, channels, branch_sizes, align_corners)
-    return _kernels.upsample_concat_backward_kernel(grad, channels, branch_sizes, align_corners)
+        return _triton().upsample_concat_backward(grad, channels, branch_sizes, align_corners)
+    return backends.COMPILED.upsample_concat_backward_kernel(grad, channels, branch_sizes, align_corners)
 
 
 @_upsample_concat_backward_op.register_fake
@@ -452,7 +174,7 @@ def _upsample_backward(ctx, grad):
 
 
 torch.library.register_autograd("slsdeep_kernels::upsample_concat", _upsample_backward, setup_context=_upsample_setup)
-_upsample_concat_backward_op.register_autograd(_no_double_backward("upsample_concat"))
+_upsample_concat_backward_op.register_autograd(backends.no_double_backward("upsample_concat"))
 
 # --- pyramid_conv3x3
 
@@ -492,12 +214,12 @@ def _pyramid_conv3x3_op(
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """(out, x's weight slice, the branches' (C_out·9, C_b) weights): the last two are saved for backward."""
     weight_x, branch_weights = _split_weight(weight, branches, x.shape[1])
-    out = F.conv2d(x, weight_x, bias, padding=1).contiguous(memory_format=_memory_format(x))
+    out = F.conv2d(x, weight_x, bias, padding=1).contiguous(memory_format=backends.preserved_format(x))
     taps = _taps(branch_weights, branches)
     if backend == "triton":
-        _triton_taps_add(out, taps, align_corners)
+        _triton().taps_add(out, taps, align_corners)
     else:
-        _kernels.pyramid_taps_add_kernel(out, taps, align_corners)
+        backends.COMPILED.pyramid_taps_add_kernel(out, taps, align_corners)
     return out, weight_x, branch_weights
 
 
@@ -505,7 +227,7 @@ def _pyramid_conv3x3_op(
 def _(x, branches, weight, bias, align_corners, backend):
     out_channels = weight.shape[0]
     return (
-        _empty((x.shape[0], out_channels, x.shape[2], x.shape[3]), x, _memory_format(x)),
+        _empty((x.shape[0], out_channels, x.shape[2], x.shape[3]), x, backends.preserved_format(x)),
         _empty((out_channels, x.shape[1], 3, 3), weight),
         [_empty((out_channels * 9, y.shape[1]), weight) for y in branches],
     )
@@ -532,9 +254,9 @@ def _pyramid_conv3x3_backward_op(
     if need_branches or need_weight:
         sizes = [size for y in branches for size in y.shape[2:]]
         if backend == "triton":
-            grad_taps = _triton_taps_backward(grad, sizes, align_corners)
+            grad_taps = _triton().taps_backward(grad, sizes, align_corners)
         else:
-            grad_taps = _kernels.pyramid_taps_backward_kernel(grad, sizes, align_corners)
+            grad_taps = backends.COMPILED.pyramid_taps_backward_kernel(grad, sizes, align_corners)
         for y, w9, grad_z in zip(branches, branch_weights, grad_taps):
             N, cb, h, w = y.shape
             grad_z = grad_z.permute(1, 2, 3, 0, 4, 5).reshape(-1, N * h * w)  # (C_out·9, N·h·w)
@@ -545,7 +267,7 @@ def _pyramid_conv3x3_backward_op(
                 grad_weights.append(grad_w9.view(out_channels, 3, 3, cb).permute(0, 3, 1, 2))
     empty = x.new_empty(0)
     return (
-        grad_x.contiguous(memory_format=_memory_format(x)) if need_x else empty,
+        grad_x.contiguous(memory_format=backends.preserved_format(x)) if need_x else empty,
         grad_branches,
         torch.cat(grad_weights, dim=1) if need_weight else empty.clone(),
         grad_bias if need_bias else empty.clone(),
@@ -557,7 +279,7 @@ def _(grad, x, branches, weight_x, branch_weights, align_corners, output_mask, b
     need_x, need_branches, need_weight, need_bias = output_mask
     out_channels, channels = weight_x.shape[0], x.shape[1] + sum(y.shape[1] for y in branches)
     return (
-        _empty(x.shape, x, _memory_format(x)) if need_x else _empty((0,), x),
+        _empty(x.shape, x, backends.preserved_format(x)) if need_x else _empty((0,), x),
         [_empty(y.shape, y) for y in branches] if need_branches else [],
         _empty((out_channels, channels, 3, 3), weight_x) if need_weight else _empty((0,), x),
         _empty((out_channels,), weight_x) if need_bias else _empty((0,), x),
@@ -600,10 +322,10 @@ def _conv_backward(ctx, grad, _grad_weight_x, _grad_branch_weights):
 
 
 torch.library.register_autograd("slsdeep_kernels::pyramid_conv3x3", _conv_backward, setup_context=_conv_setup)
-_pyramid_conv3x3_backward_op.register_autograd(_no_double_backward("pyramid_conv3x3"))
+_pyramid_conv3x3_backward_op.register_autograd(backends.no_double_backward("pyramid_conv3x3"))
 
 # ---------------------------------------------------------------------------------------------
-# 4. The public functions: validate, pick the backend, run the reference or the custom op.
+# 3. Public functions: validation, the backend, then the reference or the custom op.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -643,11 +365,11 @@ def _check_branches(op: str, x: Tensor, branches) -> list[Tensor]:
             raise ValueError(f"{op}: {name} has dtype {y.dtype}, x has {x.dtype}")
         if y.shape[2] == 0 or y.shape[3] == 0:
             raise ValueError(f"{op}: {name} must have a non-empty image; got shape {tuple(y.shape)}")
-    _backend.common_device(op, x=x, **{f"branches[{i}]": y for i, y in enumerate(branches)})
+    backends.common_device(op, x=x, **{f"branches[{i}]": y for i, y in enumerate(branches)})
     return branches
 
 
-def pyramid_pool(x: Tensor, bins: Sequence[int] = DEFAULT_BINS, backend: str | None = None) -> Tensor:
+def pyramid_pool(x: Tensor, bins: Sequence[int] = PYRAMID_BINS, backend: str | None = None) -> Tensor:
     """Adaptive average pooling of ``x (N, C, H, W)`` at every bin, one read of ``x``.
 
     Returns ``(N, C, Σ b²)``: the bins in the given order, each b×b row-major (``[:, :, o:o+b*b]``
@@ -656,7 +378,7 @@ def pyramid_pool(x: Tensor, bins: Sequence[int] = DEFAULT_BINS, backend: str | N
     op = "pyramid_pool"
     bins = _check_bins(op, bins)
     _check_image(op, x)
-    name = _backend.resolve(op, x.device, x.dtype, backend)
+    name = backends.resolve(op, x.device, x.dtype, backend)
     if name == "reference":
         return pyramid_pool_reference(x, bins)
     return _pyramid_pool_op(x, list(bins), name)
@@ -673,7 +395,7 @@ def upsample_concat(
     op = "upsample_concat"
     _check_image(op, x)
     branches = _check_branches(op, x, branches)
-    name = _backend.resolve(op, x.device, x.dtype, backend)
+    name = backends.resolve(op, x.device, x.dtype, backend)
     if name == "reference":
         return upsample_concat_reference(x, branches, align_corners)
     return _upsample_concat_op(x, branches, bool(align_corners), name)
@@ -715,97 +437,8 @@ def pyramid_conv3x3(
         raise ValueError(f"{op}: bias must be None or of shape ({weight.shape[0]},); got {shape}")
     if bias is not None and bias.dtype != x.dtype:
         raise ValueError(f"{op}: bias has dtype {bias.dtype}, x has {x.dtype}")
-    _backend.common_device(op, x=x, weight=weight, bias=bias)
-    name = _backend.resolve(op, x.device, x.dtype, backend)
+    backends.common_device(op, x=x, weight=weight, bias=bias)
+    name = backends.resolve(op, x.device, x.dtype, backend)
     if name == "reference":
         return pyramid_conv3x3_reference(x, branches, weight, bias, align_corners)
     return _pyramid_conv3x3_op(x, branches, weight, bias, bool(align_corners), name)[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. Modules (exported from slsdeep_kernels.nn). Plain Conv2d/BatchNorm2d/ReLU children named
-#    conv/bn/relu, so state dicts read like PSPNet's and a Conv-BN-ReLU fusion pass can find them.
-# ---------------------------------------------------------------------------------------------
-
-
-class PyramidStage(nn.Module):
-    """One pyramid branch: 1×1 conv (no bias) + BatchNorm + ReLU on a pooled b×b map."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.relu(self.bn(self.conv(x)))
-
-
-class PyramidPooling(nn.Module):
-    """PSPNet's pyramid pooling module: ``cat([x] + [up(relu(bn(conv1x1(adaptive_pool(x, b)))))])``.
-
-    All bins are pooled in one pass (:func:`pyramid_pool`) and the branches are upsampled straight
-    into the concatenation (:func:`upsample_concat`). Output: ``in_channels + len(bins)·branch_channels``
-    channels at x's size. In training, batch 1 raises (BatchNorm of the 1×1 bin has one value per channel).
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        branch_channels: int,
-        bins: Sequence[int] = DEFAULT_BINS,
-        align_corners: bool = False,
-        backend: str | None = None,
-    ):
-        super().__init__()
-        self.bins = _check_bins("PyramidPooling", bins)
-        self.in_channels, self.branch_channels = in_channels, branch_channels
-        self.align_corners, self.backend = align_corners, backend
-        self.stages = nn.ModuleList(PyramidStage(in_channels, branch_channels) for _ in self.bins)
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels + len(self.bins) * self.branch_channels
-
-    def branches(self, x: Tensor) -> list[Tensor]:
-        """The projected b×b maps of every bin, before upsampling."""
-        pooled = pyramid_pool(x, self.bins, self.backend)
-        branches, offset = [], 0
-        for b, stage in zip(self.bins, self.stages):
-            branches.append(stage(pooled[:, :, offset : offset + b * b].unflatten(2, (b, b))).to(x.dtype))
-            offset += b * b
-        return branches
-
-    def forward(self, x: Tensor) -> Tensor:
-        return upsample_concat(x, self.branches(x), self.align_corners, self.backend)
-
-    def extra_repr(self) -> str:
-        return f"bins={self.bins}, align_corners={self.align_corners}"
-
-
-class PyramidDecoderBlock(nn.Module):
-    """Pyramid pooling followed by 3×3 conv (no bias) + BatchNorm + ReLU over its concatenation.
-
-    Same numbers as ``relu(bn(conv(PyramidPooling(x))))`` but through :func:`pyramid_conv3x3`: the
-    ``in_channels + len(bins)·branch_channels``-channel concatenation is never built.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        branch_channels: int,
-        out_channels: int,
-        bins: Sequence[int] = DEFAULT_BINS,
-        align_corners: bool = False,
-        backend: str | None = None,
-    ):
-        super().__init__()
-        self.pyramid = PyramidPooling(in_channels, branch_channels, bins, align_corners, backend)
-        self.conv = nn.Conv2d(self.pyramid.out_channels, out_channels, kernel_size=3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        pyramid = self.pyramid
-        y = pyramid_conv3x3(x, pyramid.branches(x), self.conv.weight, self.conv.bias, pyramid.align_corners, pyramid.backend)
-        return self.relu(self.bn(y))

@@ -1,0 +1,284 @@
+"""Triton kernels of the pyramid ops and their launchers (the maths: :mod:`slsdeep_kernels.ops.pyramid`,
+docs/design.md §4.2). Imported only when the ``triton`` backend runs (``backend.triton_kernels``).
+
+Every op here is a sum of separable per-cell weights, so two kernels do all::
+
+    reduce: out[n, c, k] = scale[k] · Σ_p x[n, c, p] · rows[k, h(p)] · cols[k, w(p)]
+    expand: out[n, c, p] (+)= Σ_k v[n, c, k] · scale[k] · rows[k, h(p)] · cols[k, w(p)]
+
+with k a cell (pooling window, branch cell, or branch cell and 3×3 tap) and the per-axis weight
+tables built once per shape from PyTorch's own index rules. Both are tl.dot GEMMs over channel tiles:
+coalesced in NCHW and channels_last, fp32 accumulation.
+
+Launchers, one per custom op the pyramid module dispatches: :func:`pool`, :func:`pool_backward`,
+:func:`upsample_concat`, :func:`upsample_concat_backward`, :func:`taps_add`, :func:`taps_backward`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from slsdeep_kernels import backend as backends
+from slsdeep_kernels.ops.pyramid import _cells, _format
+
+_BLOCK_C, _BLOCK_P, _BLOCK_K = 64, 64, 32
+
+
+def _reduce_tiles(dtype: torch.dtype) -> tuple[int, int]:
+    """reduce (BLOCK_P, most cells per k-tile): every cell of a k-tile shares one read of x (all 50
+    pooling cells of bins 1, 2, 3, 6 at once) up to 64 cells for 16-bit inputs, 32 for fp32 (tf32x3
+    splits each operand in two): the largest tiles that do not spill on sm_90 and sm_80 with triton
+    3.6 and 3.8 (ptxas -v: bench/compile/triton-sm90.json)."""
+    return (32, 32) if dtype == torch.float32 else (32, 64)
+
+
+@triton.jit
+def _reduce_kernel(
+    x_ptr, rows_ptr, cols_ptr, scale_ptr, out_ptr,
+    C, K, H, W,
+    x_sn, x_sc, x_sh, x_sw,
+    o_sn, o_sc, o_sk,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Grid (N · k tiles, channel tiles): the batch shares axis 0 (axes 1 and 2 stop at 65,535).
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    n = (tl.program_id(0) // k_tiles).to(tl.int64)
+    offs_k = (tl.program_id(0) % k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask_k = offs_k < K
+    mask_c = offs_c < C
+    acc = tl.zeros((BLOCK_C, BLOCK_K), dtype=tl.float32)
+    for p0 in range(0, H * W, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < H * W
+        h = offs_p // W
+        w = offs_p % W
+        x = tl.load(
+            x_ptr + n * x_sn + offs_c[:, None] * x_sc + h[None, :] * x_sh + w[None, :] * x_sw,
+            mask=mask_c[:, None] & mask_p[None, :],
+            other=0.0,
+        )
+        mask_w = mask_p[:, None] & mask_k[None, :]
+        weight = tl.load(rows_ptr + offs_k[None, :] * H + h[:, None], mask=mask_w, other=0.0)
+        weight *= tl.load(cols_ptr + offs_k[None, :] * W + w[:, None], mask=mask_w, other=0.0)
+        if DOT_FP32:
+            acc += tl.dot(x.to(tl.float32), weight, input_precision=PRECISION)
+        else:
+            acc += tl.dot(x, weight.to(x.dtype))
+    acc *= tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+    tl.store(
+        out_ptr + n * o_sn + offs_c[:, None] * o_sc + offs_k[None, :] * o_sk,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=mask_c[:, None] & mask_k[None, :],
+    )
+
+
+@triton.jit
+def _expand_kernel(
+    v_ptr, rows_ptr, cols_ptr, scale_ptr, out_ptr,
+    C, K, H, W,
+    v_sn, v_sc, v_sk,
+    o_sn, o_sc, o_sh, o_sw,
+    ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Grid (N · pixel tiles, channel tiles): the batch shares axis 0 (axes 1 and 2 stop at 65,535).
+    p_tiles = tl.cdiv(H * W, BLOCK_P)
+    n = (tl.program_id(0) // p_tiles).to(tl.int64)
+    offs_p = (tl.program_id(0) % p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask_p = offs_p < H * W
+    mask_c = offs_c < C
+    h = offs_p // W
+    w = offs_p % W
+    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        v = tl.load(
+            v_ptr + n * v_sn + offs_c[:, None] * v_sc + offs_k[None, :] * v_sk,
+            mask=mask_c[:, None] & mask_k[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        v *= tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+        mask_w = mask_k[:, None] & mask_p[None, :]
+        weight = tl.load(rows_ptr + offs_k[:, None] * H + h[None, :], mask=mask_w, other=0.0)
+        weight *= tl.load(cols_ptr + offs_k[:, None] * W + w[None, :], mask=mask_w, other=0.0)
+        if DOT_FP32:
+            acc += tl.dot(v, weight, input_precision=PRECISION)
+        else:
+            acc += tl.dot(v.to(out_ptr.dtype.element_ty), weight.to(out_ptr.dtype.element_ty))
+    offsets = n * o_sn + offs_c[:, None] * o_sc + h[None, :] * o_sh + w[None, :] * o_sw
+    mask = mask_c[:, None] & mask_p[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _dot_mode(dtype: torch.dtype, tf32: bool) -> tuple[bool, str]:
+    """(dot in fp32, fp32 input precision). fp32 runs on tensor cores: "tf32" where PyTorch's flag
+    allows it, else "tf32x3" (three tf32 products: fp32's accuracy; the FMA "ieee" dot of these tiles
+    spills KBs of registers per thread). The interpreter gets low-precision dots wrong: fp32 "ieee" there."""
+    if backends.triton_interpreted():
+        return True, "ieee"
+    return dtype == torch.float32, "tf32" if tf32 else "tf32x3"
+
+
+def _warps(dtype: torch.dtype) -> int:
+    """8 warps for fp32 (tf32x3 triples the operand registers: 4 spill), 4 for 16-bit inputs (8 get
+    128 registers a thread on sm_80 and spill): ptxas -v, bench/compile/triton-sm90.json."""
+    return 8 if dtype == torch.float32 else 4
+
+
+def _reduce(x: Tensor, tables: tuple[Tensor, Tensor, Tensor], out: Tensor, tf32: bool = False) -> Tensor:
+    """out (N, C, K) = the reduce kernel over x (N, C, H, W)."""
+    rows, cols, scale = tables
+    N, C, H, W = x.shape
+    K = rows.shape[0]
+    dot_fp32, precision = _dot_mode(x.dtype, tf32)
+    block_p, max_k = _reduce_tiles(x.dtype)
+    block_k = min(max_k, triton.next_power_of_2(max(K, 16)))
+    grid = (N * triton.cdiv(K, block_k), triton.cdiv(C, _BLOCK_C))
+    backends.launch(
+        _reduce_kernel, grid, x, rows, cols, scale, out, C, K, H, W, *x.stride(), *out.stride(),
+        DOT_FP32=dot_fp32, PRECISION=precision, BLOCK_C=_BLOCK_C, BLOCK_P=block_p, BLOCK_K=block_k,
+        num_warps=_warps(x.dtype),
+    )  # fmt: skip
+    return out
+
+
+def _expand(v: Tensor, tables: tuple[Tensor, Tensor, Tensor], out: Tensor, accumulate: bool, tf32: bool = False) -> Tensor:
+    """out (N, C, H, W) (+)= the expand kernel over v (N, C, K)."""
+    rows, cols, scale = tables
+    N, C, H, W = out.shape
+    K = rows.shape[0]
+    dot_fp32, precision = _dot_mode(out.dtype, tf32)
+    grid = (N * triton.cdiv(H * W, _BLOCK_P), triton.cdiv(C, _BLOCK_C))
+    backends.launch(
+        _expand_kernel, grid, v, rows, cols, scale, out, C, K, H, W, *v.stride(), *out.stride(),
+        ACCUMULATE=accumulate, DOT_FP32=dot_fp32, PRECISION=precision,
+        BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P, BLOCK_K=_BLOCK_K, num_warps=_warps(out.dtype),
+    )  # fmt: skip
+    return out
+
+
+def _window_matrix(size: int, cells: int, device: torch.device) -> Tensor:
+    """(cells, size) 0/1: row i marks the adaptive window [⌊i·size/cells⌋, ⌈(i+1)·size/cells⌉)."""
+    i = torch.arange(cells, device=device)[:, None]
+    p = torch.arange(size, device=device)[None, :]
+    return ((p >= i * size // cells) & (p < ((i + 1) * size + cells - 1) // cells)).float()
+
+
+def _linear_matrix(out_size: int, in_size: int, align_corners: bool, shift: int, device: torch.device) -> Tensor:
+    """(in_size, out_size) fp32: column o = PyTorch's bilinear weights read at o + shift (0 outside).
+
+    Built by resizing the identity, so it is PyTorch's index rule by construction.
+    """
+    eye = torch.eye(in_size, device=device).view(in_size, 1, in_size, 1)
+    matrix = F.interpolate(eye, size=(out_size, 1), mode="bilinear", align_corners=align_corners)[:, 0, :, 0]
+    shifted = torch.zeros_like(matrix)
+    if shift >= 0:
+        shifted[:, : out_size - shift] = matrix[:, shift:]
+    else:
+        shifted[:, -shift:] = matrix[:, :shift]
+    return shifted
+
+
+@functools.lru_cache(maxsize=64)
+def _pool_tables(height: int, width: int, bins: tuple[int, ...], device: torch.device):
+    """Per-axis 0/1 windows of every cell (bins in order, b×b row-major) and 1/area."""
+    rows, cols = [], []
+    for b in bins:
+        rows.append(_window_matrix(height, b, device).repeat_interleave(b, dim=0))
+        cols.append(_window_matrix(width, b, device).repeat(b, 1))
+    rows, cols = torch.cat(rows), torch.cat(cols)
+    return rows.contiguous(), cols.contiguous(), 1.0 / (rows.sum(1) * cols.sum(1))
+
+
+@functools.lru_cache(maxsize=64)
+def _upsample_tables(height: int, width: int, size: tuple[int, int], align_corners: bool, device: torch.device):
+    """Per-axis bilinear weights of every cell (i, j) of an h×w branch resized to height×width."""
+    h, w = size
+    rows = _linear_matrix(height, h, align_corners, 0, device).repeat_interleave(w, dim=0)
+    cols = _linear_matrix(width, w, align_corners, 0, device).repeat(h, 1)
+    return rows.contiguous(), cols.contiguous(), torch.ones(h * w, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _tap_tables(height: int, width: int, sizes: tuple[tuple[int, int], ...], align_corners: bool, device: torch.device):
+    """Per-axis weights of every (branch, ky, kx, i, j): the bilinear stencil read at p + (ky, kx) - 1."""
+    rows, cols = [], []
+    for h, w in sizes:
+        for ky in range(3):
+            for kx in range(3):
+                rows.append(_linear_matrix(height, h, align_corners, ky - 1, device).repeat_interleave(w, dim=0))
+                cols.append(_linear_matrix(width, w, align_corners, kx - 1, device).repeat(h, 1))
+    rows, cols = torch.cat(rows), torch.cat(cols)
+    return rows.contiguous(), cols.contiguous(), torch.ones(rows.shape[0], device=device)
+
+
+def pool(x: Tensor, bins: list[int]) -> Tensor:
+    out = backends.new_output((x.shape[0], x.shape[1], _cells(bins)), dtype=x.dtype, device=x.device)
+    return _reduce(x, _pool_tables(x.shape[2], x.shape[3], tuple(bins), x.device), out)
+
+
+def pool_backward(grad: Tensor, bins: list[int], height: int, width: int, channels_last: bool) -> Tensor:
+    out = backends.new_output(
+        (grad.shape[0], grad.shape[1], height, width), dtype=grad.dtype, device=grad.device,
+        memory_format=_format(channels_last),
+    )  # fmt: skip
+    return _expand(grad, _pool_tables(height, width, tuple(bins), grad.device), out, accumulate=False)
+
+
+def upsample_concat(x: Tensor, branches: list[Tensor], align_corners: bool) -> Tensor:
+    N, C, H, W = x.shape
+    out = backends.new_output(
+        (N, C + sum(y.shape[1] for y in branches), H, W), dtype=x.dtype, device=x.device,
+        memory_format=backends.preserved_format(x),
+    )  # fmt: skip
+    out[:, :C].copy_(x)
+    offset = C
+    for y in branches:
+        tables = _upsample_tables(H, W, tuple(y.shape[2:]), align_corners, x.device)
+        _expand(y.reshape(N, y.shape[1], -1), tables, out[:, offset : offset + y.shape[1]], accumulate=False)
+        offset += y.shape[1]
+    return out
+
+
+def upsample_concat_backward(grad: Tensor, channels: int, sizes: list[int], align_corners: bool) -> list[Tensor]:
+    N, _, H, W = grad.shape
+    grads, offset = [], channels
+    for cb, h, w in zip(sizes[0::3], sizes[1::3], sizes[2::3]):
+        out = backends.new_output((N, cb, h * w), dtype=grad.dtype, device=grad.device)
+        _reduce(grad[:, offset : offset + cb], _upsample_tables(H, W, (h, w), align_corners, grad.device), out)
+        grads.append(out.view(N, cb, h, w))
+        offset += cb
+    return grads
+
+
+def taps_add(out: Tensor, taps: list[Tensor], align_corners: bool) -> None:
+    if not taps:
+        return
+    N, Co, H, W = out.shape
+    sizes = tuple(tuple(z.shape[4:]) for z in taps)
+    values = torch.cat([z.reshape(N, Co, -1) for z in taps], dim=2)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    _expand(values, _tap_tables(H, W, sizes, align_corners, out.device), out, accumulate=True, tf32=tf32)
+
+
+def taps_backward(grad: Tensor, sizes: list[int], align_corners: bool) -> list[Tensor]:
+    N, Co, H, W = grad.shape
+    pairs = tuple(zip(sizes[0::2], sizes[1::2]))
+    if not pairs:
+        return []
+    tables = _tap_tables(H, W, pairs, align_corners, grad.device)
+    out = backends.new_output((N, Co, tables[0].shape[0]), dtype=grad.dtype, device=grad.device)
+    _reduce(grad, tables, out, tf32=torch.backends.cuda.matmul.allow_tf32)
+    return [z.reshape(N, Co, 3, 3, h, w) for z, (h, w) in zip(out.split([9 * h * w for h, w in pairs], dim=2), pairs)]
