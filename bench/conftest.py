@@ -4,29 +4,17 @@ Run: ``pytest bench/ --benchmark-json=bench/results/<name>.json`` (``gpu_validat
 a GPU). Each benchmark records the device name, dtype, shape, bytes moved, peak memory and, on a
 known GPU, achieved GB/s and the share of the bandwidth roof in ``extra_info``; ratios between
 the three ways come from the same run (same group).
-"""
 
-import os
+The device, the ``SLSDEEP_BENCH_QUICK`` / ``SLSDEEP_BENCH_WAYS`` settings and the parameters of the
+suites are in :mod:`slsdeep_kernels.testing`; this file holds the pytest hooks and fixtures.
+"""
 
 import pytest
 import torch
 
 from slsdeep_kernels import benchmark as measure
-
-BENCH_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# SLSDEEP_BENCH_QUICK=1: the first case of each op, its last pass only, fewer rounds.
-QUICK = os.environ.get("SLSDEEP_BENCH_QUICK", "0") == "1"
-# SLSDEEP_BENCH_WAYS: a comma list of the ways to run ("fused,eager"); "-NAME" drops a way
-# ("-compile": every way but torch.compile). Unset or empty: every way.
-WAYS = os.environ.get("SLSDEEP_BENCH_WAYS", "")
-
-
-def keep_way(way: str, spec: str = WAYS) -> bool:
-    """Whether ``way`` passes the SLSDEEP_BENCH_WAYS filter ``spec``."""
-    entries = [entry.strip() for entry in spec.split(",") if entry.strip()]
-    wanted = [entry for entry in entries if not entry.startswith("-")]
-    dropped = {entry[1:] for entry in entries if entry.startswith("-")}
-    return (not wanted or way in wanted) and way not in dropped
+from slsdeep_kernels.backend import ENV_POISON
+from slsdeep_kernels.testing import BENCH_DEVICE, QUICK, WAYS, keep_way
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,6 +32,17 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+@pytest.fixture(autouse=True)
+def _pytorch_defaults(monkeypatch):
+    """Time under PyTorch's defaults, also when ``pytest tests bench`` runs both in one process:
+    no output poisoning and TF32 as PyTorch has it (tests/conftest.py sets both for the tests)."""
+    monkeypatch.setenv(ENV_POISON, "0")
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 @pytest.fixture
@@ -107,12 +106,3 @@ def run_case(run_op):
 
     return run
 
-
-def case_parameters(cases):
-    """pytest parameters (case, way, which) for every way and pass of ``cases``, with readable ids."""
-    return [
-        pytest.param(case, way, which, id=f"{case.name.replace(' ', '-')}-{which}-{way}")
-        for case in cases
-        for which in case.passes
-        for way in case.ways
-    ]

@@ -4,8 +4,8 @@ shared with ``slsdeep bench``."""
 
 import pytest
 
-from conftest import BENCH_DEVICE, QUICK, case_parameters
 from slsdeep.benchmark import model_cases
+from slsdeep_kernels.testing import BENCH_DEVICE, QUICK, case_parameters
 
 
 @pytest.mark.parametrize("case,way,which", case_parameters(model_cases(BENCH_DEVICE, quick=QUICK)))

@@ -4,8 +4,8 @@ forward / backward / both, at the shapes of its issue's targets. The cases live 
 
 import pytest
 
-from conftest import BENCH_DEVICE, QUICK, case_parameters
 from slsdeep_kernels.benchmark import op_cases
+from slsdeep_kernels.testing import BENCH_DEVICE, QUICK, case_parameters
 
 
 @pytest.mark.parametrize("case,way,which", case_parameters(op_cases(BENCH_DEVICE, quick=QUICK)))

@@ -238,6 +238,18 @@ def new_output(shape, *, dtype: torch.dtype, device: torch.device, memory_format
 _launch_observer = None
 
 
+def dot_precision(dtype: torch.dtype, *, convolution: bool, full: str = "ieee") -> str:
+    """``input_precision`` of a Triton ``tl.dot``, one rule for every op: for fp32 inputs "tf32" where
+    the kernel computes (part of) a convolution and PyTorch lets its own convolutions use TF32
+    (``torch.backends.cudnn.allow_tf32``, as the op's reference would on cuDNN), else ``full``: "ieee",
+    or "tf32x3" (fp32's accuracy from three TF32 products) where the FMA dot of a tile spills. "ieee"
+    for 16-bit inputs (the setting is ignored there) and under the interpreter, which gets
+    low-precision dots wrong."""
+    if dtype != torch.float32 or triton_interpreted():
+        return "ieee"
+    return "tf32" if convolution and torch.backends.cudnn.allow_tf32 else full
+
+
 def no_double_backward(op: str):
     """The autograd formula of a backward custom op: it raises (the fused backwards are not differentiable)."""
 

@@ -375,15 +375,18 @@ def _conv_case(group, label, call: ConvCall, dtype, layout, training: bool, para
         bias = torch.empty(co, dtype=d) if call.bias else None
         gamma = torch.empty(co, dtype=p) if call.gamma else None
         beta = torch.empty(co, dtype=p) if call.beta else None
-        options = (list(call.stride), list(call.padding), list(call.dilation), call.groups, call.eps, call.relu)
+        options = _op_module("conv_bn_relu").ConvBNOptions(
+            stride=list(call.stride), padding=list(call.padding), dilation=list(call.dilation), groups=call.groups,
+            eps=call.eps, relu=call.relu,
+        )  # fmt: skip
         if not training:
             mean, var = torch.empty(co, dtype=p), torch.empty(co, dtype=p)
-            _launcher("conv_bn_relu", "eval_forward")(x, weight, bias, gamma, beta, mean, var, *options)
+            _launcher("conv_bn_relu", "eval_forward")(x, weight, bias, gamma, beta, mean, var, options)
             return
-        out, y, mean, var = _launcher("conv_bn_relu", "train_forward")(x, weight, bias, gamma, beta, *options)
+        out, y, mean, var = _launcher("conv_bn_relu", "train_forward")(x, weight, bias, gamma, beta, options)
         grad_out = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype)
         backward = _launcher("conv_bn_relu", "train_backward")
-        backward(grad_out, x, weight, bias, y, mean, var, gamma, beta, *options, [True, True, call.bias])
+        backward(grad_out, x, weight, bias, y, mean, var, gamma, beta, options, [True, True, call.bias])
 
     mode = "train fwd+bwd" if training else "eval"
     params = "" if param_dtype == dtype else f" (BN parameters {param_dtype})"

@@ -14,6 +14,7 @@ import torch
 
 from slsdeep_kernels import compile_check as cc
 from slsdeep_kernels.ops import conv_bn_relu_triton as conv_op
+from slsdeep_kernels.ops.conv_bn_relu import ConvBNOptions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,13 +145,13 @@ def test_meta_conv_gives_the_layout_of_the_real_one(x_channels_last, w_channels_
     w = torch.randn(4, 8, 3, 3)
     x = x.to(memory_format=torch.channels_last) if x_channels_last else x
     w = w.to(memory_format=torch.channels_last) if w_channels_last else w
-    args = (x, w, None, [2, 1], [1, 1], [1, 2], 1)
-    real = conv_op._conv(*args)
+    options = ConvBNOptions(stride=[2, 1], padding=[1, 1], dilation=[1, 2], groups=1, eps=1e-5, relu=True)
+    real = conv_op._conv(x, w, None, options)
     with cc._meta_aten():
-        meta = conv_op._conv(*args)
-        grads = conv_op._conv_backward(real, x, w, [2, 1], [1, 1], [1, 2], 1, [True, True, False])
+        meta = conv_op._conv(x, w, None, options)
+        grads = conv_op._conv_backward(real, x, w, options, [True, True, False])
     assert (meta.shape, meta.stride(), meta.dtype, meta.device.type) == (real.shape, real.stride(), real.dtype, "cpu")
-    reference = conv_op._conv_backward(real, x, w, [2, 1], [1, 1], [1, 2], 1, [True, True, False])
+    reference = conv_op._conv_backward(real, x, w, options, [True, True, False])
     assert [(g.shape, g.stride()) for g in grads[:2]] == [(g.shape, g.stride()) for g in reference[:2]]
 
 

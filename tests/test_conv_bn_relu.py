@@ -4,15 +4,16 @@ import itertools
 
 import pytest
 import torch
-from conftest import TOLERANCE, assert_matches_reference, relative_error
 from torch import nn
 
 import slsdeep_kernels
 import slsdeep_kernels.ops.conv_bn_relu as op
 from slsdeep_kernels import ConvBNReLU2d, conv_bn_relu
+from slsdeep_kernels.testing import TOLERANCE, assert_matches_reference, backends_to_test, relative_error
 
-FUSED_BACKENDS = [b for b in slsdeep_kernels.available_backends() if b != "reference"]
-CPU_BACKENDS = [b for b in FUSED_BACKENDS if b in ("cpu", "triton")]
+AVAILABLE = slsdeep_kernels.available_backends()
+CPU_BACKENDS = backends_to_test("conv_bn_relu", fused=True)  # on CPU tensors (triton: the interpreter)
+GPU_BACKENDS = backends_to_test("conv_bn_relu", "cuda", fused=True)
 NAMES = ["input", "weight", "bias", "bn_weight", "bn_bias"]
 
 
@@ -56,7 +57,7 @@ GRID = list(itertools.product((1, 2, 4), (1, 2), (1, 3), (True, False), (False, 
 
 @pytest.mark.parametrize("dilation,stride,kernel,bias,channels_last,training", GRID)
 def test_cpu_matches_reference_fp64(dilation, stride, kernel, bias, channels_last, training):
-    if "cpu" not in FUSED_BACKENDS:
+    if "cpu" not in AVAILABLE:
         pytest.skip("compiled CPU extension unavailable")
     inputs = make_inputs(kernel=kernel, bias=bias, channels_last=channels_last)
     check("cpu", inputs, training=training, stride=stride, padding=dilation * (kernel // 2), dilation=dilation)
@@ -96,7 +97,7 @@ def test_memory_efficient_fp32(backend, training):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("training", [False, True])
 def test_cpu_half_precision(dtype, channels_last, training):
-    if "cpu" not in FUSED_BACKENDS:
+    if "cpu" not in AVAILABLE:
         pytest.skip("compiled CPU extension unavailable")
     inputs = make_inputs(dtype, c_in=8, c_out=6, channels_last=channels_last)
     check("cpu", inputs, training=training, stride=2, padding=2, dilation=2)
@@ -111,7 +112,7 @@ def test_bn_without_weight_or_bias(backend, has_gamma, has_beta):
         check(backend, (x, weight, bias, gamma, beta, running_mean, running_var), training=training, padding=1)
 
 
-@pytest.mark.parametrize("backend", ["reference", *CPU_BACKENDS])
+@pytest.mark.parametrize("backend", backends_to_test("conv_bn_relu"))
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_running_statistics_and_layout_follow_pytorch(backend, momentum, channels_last):
@@ -149,10 +150,8 @@ def test_training_bias_gradient_is_zero(backend):
 
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", backends_to_test("conv_bn_relu", dtype=torch.float64))
 def test_gradcheck(training, relu, backend):
-    if backend not in slsdeep_kernels.available_backends():
-        pytest.skip(f"{backend} unavailable")
     x, weight, bias, gamma, beta, rm, rv = make_inputs(c_in=3, c_out=4, n=2, size=(7, 6))
     inputs = [t.requires_grad_(True) for t in (x, weight, bias, gamma, beta)]
 
@@ -209,7 +208,7 @@ def test_opcheck_backward(backend, memory_efficient):
 
 @pytest.mark.parametrize("training", [False, True])
 def test_torch_compile_fullgraph(training):
-    if "cpu" not in FUSED_BACKENDS:
+    if "cpu" not in AVAILABLE:
         pytest.skip("compiled CPU extension unavailable")
     x, weight, bias, gamma, beta, rm, rv = make_inputs(torch.float32, channels_last=True)
     count = torch.tensor(0)
@@ -339,23 +338,19 @@ GPU_SHAPES = [(1024, 256, 1, 1), (256, 256, 3, 2), (512, 512, 3, 4)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("c_in,c_out,kernel,dilation", GPU_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("training", [False, True])
 def test_gpu_backends(backend, c_in, c_out, kernel, dilation, dtype, training):
-    if backend not in slsdeep_kernels.available_backends():
-        pytest.skip(f"{backend} unavailable")
     inputs = make_inputs(dtype, c_in=c_in, c_out=c_out, kernel=kernel, channels_last=True, n=4, size=(48, 48), device="cuda")
     check(backend, inputs, training=training, padding=dilation * (kernel // 2), dilation=dilation)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_gpu_nchw_stride_and_memory_efficient(backend, memory_efficient):
-    if backend not in slsdeep_kernels.available_backends():
-        pytest.skip(f"{backend} unavailable")
     for training in (False, True):
         inputs = make_inputs(torch.float16, c_in=64, c_out=96, n=3, size=(37, 53), device="cuda")
         check(backend, inputs, training=training, stride=2, padding=1, memory_efficient=memory_efficient)
@@ -369,16 +364,18 @@ def test_gpu_every_autotune_config(dtype, channels_last):
     run pinned to the first: $SLSDEEP_KERNELS_PIN_AUTOTUNE=1)."""
     if "triton" not in slsdeep_kernels.available_backends():
         pytest.skip("triton unavailable")
+    triton_op = slsdeep_kernels.backend.triton_kernels("conv_bn_relu")
     x, weight, bias, gamma, beta, mean, var = make_inputs(dtype, c_in=40, c_out=72, n=2, size=(19, 23), device="cuda")
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    args = (x, weight, bias, gamma, beta, mean, var, [1, 1], [2, 2], [2, 2], 1, 1e-5, True)
+    args = (x, weight, bias, gamma, beta, mean, var)
+    options = op.ConvBNOptions(stride=[1, 1], padding=[2, 2], dilation=[2, 2], groups=1, eps=1e-5, relu=True)
     launches = []
     with slsdeep_kernels.backend.observe_launches(lambda *launch: launches.append(launch)):
-        op._eval_triton(*args)
+        triton_op.eval_forward(*args, options)
     ((autotuner, grid, kernel_args, meta, _),) = launches
-    expected = op.reference(*args[:7], stride=1, padding=2, dilation=2, training=False)
-    configs = op._conv_configs(pinned=False)
+    expected = op.reference(*args, stride=1, padding=2, dilation=2, training=False)
+    configs = triton_op._conv_configs(pinned=False)
     assert len(configs) > 1
     for config in configs:
         out = kernel_args[2].fill_(float("nan"))

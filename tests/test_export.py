@@ -15,7 +15,6 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ERROR_FACTOR, TOLERANCE, relative_error
 from PIL import Image
 from torch import nn
 from torch.export import Dim
@@ -29,6 +28,7 @@ from slsdeep.data import ISICDataset, synthesize
 from slsdeep.model import Bottleneck, SLSDeep, model_summary
 from slsdeep.predict import foreground_probability
 from slsdeep_kernels.ops import pyramid as P
+from slsdeep_kernels.testing import ERROR_FACTOR, TOLERANCE, relative_error
 
 SIZE = 64
 BATCH = Dim("batch", min=1)

@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
-from conftest import relative_error
 from torch import nn
 
 from slsdeep_kernels import ConvBNReLU2d, fuse_conv_bn_relu
 from slsdeep_kernels.ops.conv_bn_relu import conv_bn_relu_modules
+from slsdeep_kernels.testing import relative_error
 
 
 @pytest.fixture(autouse=True)

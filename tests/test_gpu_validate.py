@@ -265,14 +265,15 @@ def test_benchmarks_are_tagged_with_their_backend(tmp_path):
 
 
 def test_bench_way_filter():
-    conftest = _load("bench_conftest_for_test", ROOT / "bench" / "conftest.py")
-    keep = conftest.keep_way
+    from slsdeep_kernels import testing
+
+    keep = testing.keep_way
     assert keep("compile", "") and keep("fused", "fused,eager") and not keep("compile", "fused,eager")
     assert keep("folded", "-compile") and not keep("compile", "-compile")
     assert not keep("fused-memory-efficient", "fused,eager")
     from slsdeep_kernels.benchmark import op_cases
 
-    ways = {p.values[1] for p in conftest.case_parameters(op_cases("cpu", quick=True))}
+    ways = {p.values[1] for p in testing.case_parameters(op_cases("cpu", quick=True))}
     assert {w for w in ways if keep(w, "fused,eager")} == {"fused", "eager"}
 
 

@@ -13,6 +13,7 @@ KernelInterface = pytest.importorskip("triton.runtime.jit").KernelInterface
 
 from slsdeep_kernels import backend  # noqa: E402
 from slsdeep_kernels.ops import conv_bn_relu_triton, nll_epe_loss_triton, pyramid, pyramid_triton  # noqa: E402
+from slsdeep_kernels.ops.conv_bn_relu import ConvBNOptions  # noqa: E402
 
 TRITON_MODULES = [conv_bn_relu_triton, nll_epe_loss_triton, pyramid_triton]
 GRID_AXIS_LIMITS = (2**31 - 1, 65535, 65535)
@@ -130,7 +131,9 @@ def test_conv_groups_and_batch_are_on_grid_axis_0():
     one = [1, 1]
 
     def run():
-        conv_bn_relu_triton.eval_forward(*depthwise, None, *stats, one, [0, 0], one, LARGE, 1e-5, True)
-        conv_bn_relu_triton.train_forward(*batch, None, None, None, one, [0, 0], one, 1, 1e-5, True)
+        depthwise_options = ConvBNOptions(stride=one, padding=[0, 0], dilation=one, groups=LARGE, eps=1e-5, relu=True)
+        conv_bn_relu_triton.eval_forward(*depthwise, None, *stats, depthwise_options)
+        options = ConvBNOptions(stride=one, padding=[0, 0], dilation=one, groups=1, eps=1e-5, relu=True)
+        conv_bn_relu_triton.train_forward(*batch, None, None, None, options)
 
     _assert_within_limits(_grids(run), LARGE)

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ERROR_FACTOR, assert_matches_reference, relative_error
 
 import slsdeep_kernels
 import slsdeep_kernels.functional
 import slsdeep_kernels.nn
 from slsdeep_kernels.ops import nll_epe_loss as op
+from slsdeep_kernels.testing import ERROR_FACTOR, assert_matches_reference, backends_to_test, relative_error
 
 TARGET_DTYPES = [torch.bool, torch.uint8, torch.int64, torch.float32]
 SHAPES = [(1, 1, 1), (2, 7, 13), (1, 37, 53), (3, 1, 9), (2, 11, 1)]  # (N, H, W)
@@ -88,7 +88,7 @@ def test_reference_gradcheck(c, reduction):
     assert torch.autograd.gradcheck(lambda x: op.reference(x, target, 0.5, reduction), (logits,))
 
 
-@pytest.mark.parametrize("backend", slsdeep_kernels.available_backends())
+@pytest.mark.parametrize("backend", backends_to_test("nll_epe_loss"))
 def test_gradient_is_zero_not_nan_where_the_epe_root_is_zero(backend):
     # A constant probability over a constant mask: every Sobel derivative, hence every EPE, is 0.
     dtype = torch.float32
@@ -174,8 +174,7 @@ def test_target_check_can_be_switched_off():
 # Every fused backend against the reference, forward and gradient.
 # ------------------------------------------------------------------------------------------------
 
-FUSED = [name for name in slsdeep_kernels.available_backends() if name != "reference"]
-CPU_TENSOR_BACKENDS = [name for name in FUSED if name in ("cpu", "triton")]  # triton: the interpreter
+FUSED = backends_to_test("nll_epe_loss", fused=True)  # on CPU tensors (triton: the interpreter)
 
 
 def dtypes_of(backend):
@@ -191,7 +190,7 @@ def check(backend, logits, target, alpha=0.5, reduction="mean"):
     )
 
 
-@pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("c", [1, 2])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("index, shape", list(enumerate(SHAPES)))
@@ -200,21 +199,21 @@ def test_matches_reference(backend, c, reduction, index, shape):
     check(backend, *make_inputs(shape[0], c, *shape[1:], target_dtype=target_dtype), alpha=0.6, reduction=reduction)
 
 
-@pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("target_dtype", TARGET_DTYPES + [torch.float64, torch.float16])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_every_target_dtype(backend, target_dtype, reduction):
     check(backend, *make_inputs(2, 2, 6, 9, target_dtype=target_dtype), reduction=reduction)
 
 
-@pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 def test_every_dtype(backend, reduction):
     for dtype in dtypes_of(backend):
         check(backend, *make_inputs(2, 2, 9, 14, dtype=dtype), reduction=reduction)
 
 
-@pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("c", [1, 2])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_channels_last_and_strided_inputs(backend, c, reduction):
@@ -225,7 +224,7 @@ def test_channels_last_and_strided_inputs(backend, c, reduction):
     check(backend, logits, torch.rand(2, 11, 9).lt(0.5).transpose(1, 2), reduction=reduction)  # strided target
 
 
-@pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("c", [1, 2])
 def test_saturated_logits_stay_finite_and_exact(backend, c):
     logits = torch.tensor([[-200.0, 200.0, 150.0, -90.0, 30.0, -30.0, 0.0, 1e-3]]).repeat(3, 1).reshape(1, 1, 3, 8)
@@ -398,14 +397,15 @@ def fp16_gradient_errors(backend, shape, loss_scale=1024.0):
     return (relative_error(ours, exact), relative_error(eager, exact)), (flushed(ours), flushed(eager))
 
 
+# cpu: the paper's training batch; triton: a shape the interpreter runs in time.
+FP16_SHAPES = {"cpu": ("paper-shape", (16, 384, 384)), "triton": ("interpreter", (1, 97, 181))}
+
+
 @pytest.mark.parametrize(
     "backend, shape",
-    [("cpu", (16, 384, 384)), ("triton", (1, 97, 181))],  # the paper's training batch; the interpreter's
-    ids=["cpu-paper-shape", "triton-interpreter"],
+    [pytest.param(b, FP16_SHAPES[b][1], id=f"{b}-{FP16_SHAPES[b][0]}", marks=p.marks) for p in FUSED for b in p.values],
 )
 def test_fp16_gradient_keeps_its_precision_under_a_loss_scale(backend, shape):
-    if backend not in slsdeep_kernels.available_backends():
-        pytest.skip(f"{backend} backend unavailable")
     pixels = shape[0] * shape[1] * shape[2]
     assert 1.0 / pixels < FP16_SMALLEST_NORMAL  # the shape reaches the range where pre-scaling underflowed
     (ours, eager), (ours_flushed, eager_flushed) = fp16_gradient_errors(backend, shape)
@@ -414,7 +414,7 @@ def test_fp16_gradient_keeps_its_precision_under_a_loss_scale(backend, shape):
     assert ours_flushed <= eager_flushed + 1e-3, f"{backend}: {ours_flushed:.2%} flushed to zero, eager {eager_flushed:.2%}"
 
 
-@pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
+@pytest.mark.parametrize("backend", FUSED)
 def test_fp16_saves_the_gradient_of_the_sum_and_scales_in_backward(backend):
     logits, target = make_inputs(2, 2, 9, 14, dtype=torch.float16)
     _, saved_mean = op._loss_op(logits.detach(), target, 0.5, "mean", True, backend)
@@ -431,7 +431,7 @@ def test_fp16_saves_the_gradient_of_the_sum_and_scales_in_backward(backend):
 # GPU: the compiled Triton kernels and the CUDA kernels on CUDA tensors at realistic shapes.
 # ------------------------------------------------------------------------------------------------
 
-GPU_BACKENDS = ["triton", "cuda"]
+GPU_BACKENDS = backends_to_test("nll_epe_loss", "cuda", fused=True)
 
 
 @pytest.mark.gpu
@@ -440,8 +440,6 @@ GPU_BACKENDS = ["triton", "cuda"]
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("c", [1, 2])
 def test_gpu_matches_reference(backend, dtype, reduction, c):
-    if backend not in slsdeep_kernels.available_backends():
-        pytest.skip(f"{backend} backend unavailable")
     for shape, target_dtype in [((4, 384, 384), torch.uint8), ((3, 37, 53), torch.int64), ((2, 1, 257), torch.bool)]:
         logits, target = make_inputs(shape[0], c, *shape[1:], dtype=dtype, target_dtype=target_dtype)
         logits = logits.detach().cuda().requires_grad_()
@@ -451,8 +449,6 @@ def test_gpu_matches_reference(backend, dtype, reduction, c):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_channels_last_float_target_and_default_choice(backend):
-    if backend not in slsdeep_kernels.available_backends():
-        pytest.skip(f"{backend} backend unavailable")
     logits, target = make_inputs(2, 2, 130, 67, target_dtype=torch.float32)
     logits = logits.detach().cuda().to(memory_format=torch.channels_last).requires_grad_()
     check(backend, logits, target.cuda(), reduction="mean")

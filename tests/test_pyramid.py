@@ -4,22 +4,20 @@ adaptive_avg_pool2d / interpolate / conv2d over the concatenation (the reference
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOLERANCE, assert_matches_reference, relative_error
 
 import slsdeep_kernels
 from slsdeep_kernels import backend as backends
 from slsdeep_kernels.ops import pyramid as P
+from slsdeep_kernels.testing import TOLERANCE, assert_matches_reference, backends_to_test, relative_error
 
 AVAILABLE = backends.available_backends()
-# Backends that run on CPU tensors here (Triton only under the interpreter, in fp32 at small shapes).
-CPU_BACKENDS = [b for b in ("reference", "cpu") if b in AVAILABLE]
-if backends.triton_interpreted() and "triton" in AVAILABLE:
-    CPU_BACKENDS.append("triton")
-COMPILED = [b for b in CPU_BACKENDS if b != "reference"]
-GPU_BACKENDS = [b for b in ("triton", "cuda") if b in AVAILABLE]
+# Backends on CPU tensors (Triton only under the interpreter, in fp32 at small shapes).
+CPU_BACKENDS = backends_to_test("pyramid")
+COMPILED = backends_to_test("pyramid", fused=True)
+GPU_BACKENDS = backends_to_test("pyramid", "cuda", fused=True)
 needs_cpu = pytest.mark.skipif("cpu" not in AVAILABLE, reason="the C++ CPU extension is not built")
 
-BINS = (1, 2, 3, 6)
+BINS = slsdeep_kernels.PYRAMID_BINS
 # (N, C, H, W): odd sizes, image smaller than the largest bin, batch 1 and > 1.
 SHAPES = [(1, 3, 5, 7), (2, 4, 13, 9), (2, 3, 2, 2)]
 
@@ -32,8 +30,9 @@ def dtypes_for(backend):
 
 def cases(shapes=SHAPES, backends_=CPU_BACKENDS):
     return [
-        pytest.param(b, s, d, id=f"{b}-{'x'.join(map(str, s))}-{str(d).removeprefix('torch.')}")
-        for b in backends_
+        pytest.param(b, s, d, id=f"{b}-{'x'.join(map(str, s))}-{str(d).removeprefix('torch.')}", marks=p.marks)
+        for p in backends_
+        for b in p.values
         for s in shapes
         for d in dtypes_for(b)
     ]
@@ -172,14 +171,14 @@ def test_pyramid_conv3x3_is_exact_to_fp32_rounding():
     branches = [y.detach() for y in make_branches(2, channels=(32, 32, 32, 32))]
     weight = torch.randn(16, 64 + 128, 3, 3) / 30
     exact = P.pyramid_conv3x3_reference(x.double(), [y.double() for y in branches], weight.double())
-    for backend in COMPILED:
+    for backend in [p.values[0] for p in COMPILED if not p.marks]:
         assert relative_error(slsdeep_kernels.pyramid_conv3x3(x, branches, weight, backend=backend), exact) < 1e-5
 
 
 # ---------------------------------------------------------------- fp64 gradcheck, opcheck, compile, determinism
 
 
-@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if b in AVAILABLE])
+@pytest.mark.parametrize("backend", backends_to_test("pyramid", dtype=torch.float64))
 def test_gradcheck_fp64(backend):
     x = image((2, 2, 5, 4), torch.float64).requires_grad_()
     branches = make_branches(2, channels=(1, 2), sizes=((2, 2), (3, 1)), dtype=torch.float64)
@@ -311,7 +310,7 @@ def test_bad_input_raises_value_error_naming_the_argument():
 # ---------------------------------------------------------------- modules
 
 
-def pspnet_reference(module: P.PyramidPooling, x):
+def pspnet_reference(module: slsdeep_kernels.PyramidPooling, x):
     """PSPNet's pyramid pooling from plain layers, sharing the module's conv and BN."""
     size = x.shape[2:]
     branches = [

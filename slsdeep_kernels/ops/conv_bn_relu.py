@@ -35,6 +35,8 @@ Floors, layer3 of the encoder at 384×384 (N=16, 48×48, eval, one pass over x a
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -77,33 +79,83 @@ def reference(
 # 2. Custom ops (torch.library): schema, fake kernel, autograd. They run the compiled kernels
 #    ("cpu", "cuda") or the Triton launchers of ops/conv_bn_relu_triton.py ("triton", imported on first use).
 # ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ConvBNOptions:
+    """The non-tensor parameters of the conv and its BatchNorm. They travel as this object through the
+    Python layers and are flattened by name into the custom ops' and the compiled kernels' schemas
+    (``csrc/ops.cpp``), which take primitive types only: a new parameter is one field here and one
+    argument per schema."""
+
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    groups: int
+    eps: float
+    relu: bool
+
+    @classmethod
+    def of(cls, arguments: dict) -> ConvBNOptions:
+        """The options among a custom op's arguments (by name)."""
+        return cls(**{name: arguments[name] for name in _OPTION_NAMES})
+
+    def as_arguments(self) -> dict:
+        return {name: getattr(self, name) for name in _OPTION_NAMES}
+
+
+_OPTION_NAMES = tuple(field.name for field in dataclasses.fields(ConvBNOptions))
+_DIFFERENTIABLE = ("x", "weight", "bias", "bn_weight", "bn_bias")  # what the backward ops return, in order
+
+
+def _schema_names(op: str) -> tuple[str, ...]:
+    """The argument names of one of this op's custom ops (read once, after they are defined: traceable)."""
+    return _SCHEMA_NAMES[op]
+
+
+def _arguments(op: str, inputs: tuple) -> dict:
+    """A custom op's inputs (as autograd hands them, in schema order) by name."""
+    return dict(zip(_schema_names(op), inputs))
+
+
+def _flatten(op: str, **arguments) -> tuple:
+    """``arguments`` (the options object spread by name) in ``op``'s schema order."""
+    if "options" in arguments:
+        arguments.update(arguments.pop("options").as_arguments())
+    return tuple(arguments[name] for name in _schema_names(op))
+
+
+def _input_gradients(op: str, grads, wanted) -> tuple:
+    """autograd's answer for ``op``: the gradients of the differentiable inputs, None for the rest of its schema."""
+    none_for_the_rest = (None,) * (len(_schema_names(op)) - len(_DIFFERENTIABLE))
+    return *(g if w else None for g, w in zip(grads, wanted)), *none_for_the_rest
+
+
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _output_size(x, weight, stride, padding, dilation):
-    return [
-        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1 for i in range(2)
-    ]
+def _output_size(x, weight, options: ConvBNOptions) -> list[int]:
+    kernel, (stride, padding, dilation) = weight.shape[2:], (options.stride, options.padding, options.dilation)
+    return [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
 
 
-def _conv_backward(grad_y, x, weight, stride, padding, dilation, groups, conv_mask):
+def _conv_backward(grad_y, x, weight, options: ConvBNOptions, conv_mask):
+    o = options
     return torch.ops.aten.convolution_backward(
-        grad_y, x, weight, [weight.shape[0]], stride, padding, dilation, False, [0, 0], groups, conv_mask
+        grad_y, x, weight, [weight.shape[0]], o.stride, o.padding, o.dilation, False, [0, 0], o.groups, conv_mask
     )
 
 
-def _eval_backward(grad_out, out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, groups, eps, relu, output_mask):
+def _eval_backward(grad_out, out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, options, output_mask):
     """Backward of frozen BN: backward of the folded conv (W' = W·scale), chained to W, b, γ, β (ATen, any
     backend). ``out`` (the forward's output, the ReLU's mask) is needed only with the ReLU."""
     acc = _accumulation_dtype(x.dtype)
-    invstd = torch.rsqrt(running_var.to(acc) + eps)
+    invstd = torch.rsqrt(running_var.to(acc) + options.eps)
     scale = invstd * bn_weight.to(acc) if bn_weight is not None else invstd
     per_channel = (-1, 1, 1, 1)
-    g = torch.ops.aten.threshold_backward(grad_out, out, 0) if relu else grad_out
+    g = torch.ops.aten.threshold_backward(grad_out, out, 0) if options.relu else grad_out
     folded = (weight.to(acc) * scale.view(per_channel)).to(weight.dtype)
     grad_x, grad_folded_w, grad_shift = _conv_backward(
-        g, x, folded, stride, padding, dilation, groups, [output_mask[0], output_mask[1] or output_mask[3], True]
+        g, x, folded, options, [output_mask[0], output_mask[1] or output_mask[3], True]
     )
     grad_shift = grad_shift.to(acc)
     grads = [grad_x, None, None, None, None]
@@ -120,25 +172,26 @@ def _eval_backward(grad_out, out, x, weight, bias, bn_weight, bn_bias, running_m
     return grads
 
 
-def _eval_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, groups, eps, relu, backend):
-    args = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, groups, eps, relu)
+def _eval_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, options, backend):
+    tensors = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var)
     if backend == "triton":
-        return _triton().eval_forward(*args)
-    return backends.COMPILED.conv_bn_relu_eval_kernel(*args)
+        return _triton().eval_forward(*tensors, options)
+    return backends.COMPILED.conv_bn_relu_eval_kernel(*tensors, **options.as_arguments())
 
 
-def _train_forward(x, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps, relu, backend):
-    args = (x, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps, relu)
+def _train_forward(x, weight, bias, bn_weight, bn_bias, options, backend):
+    tensors = (x, weight, bias, bn_weight, bn_bias)
     if backend == "triton":
-        return _triton().train_forward(*args)
-    return backends.COMPILED.conv_bn_relu_train_kernel(*args)
+        return _triton().train_forward(*tensors, options)
+    return backends.COMPILED.conv_bn_relu_train_kernel(*tensors, **options.as_arguments())
 
 
-def _train_backward(grad_out, x, weight, bias, conv_out, mean, var, bn_weight, bn_bias, stride, padding, dilation, groups, eps, relu, output_mask, backend):
-    args = (grad_out, x, weight, bias, conv_out, mean, var, bn_weight, bn_bias, stride, padding, dilation, groups, eps, relu)
+def _train_backward(grad_out, x, weight, bias, conv_out, mean, var, bn_weight, bn_bias, options, output_mask, backend):
+    tensors = (grad_out, x, weight, bias, conv_out, mean, var, bn_weight, bn_bias)
+    conv_mask = output_mask[:3]
     if backend == "triton":
-        return _triton().train_backward(*args, output_mask[:3])
-    return backends.COMPILED.conv_bn_relu_train_backward_kernel(*args, output_mask[:3])
+        return _triton().train_backward(*tensors, options, conv_mask)
+    return backends.COMPILED.conv_bn_relu_train_backward_kernel(*tensors, **options.as_arguments(), output_mask=conv_mask)
 
 
 def _as_gradients(grads, inputs, mask):
@@ -155,6 +208,18 @@ def _as_gradients(grads, inputs, mask):
     return out
 
 
+def _fake_grads(a: dict):
+    inputs = [a[name] for name in _DIFFERENTIABLE]
+    return [torch.empty_like(t) if wanted else a["x"].new_empty(0) for t, wanted in zip(inputs, a["output_mask"])]
+
+
+def _fake_output(a: dict):
+    shape = (a["x"].shape[0], a["weight"].shape[0], *_output_size(a["x"], a["weight"], ConvBNOptions.of(a)))
+    return torch.empty(shape, dtype=a["x"].dtype, device=a["x"].device, memory_format=backends.preserved_format(a["x"]))
+
+
+# The custom ops' signatures are their schemas (torch.library reads them); every other layer takes
+# the options object.
 @torch.library.custom_op("slsdeep_kernels::conv_bn_relu_eval", mutates_args=())
 def _eval_op(
     x: torch.Tensor,
@@ -172,13 +237,12 @@ def _eval_op(
     relu: bool,
     backend: str,
 ) -> torch.Tensor:
-    return _eval_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, groups, eps, relu, backend)
+    return _eval_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, ConvBNOptions.of(locals()), backend)
 
 
 @_eval_op.register_fake
-def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, groups, eps, relu, backend):
-    shape = (x.shape[0], weight.shape[0], *_output_size(x, weight, stride, padding, dilation))
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=backends.preserved_format(x))
+def _(*inputs):
+    return _fake_output(_arguments("conv_bn_relu_eval", inputs))
 
 
 @torch.library.custom_op("slsdeep_kernels::conv_bn_relu_eval_backward", mutates_args=())
@@ -200,19 +264,14 @@ def _eval_backward_op(
     relu: bool,
     output_mask: list[bool],
 ) -> list[torch.Tensor]:
-    args = (grad_out, out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var)
-    grads = _eval_backward(*args, stride, padding, dilation, groups, eps, relu, output_mask)
+    tensors = (grad_out, out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var)
+    grads = _eval_backward(*tensors, ConvBNOptions.of(locals()), output_mask)
     return _as_gradients(grads, (x, weight, bias, bn_weight, bn_bias), output_mask)
 
 
-def _fake_grads(x, weight, bias, bn_weight, bn_bias, output_mask):
-    inputs = (x, weight, bias, bn_weight, bn_bias)
-    return [torch.empty_like(t) if wanted else x.new_empty(0) for t, wanted in zip(inputs, output_mask)]
-
-
 @_eval_backward_op.register_fake
-def _(grad_out, out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, groups, eps, relu, output_mask):
-    return _fake_grads(x, weight, bias, bn_weight, bn_bias, output_mask)
+def _(*inputs):
+    return _fake_grads(_arguments("conv_bn_relu_eval_backward", inputs))
 
 
 @torch.library.custom_op("slsdeep_kernels::conv_bn_relu_train", mutates_args=())
@@ -232,17 +291,15 @@ def _train_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, conv output, batch mean, biased batch variance); the statistics in fp32 (fp64 for fp64)."""
-    return _train_forward(x, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps, relu, backend)
+    return _train_forward(x, weight, bias, bn_weight, bn_bias, ConvBNOptions.of(locals()), backend)
 
 
 @_train_op.register_fake
-def _(x, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps, relu, memory_efficient, backend):
-    shape = (x.shape[0], weight.shape[0], *_output_size(x, weight, stride, padding, dilation))
-    fmt = backends.preserved_format(x)
-    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-    conv_out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-    stats = dict(dtype=_accumulation_dtype(x.dtype), device=x.device)
-    return out, conv_out, torch.empty(shape[1], **stats), torch.empty(shape[1], **stats)
+def _(*inputs):
+    a = _arguments("conv_bn_relu_train", inputs)
+    out = _fake_output(a)
+    stats = dict(dtype=_accumulation_dtype(out.dtype), device=out.device)
+    return out, torch.empty_like(out), torch.empty(out.shape[1], **stats), torch.empty(out.shape[1], **stats)
 
 
 @torch.library.custom_op("slsdeep_kernels::conv_bn_relu_train_backward", mutates_args=())
@@ -266,57 +323,71 @@ def _train_backward_op(
     backend: str,
 ) -> list[torch.Tensor]:
     """Grads of (x, weight, bias, bn_weight, bn_bias); ``conv_out=None`` recomputes the conv."""
-    args = (grad_out, x, weight, bias, conv_out, mean, var, bn_weight, bn_bias, stride, padding, dilation, groups, eps, relu)
-    grads = _train_backward(*args, output_mask, backend)
+    tensors = (grad_out, x, weight, bias, conv_out, mean, var, bn_weight, bn_bias)
+    grads = _train_backward(*tensors, ConvBNOptions.of(locals()), output_mask, backend)
     return _as_gradients(grads, (x, weight, bias, bn_weight, bn_bias), output_mask)
 
 
 @_train_backward_op.register_fake
-def _(grad_out, x, weight, bias, conv_out, mean, var, bn_weight, bn_bias, stride, padding, dilation, groups, eps, relu, output_mask, backend):
-    return _fake_grads(x, weight, bias, bn_weight, bn_bias, output_mask)
+def _(*inputs):
+    return _fake_grads(_arguments("conv_bn_relu_train_backward", inputs))
 
 
 def _eval_setup_context(ctx, inputs, output):
-    x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *rest = inputs
-    ctx.options = rest[:-1]  # stride, padding, dilation, groups, eps, relu
+    a = _arguments("conv_bn_relu_eval", inputs)
+    ctx.options = ConvBNOptions.of(a)
     # The output is the ReLU's mask; without a ReLU it is not kept (callers may add to it in place).
-    relu = ctx.options[-1]
-    ctx.save_for_backward(output if relu else None, x, weight, bias, bn_weight, bn_bias, running_mean, running_var)
+    saved = ("x", "weight", "bias", "bn_weight", "bn_bias", "running_mean", "running_var")
+    ctx.save_for_backward(output if ctx.options.relu else None, *(a[name] for name in saved))
 
 
-def _eval_grads(ctx, grad_out, backward):
-    output_mask = list(ctx.needs_input_grad[:5])
+def _eval_grads(ctx, grad_out, through_op: bool):
+    """``through_op``: run the backward custom op (differentiable as an op: its backward raises), else
+    its Python body directly (eager)."""
+    output_mask = list(ctx.needs_input_grad[: len(_DIFFERENTIABLE)])
     out, *saved = ctx.saved_tensors
-    grads = backward(grad_out, out, *saved, *ctx.options, output_mask)
-    return *(g if wanted else None for g, wanted in zip(grads, output_mask)), *([None] * 9)
+    if through_op:
+        grads = _eval_backward_op(grad_out, out, *saved, **ctx.options.as_arguments(), output_mask=output_mask)
+    else:
+        grads = _eval_backward(grad_out, out, *saved, ctx.options, output_mask)
+    return _input_gradients("conv_bn_relu_eval", grads, output_mask)
 
 
 def _eval_autograd_backward(ctx, grad_out):
-    return _eval_grads(ctx, grad_out, _eval_backward_op)
+    return _eval_grads(ctx, grad_out, through_op=True)
 
 
 def _train_setup_context(ctx, inputs, output):
-    x, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps, relu, memory_efficient, backend = inputs
+    a = _arguments("conv_bn_relu_train", inputs)
     out, conv_out, mean, var = output
     ctx.mark_non_differentiable(conv_out, mean, var)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, weight, bias, None if memory_efficient else conv_out, mean, var, bn_weight, bn_bias)
-    ctx.options = (stride, padding, dilation, groups, eps, relu)
-    ctx.backend = backend
+    kept_conv_out = None if a["memory_efficient"] else conv_out
+    ctx.save_for_backward(a["x"], a["weight"], a["bias"], kept_conv_out, mean, var, a["bn_weight"], a["bn_bias"])
+    ctx.options, ctx.backend = ConvBNOptions.of(a), a["backend"]
 
 
-def _train_grads(ctx, grad_out, backward):
-    output_mask = list(ctx.needs_input_grad[:5])
+def _train_grads(ctx, grad_out, through_op: bool):
+    """As :func:`_eval_grads`."""
+    output_mask = list(ctx.needs_input_grad[: len(_DIFFERENTIABLE)])
     if grad_out is None:
-        return (None,) * 13
-    grads = backward(grad_out, *ctx.saved_tensors, *ctx.options, output_mask, ctx.backend)
-    return *(g if wanted else None for g, wanted in zip(grads, output_mask)), *([None] * 8)
+        return _input_gradients("conv_bn_relu_train", [None] * len(_DIFFERENTIABLE), output_mask)
+    if through_op:
+        grads = _train_backward_op(grad_out, *ctx.saved_tensors, **ctx.options.as_arguments(), output_mask=output_mask,
+                                   backend=ctx.backend)  # fmt: skip
+    else:
+        grads = _train_backward(grad_out, *ctx.saved_tensors, ctx.options, output_mask, ctx.backend)
+    return _input_gradients("conv_bn_relu_train", grads, output_mask)
 
 
 def _train_autograd_backward(ctx, grad_out, *unused):
-    return _train_grads(ctx, grad_out, _train_backward_op)
+    return _train_grads(ctx, grad_out, through_op=True)
 
 
+_SCHEMA_NAMES = {
+    op: tuple(argument.name for argument in getattr(torch.ops.slsdeep_kernels, op).default._schema.arguments)
+    for op in ("conv_bn_relu_eval", "conv_bn_relu_eval_backward", "conv_bn_relu_train", "conv_bn_relu_train_backward")
+}
 torch.library.register_autograd("slsdeep_kernels::conv_bn_relu_eval", _eval_autograd_backward, setup_context=_eval_setup_context)
 torch.library.register_autograd("slsdeep_kernels::conv_bn_relu_train", _train_autograd_backward, setup_context=_train_setup_context)
 for _name in ("conv_bn_relu_eval_backward", "conv_bn_relu_train_backward"):
@@ -327,17 +398,20 @@ class _EvalFunction(torch.autograd.Function):
     """The eval op for eager calls: the custom ops' forward, setup and backward without their
     dispatch, which costs ~0.15 ms a call (paid by every layer of a network at every step).
     ``torch.compile`` traces the custom ops instead (see :func:`conv_bn_relu`). Under
-    ``create_graph`` the backward runs as the backward custom op, whose own backward raises."""
+    ``create_graph`` the backward runs as the backward custom op, whose own backward raises.
+    Its inputs are the custom op's, in schema order (``_flatten``)."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _eval_forward(*inputs)
+        a = _arguments("conv_bn_relu_eval", inputs)
+        tensors = [a[name] for name in ("x", "weight", "bias", "bn_weight", "bn_bias", "running_mean", "running_var")]
+        output = _eval_forward(*tensors, ConvBNOptions.of(a), a["backend"])
         _eval_setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _eval_grads(ctx, grad_out, _eval_backward_op if torch.is_grad_enabled() else _eval_backward)
+        return _eval_grads(ctx, grad_out, through_op=torch.is_grad_enabled())
 
 
 class _TrainFunction(torch.autograd.Function):
@@ -345,13 +419,15 @@ class _TrainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _train_forward(*inputs[:-2], inputs[-1])  # all but memory_efficient, which only setup reads
+        a = _arguments("conv_bn_relu_train", inputs)
+        tensors = [a[name] for name in _DIFFERENTIABLE]
+        output = _train_forward(*tensors, ConvBNOptions.of(a), a["backend"])
         _train_setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
     def backward(ctx, grad_out, *unused):
-        return _train_grads(ctx, grad_out, _train_backward_op if torch.is_grad_enabled() else _train_backward)
+        return _train_grads(ctx, grad_out, through_op=torch.is_grad_enabled())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,13 +440,14 @@ def _pair(name, value, minimum):
     return list(pair)
 
 
-def _validate(x, weight, per_channel, stride, padding, dilation, groups, training):
+def _validate(x, weight, per_channel, options: ConvBNOptions, training):
     if x.dim() != 4:
         raise ValueError(f"{OP}: input must be 4-D (N, C, H, W); got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
     if weight.dim() != 4:
         raise ValueError(f"{OP}: weight must be 4-D (C_out, C_in / groups, KH, KW); got shape {tuple(weight.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{OP}: input must be a floating-point tensor; got {x.dtype}")
+    groups = options.groups
     if not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
         raise ValueError(f"{OP}: groups must be a positive int dividing C_out={weight.shape[0]}; got {groups!r}")
     if weight.shape[1] * groups != x.shape[1]:
@@ -390,11 +467,11 @@ def _validate(x, weight, per_channel, stride, padding, dilation, groups, trainin
         raise ValueError(f"{OP}: running_mean and running_var must be given together")
     if not training and per_channel["running_mean"] is None:
         raise ValueError(f"{OP}: running_mean and running_var are required in eval mode (training=False)")
-    out_size = _output_size(x, weight, stride, padding, dilation)
+    out_size = _output_size(x, weight, options)
     if min(out_size) < 1:
         raise ValueError(
             f"{OP}: the output would be empty ({out_size[0]}×{out_size[1]}) for input {tuple(x.shape[2:])}, kernel "
-            f"{tuple(weight.shape[2:])}, stride {stride}, padding {padding}, dilation {dilation}"
+            f"{tuple(weight.shape[2:])}, stride {options.stride}, padding {options.padding}, dilation {options.dilation}"
         )
     if training and x.shape[0] * out_size[0] * out_size[1] == 1:
         raise ValueError(
@@ -452,11 +529,14 @@ def conv_bn_relu(
         OP, input=x, weight=weight, bias=bias, bn_weight=bn_weight, bn_bias=bn_bias,
         running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked,
     )  # fmt: skip
-    stride, padding, dilation = _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1)
+    options = ConvBNOptions(
+        stride=_pair("stride", stride, 1), padding=_pair("padding", padding, 0), dilation=_pair("dilation", dilation, 1),
+        groups=groups, eps=eps, relu=relu,
+    )  # fmt: skip
     if torch.is_autocast_enabled(device.type):
         x, weight, bias = _autocast(device.type, x, weight, bias)
     per_channel = dict(bias=bias, bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean, running_var=running_var)
-    _validate(x, weight, per_channel, stride, padding, dilation, groups, training)
+    _validate(x, weight, per_channel, options, training)
     factor = momentum
     if training and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
@@ -468,17 +548,19 @@ def conv_bn_relu(
     if chosen == "reference":
         if isinstance(factor, torch.Tensor):
             factor = float(factor)
-        return reference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
-                         groups, training, 0.0 if factor is None else factor, eps, relu)  # fmt: skip
+        return reference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, **options.as_arguments(),
+                         training=training, momentum=0.0 if factor is None else factor)  # fmt: skip
     # torch.compile traces the custom ops; eager calls skip their dispatch cost (same kernels, same autograd).
     compiling = torch.compiler.is_compiling()
+    tensors = dict(x=x, weight=weight, bias=bias, bn_weight=bn_weight, bn_bias=bn_bias)
     if not training:
         eval_op = _eval_op if compiling else _EvalFunction.apply
-        return eval_op(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
-                       groups, eps, relu, chosen)  # fmt: skip
+        inputs = _flatten("conv_bn_relu_eval", **tensors, running_mean=running_mean, running_var=running_var,
+                          options=options, backend=chosen)  # fmt: skip
+        return eval_op(*inputs)
     train_op = _train_op if compiling else _TrainFunction.apply
-    out, _, mean, var = train_op(x, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps, relu,
-                                 memory_efficient, chosen)  # fmt: skip
+    inputs = _flatten("conv_bn_relu_train", **tensors, options=options, memory_efficient=memory_efficient, backend=chosen)
+    out, _, mean, var = train_op(*inputs)
     if running_mean is not None:
         count = out.numel() // out.shape[1]
         with torch.no_grad():

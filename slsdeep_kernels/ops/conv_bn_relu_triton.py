@@ -305,38 +305,33 @@ _ELEMENTWISE_BLOCK = 1024
 _ELEMENTWISE_WARPS = 8  # 4 elements a thread: 4 warps (8) spill in fp16 NCHW on triton 3.6 (ptxas -v)
 
 
-def _conv(x, weight, bias, stride, padding, dilation, groups):
+def _conv(x, weight, bias, options):
     """The convolution through ATen (oneDNN / cuDNN), dense in the input's memory format."""
-    y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+    y = torch.ops.aten.convolution(x, weight, bias, options.stride, options.padding, options.dilation, False, [0, 0], options.groups)
     return y.contiguous(memory_format=backends.preserved_format(x))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """TF32 only where PyTorch's own convolutions may use it (``torch.backends.cudnn.allow_tf32``)."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not backends.triton_interpreted() else "ieee"
-
-
-def eval_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, groups, eps, relu):
+def eval_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, options):
     N, C_in, H, W = x.shape
     C_out = weight.shape[0]
-    OH, OW = _output_size(x, weight, stride, padding, dilation)
+    OH, OW = _output_size(x, weight, options)
     out = backends.new_output((N, C_out, OH, OW), dtype=x.dtype, device=x.device, memory_format=backends.preserved_format(x))
     M = N * OH * OW
     (gamma, beta), affine_flags = _affine(bn_weight, bn_bias, running_mean)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_out // groups, meta["BLOCK_N"]) * groups,)
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_out // options.groups, meta["BLOCK_N"]) * options.groups,)
 
     backends.launch(
         _conv_bn_act_kernel, grid, x, weight, out,
         bias if bias is not None else running_mean, gamma, beta, running_mean, running_var,
-        C_in // groups, C_out // groups, H, W, OH, OW, M,
+        C_in // options.groups, C_out // options.groups, H, W, OH, OW, M,
         *x.stride(), *weight.stride(), *out.stride(),
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], eps,
+        *options.stride, *options.padding, *options.dilation, options.eps,
         KH=weight.shape[2], KW=weight.shape[3], X_CHANNELS_LAST=backends.preserved_format(x) == torch.channels_last,
-        HAS_BIAS=bias is not None, **affine_flags, RELU=relu,
+        HAS_BIAS=bias is not None, **affine_flags, RELU=options.relu,
         DOT_FP32=backends.triton_interpreted() or x.dtype == torch.float32,
-        INPUT_PRECISION=_dot_precision(x.dtype),
+        INPUT_PRECISION=backends.dot_precision(x.dtype, convolution=True),
     )  # fmt: skip
     return out
 
@@ -365,8 +360,8 @@ def _reduction_split(y: torch.Tensor):
                 block_r=block_r, block_c=block_c, c_blocks=c_blocks, channels_last=channels_last)  # fmt: skip
 
 
-def train_forward(x, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps, relu):
-    y = _conv(x, weight, bias, stride, padding, dilation, groups)
+def train_forward(x, weight, bias, bn_weight, bn_bias, options):
+    y = _conv(x, weight, bias, options)
     sp = _reduction_split(y)
     C, parts = sp["C"], sp["parts"]
     f32 = dict(dtype=torch.float32, device=y.device)
@@ -382,21 +377,21 @@ def train_forward(x, weight, bias, bn_weight, bn_bias, stride, padding, dilation
     backends.launch(
         _stats_merge_kernel, (sp["c_blocks"],),
         part_mean, part_m2, mean, var, scale, shift, gamma, beta,
-        C, sp["rows"], sp["rows_per_part"], parts, eps, **affine_flags, BLOCK_C=sp["block_c"],
+        C, sp["rows"], sp["rows_per_part"], parts, options.eps, **affine_flags, BLOCK_C=sp["block_c"],
     )  # fmt: skip
     out = backends.new_output(y.shape, dtype=y.dtype, device=y.device, memory_format=backends.preserved_format(y))
     total = y.numel()
     backends.launch(
         _bn_act_kernel, (triton.cdiv(total, _ELEMENTWISE_BLOCK),),
         y, out, scale, shift, total, C, sp["S"],
-        CHANNELS_LAST=sp["channels_last"], RELU=relu, BLOCK=_ELEMENTWISE_BLOCK, num_warps=_ELEMENTWISE_WARPS,
+        CHANNELS_LAST=sp["channels_last"], RELU=options.relu, BLOCK=_ELEMENTWISE_BLOCK, num_warps=_ELEMENTWISE_WARPS,
     )  # fmt: skip
     return out, y, mean, var
 
 
-def train_backward(grad_out, x, weight, bias, conv_out, mean, var, bn_weight, bn_bias, stride, padding, dilation, groups, eps, relu, conv_mask):
+def train_backward(grad_out, x, weight, bias, conv_out, mean, var, bn_weight, bn_bias, options, conv_mask):
     """Triton BN + ReLU backward (one reduction, one elementwise pass), then the conv backward through ATen."""
-    y = conv_out if conv_out is not None else _conv(x, weight, bias, stride, padding, dilation, groups)
+    y = conv_out if conv_out is not None else _conv(x, weight, bias, options)
     g = grad_out.contiguous(memory_format=backends.preserved_format(y))
     sp = _reduction_split(y)
     C, parts = sp["C"], sp["parts"]
@@ -406,24 +401,24 @@ def train_backward(grad_out, x, weight, bias, conv_out, mean, var, bn_weight, bn
     backends.launch(
         _backward_partial_kernel, (sp["c_blocks"], parts),
         g, y, mean, var, gamma, beta, sum_g, sum_gc,
-        C, sp["S"], sp["rows"], sp["rows_per_part"], *sp["strides"], eps,
-        **affine_flags, RELU=relu, BLOCK_R=sp["block_r"], BLOCK_C=sp["block_c"],
+        C, sp["S"], sp["rows"], sp["rows_per_part"], *sp["strides"], options.eps,
+        **affine_flags, RELU=options.relu, BLOCK_R=sp["block_r"], BLOCK_C=sp["block_c"],
     )  # fmt: skip
     grad_gamma, grad_beta = backends.new_output((C,), **f32), backends.new_output((C,), **f32)
     coefficients = torch.empty((5, C), **f32)
     backends.launch(
         _backward_merge_kernel, (sp["c_blocks"],),
         sum_g, sum_gc, mean, var, gamma, beta, grad_gamma, grad_beta, coefficients,
-        C, sp["rows"], parts, eps, **affine_flags, BLOCK_C=sp["block_c"],
+        C, sp["rows"], parts, options.eps, **affine_flags, BLOCK_C=sp["block_c"],
     )  # fmt: skip
     grad_y = backends.new_output(y.shape, dtype=y.dtype, device=y.device, memory_format=backends.preserved_format(y))
     total = y.numel()
     backends.launch(
         _backward_apply_kernel, (triton.cdiv(total, _ELEMENTWISE_BLOCK),),
         g, y, grad_y, mean, coefficients, total, C, sp["S"],
-        CHANNELS_LAST=sp["channels_last"], RELU=relu, BLOCK=_ELEMENTWISE_BLOCK, num_warps=_ELEMENTWISE_WARPS,
+        CHANNELS_LAST=sp["channels_last"], RELU=options.relu, BLOCK=_ELEMENTWISE_BLOCK, num_warps=_ELEMENTWISE_WARPS,
     )  # fmt: skip
-    grad_x, grad_w, grad_b = _conv_backward(grad_y, x, weight, stride, padding, dilation, groups, conv_mask)
+    grad_x, grad_w, grad_b = _conv_backward(grad_y, x, weight, options, conv_mask)
     return [
         grad_x,
         grad_w,

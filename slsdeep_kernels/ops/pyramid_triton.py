@@ -122,13 +122,13 @@ def _expand_kernel(
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _dot_mode(dtype: torch.dtype, tf32: bool) -> tuple[bool, str]:
-    """(dot in fp32, fp32 input precision). fp32 runs on tensor cores: "tf32" where PyTorch's flag
-    allows it, else "tf32x3" (three tf32 products: fp32's accuracy; the FMA "ieee" dot of these tiles
-    spills KBs of registers per thread). The interpreter gets low-precision dots wrong: fp32 "ieee" there."""
-    if backends.triton_interpreted():
-        return True, "ieee"
-    return dtype == torch.float32, "tf32" if tf32 else "tf32x3"
+def _dot_mode(dtype: torch.dtype, convolution: bool) -> tuple[bool, str]:
+    """(dot in fp32, input precision). fp32 runs on tensor cores: "tf32" for the taps (part of the
+    conv) where PyTorch's convolutions may use it, else "tf32x3" (the FMA "ieee" dot of these tiles
+    spills KBs of registers per thread): ``backend.dot_precision``. The interpreter's 16-bit dots are
+    wrong: fp32 there."""
+    dot_fp32 = dtype == torch.float32 or backends.triton_interpreted()
+    return dot_fp32, backends.dot_precision(dtype, convolution=convolution, full="tf32x3")
 
 
 def _warps(dtype: torch.dtype) -> int:
@@ -137,12 +137,12 @@ def _warps(dtype: torch.dtype) -> int:
     return 8 if dtype == torch.float32 else 4
 
 
-def _reduce(x: Tensor, tables: tuple[Tensor, Tensor, Tensor], out: Tensor, tf32: bool = False) -> Tensor:
+def _reduce(x: Tensor, tables: tuple[Tensor, Tensor, Tensor], out: Tensor, convolution: bool = False) -> Tensor:
     """out (N, C, K) = the reduce kernel over x (N, C, H, W)."""
     rows, cols, scale = tables
     N, C, H, W = x.shape
     K = rows.shape[0]
-    dot_fp32, precision = _dot_mode(x.dtype, tf32)
+    dot_fp32, precision = _dot_mode(x.dtype, convolution)
     block_p, max_k = _reduce_tiles(x.dtype)
     block_k = min(max_k, triton.next_power_of_2(max(K, 16)))
     grid = (N * triton.cdiv(K, block_k), triton.cdiv(C, _BLOCK_C))
@@ -154,12 +154,12 @@ def _reduce(x: Tensor, tables: tuple[Tensor, Tensor, Tensor], out: Tensor, tf32:
     return out
 
 
-def _expand(v: Tensor, tables: tuple[Tensor, Tensor, Tensor], out: Tensor, accumulate: bool, tf32: bool = False) -> Tensor:
+def _expand(v: Tensor, tables: tuple[Tensor, Tensor, Tensor], out: Tensor, accumulate: bool, convolution: bool = False) -> Tensor:
     """out (N, C, H, W) (+)= the expand kernel over v (N, C, K)."""
     rows, cols, scale = tables
     N, C, H, W = out.shape
     K = rows.shape[0]
-    dot_fp32, precision = _dot_mode(out.dtype, tf32)
+    dot_fp32, precision = _dot_mode(out.dtype, convolution)
     grid = (N * triton.cdiv(H * W, _BLOCK_P), triton.cdiv(C, _BLOCK_C))
     backends.launch(
         _expand_kernel, grid, v, rows, cols, scale, out, C, K, H, W, *v.stride(), *out.stride(),
@@ -269,8 +269,7 @@ def taps_add(out: Tensor, taps: list[Tensor], align_corners: bool) -> None:
     N, Co, H, W = out.shape
     sizes = tuple(tuple(z.shape[4:]) for z in taps)
     values = torch.cat([z.reshape(N, Co, -1) for z in taps], dim=2)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    _expand(values, _tap_tables(H, W, sizes, align_corners, out.device), out, accumulate=True, tf32=tf32)
+    _expand(values, _tap_tables(H, W, sizes, align_corners, out.device), out, accumulate=True, convolution=True)
 
 
 def taps_backward(grad: Tensor, sizes: list[int], align_corners: bool) -> list[Tensor]:
@@ -280,5 +279,5 @@ def taps_backward(grad: Tensor, sizes: list[int], align_corners: bool) -> list[T
         return []
     tables = _tap_tables(H, W, pairs, align_corners, grad.device)
     out = backends.new_output((N, Co, tables[0].shape[0]), dtype=grad.dtype, device=grad.device)
-    _reduce(grad, tables, out, tf32=torch.backends.cuda.matmul.allow_tf32)
+    _reduce(grad, tables, out, convolution=True)
     return [z.reshape(N, Co, 3, 3, h, w) for z, (h, w) in zip(out.split([9 * h * w for h, w in pairs], dim=2), pairs)]
