@@ -29,23 +29,25 @@ struct Position {
   int64_t n, c, h, w;
 };
 
+// The coordinate of extent `size` that varies fastest in a memory-order index; index becomes the rest.
+__device__ __forceinline__ int64_t split_off(int64_t& index, int64_t size) {
+  const int64_t coordinate = index % size;
+  index /= size;
+  return coordinate;
+}
+
 __device__ __forceinline__ Position position(int64_t index, int64_t C, int64_t H, int64_t W, bool channels_last) {
   Position p;
-  if (channels_last) {
-    p.c = index % C;
-    index /= C;
-    p.w = index % W;
-    index /= W;
-    p.h = index % H;
-    p.n = index / H;
-  } else {
-    p.w = index % W;
-    index /= W;
-    p.h = index % H;
-    index /= H;
-    p.c = index % C;
-    p.n = index / C;
+  if (channels_last) {  // memory order (N, H, W, C)
+    p.c = split_off(index, C);
+    p.w = split_off(index, W);
+    p.h = split_off(index, H);
+  } else {  // memory order (N, C, H, W)
+    p.w = split_off(index, W);
+    p.h = split_off(index, H);
+    p.c = split_off(index, C);
   }
+  p.n = index;
   return p;
 }
 
