@@ -21,12 +21,14 @@
 #include <vector>
 
 #include "alloc.h"
+#include "bind_utils.h"
 #include "common/conv_bn_relu.h"
 
 namespace {
 
 using at::Tensor;
 namespace cbr = slsdeep::conv_bn_relu;
+using slsdeep::grain_for;
 
 constexpr int64_t kSpan = 1024;        // contiguous values summed in cache before a merge
 constexpr int64_t kRowsPerBlock = 64;  // NHWC rows per partial-statistics block
@@ -43,11 +45,6 @@ struct Layout {
 
 Layout layout_of(const Tensor& y, at::MemoryFormat format) {
   return {y.size(0), y.size(1), y.size(2) * y.size(3), format == at::MemoryFormat::ChannelsLast};
-}
-
-// Parallel-loop grains: about at::internal::GRAIN_SIZE elements per task, so small maps stay serial.
-int64_t grain_for(int64_t elements_per_item) {
-  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(elements_per_item, 1));
 }
 
 // Runs plane(offset, channel) over every NCHW plane, or row(offset) over every NHWC row, in parallel.
@@ -373,7 +370,7 @@ Tensor conv_bn_relu_eval_kernel(const Tensor& input, const Tensor& weight, const
     const Tensor folded = (weight.to(acc) * scale.view({C, 1, 1, 1})).to(x.scalar_type());
     return onednn_conv_act(x, folded, shift, stride, padding, dilation, groups, relu).contiguous(format);
   }
-  Tensor out = at::convolution(x, weight, c10::nullopt, stride, padding, dilation, false, {0, 0}, groups).contiguous(format);
+  Tensor out = cbr::convolution(x, weight, c10::nullopt, stride, padding, dilation, groups, format);
   const Layout l = layout_of(out, format);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_bn_relu_eval", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -390,8 +387,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_kernel(
     const c10::optional<Tensor>& bn_bias, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, double eps, bool relu) {
   const auto format = slsdeep::preserved_format(input);
-  const Tensor y = at::convolution(input.contiguous(format), weight, bias, stride, padding, dilation, false, {0, 0}, groups)
-                       .contiguous(format);
+  const Tensor y = cbr::convolution(input.contiguous(format), weight, bias, stride, padding, dilation, groups, format);
   const Layout l = layout_of(y, format);
   const auto acc = at::toOpMathType(y.scalar_type());
   const auto acc_options = at::TensorOptions().dtype(acc);
@@ -420,10 +416,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_backward_k
     int64_t groups, double eps, bool relu, std::array<bool, 3> output_mask) {
   const auto format = slsdeep::preserved_format(input);
   const Tensor x = input.contiguous(format);
-  // memory_efficient: the conv output was not kept, recompute it.
-  const Tensor y = (conv_out.has_value() && conv_out->defined())
-                       ? conv_out->contiguous(format)
-                       : at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, groups).contiguous(format);
+  const Tensor y = cbr::saved_or_recomputed(conv_out, x, weight, bias, stride, padding, dilation, groups, format);
   const Tensor grad = grad_out.contiguous(format);
   const Layout l = layout_of(y, format);
   const auto acc = at::toOpMathType(y.scalar_type());
@@ -458,17 +451,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_backward_k
       apply_bn_backward<scalar_t, acc_t, decltype(relu_tag)::value>(grad, y, grad_y, l, m, ch);
     });
   });
-  Tensor grad_input, grad_weight, grad_bias;
-  if (output_mask[0] || output_mask[1] || output_mask[2]) {
-    c10::optional<at::IntArrayRef> bias_sizes;
-    std::vector<int64_t> bias_shape{l.C};
-    if (output_mask[2]) bias_sizes = at::IntArrayRef(bias_shape);
-    std::tie(grad_input, grad_weight, grad_bias) = at::convolution_backward(
-        grad_y, x, weight, bias_sizes, stride, padding, dilation, false, {0, 0}, groups, output_mask);
-  }
-  if (bn_weight.has_value() && bn_weight->defined()) grad_gamma = grad_gamma.to(bn_weight->scalar_type());
-  if (bn_bias.has_value() && bn_bias->defined()) grad_beta = grad_beta.to(bn_bias->scalar_type());
-  return {grad_input, grad_weight, grad_bias, grad_gamma, grad_beta};
+  return cbr::backward_tail(grad_y, x, weight, l.C, stride, padding, dilation, groups, output_mask, bn_weight, bn_bias,
+                            grad_gamma, grad_beta);
 }
 
 }  // namespace

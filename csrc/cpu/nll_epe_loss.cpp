@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "alloc.h"
+#include "bind_utils.h"
 #include "common/nll_epe_loss.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -383,15 +384,6 @@ int64_t band_count(const at::Tensor& logits) {
 }
 
 
-void check_inputs(const at::Tensor& logits, const at::Tensor& target) {
-  TORCH_CHECK(logits.dim() == 4 && (logits.size(1) == 1 || logits.size(1) == 2),
-              "nll_epe_loss: logits must be (N, C, H, W) with C = 1 or 2; got ", logits.sizes());
-  TORCH_CHECK(target.dim() == 3 && target.size(0) == logits.size(0) && target.size(1) == logits.size(2) &&
-                  target.size(2) == logits.size(3),
-              "nll_epe_loss: target must be (N, H, W) matching logits ", logits.sizes(), "; got ", target.sizes());
-  TORCH_CHECK(logits.numel() > 0, "nll_epe_loss: logits must not be empty");
-}
-
 template <typename scalar_t>
 Problem<scalar_t> make_problem(const at::Tensor& logits, const at::Tensor& target, double alpha) {
   using T = at::opmath_type<scalar_t>;
@@ -422,8 +414,7 @@ void set_gradient(Problem<scalar_t>& pb, const at::Tensor& gradient) {
 // logits for mean/sum when compute_grad (else empty).
 std::tuple<at::Tensor, at::Tensor> nll_epe_loss_cpu(const at::Tensor& logits, const at::Tensor& target, double alpha,
                                                     int64_t reduction, bool compute_grad) {
-  check_inputs(logits, target);
-  TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum, "nll_epe_loss: bad reduction code ", reduction);
+  check_forward(logits, target, reduction);
   const int64_t N = logits.size(0), H = logits.size(2), W = logits.size(3);
   const bool with_gradient = compute_grad && reduction != kNone;
   at::Tensor loss = reduction == kNone ? new_output({N, H, W}, logits.options()) : new_output({}, logits.options());
@@ -456,9 +447,7 @@ std::tuple<at::Tensor, at::Tensor> nll_epe_loss_cpu(const at::Tensor& logits, co
 // Gradient of the per-pixel loss map (reduction none) for the upstream gradient grad_loss (N, H, W).
 at::Tensor nll_epe_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                                      double alpha) {
-  check_inputs(logits, target);
-  TORCH_CHECK(grad_loss.sizes() == target.sizes(), "nll_epe_loss: grad_loss must be (N, H, W) = ", target.sizes(),
-              "; got ", grad_loss.sizes());
+  check_backward(grad_loss, logits, target);
   const at::Tensor grad_map = grad_loss.to(logits.scalar_type());
   at::Tensor gradient = new_output(logits.sizes(), logits.options(), slsdeep::preserved_format(logits));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "nll_epe_loss_backward_cpu", [&] {

@@ -19,6 +19,7 @@
 #endif
 
 #include "alloc.h"
+#include "bind_utils.h"
 #include "common/pyramid.h"
 
 namespace slsdeep {
@@ -44,11 +45,6 @@ void advise_huge_pages(const at::Tensor& t) {
   const uintptr_t last = (begin + t.storage().nbytes()) & ~(kHuge - 1);
   if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #endif
-}
-
-// Planes per parallel task so that a task touches about GRAIN_SIZE elements.
-int64_t plane_grain(int64_t plane_elements) {
-  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, plane_elements));
 }
 
 // The stencil of every output index of one axis resized from in_size to out_size.
@@ -107,7 +103,7 @@ void pool_forward(const at::Tensor& x, const at::Tensor& out, const std::vector<
   const Strides4 s = strides_of(x);
   const scalar_t* src = x.const_data_ptr<scalar_t>();
   scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, x.size(0) * C, plane_grain(H * W), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, x.size(0) * C, grain_for(H * W), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> column_sums(W);
     for (int64_t plane = begin; plane < end; ++plane) {
       const scalar_t* in = src + (plane / C) * s.n + (plane % C) * s.c;
@@ -138,7 +134,7 @@ void pool_backward(const at::Tensor& grad, const at::Tensor& out, const std::vec
   const Strides4 s = strides_of(out);
   const scalar_t* src = grad.const_data_ptr<scalar_t>();
   scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, out.size(0) * C, plane_grain(H * W), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, out.size(0) * C, grain_for(H * W), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffer(H * W);
     for (int64_t plane = begin; plane < end; ++plane) {
       std::fill(buffer.begin(), buffer.end(), acc_t(0));
@@ -194,7 +190,7 @@ void upsample_concat_planes(const at::Tensor& x, const std::vector<at::Tensor>& 
   }
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, out.size(0) * total, plane_grain(H * W), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, out.size(0) * total, grain_for(H * W), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> resized(buffer_size);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / total, c = plane % total;
@@ -250,7 +246,7 @@ void upsample_branch_backward(const at::Tensor& grad, const at::Tensor& grad_z, 
   const auto cols = axis_readers<acc_t>(w, W, align_corners, 0);
   const scalar_t* src = grad.const_data_ptr<scalar_t>();
   scalar_t* dst = grad_z.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, grad_z.size(0) * Cb, plane_grain(H * W), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, grad_z.size(0) * Cb, grain_for(H * W), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> partial(H * w);
     for (int64_t plane = begin; plane < end; ++plane) {
       const scalar_t* g = src + (plane / Cb) * s.n + (offset + plane % Cb) * s.c;
@@ -313,7 +309,7 @@ void taps_add(const at::Tensor& out, at::TensorList taps, bool align_corners) {
     u_size += 3 * h * W;
   }
   scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, out.size(0) * Co, plane_grain(H * W), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, out.size(0) * Co, grain_for(H * W), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> u(u_size), row_sum(W);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / Co, co = plane % Co;
@@ -380,7 +376,7 @@ void taps_backward(const at::Tensor& grad, const at::Tensor& grad_z, bool align_
   }
   const scalar_t* src = grad.const_data_ptr<scalar_t>();
   scalar_t* dst = grad_z.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, grad.size(0) * Co, plane_grain(H * W), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, grad.size(0) * Co, grain_for(H * W), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> partial(H * 3 * w);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / Co, co = plane % Co;
@@ -522,13 +518,6 @@ std::vector<at::Tensor> pyramid_taps_backward_kernel(const at::Tensor& grad, at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(slsdeep_kernels, CPU, m) {
-  m.impl("pyramid_pool_kernel", &pyramid_pool_kernel);
-  m.impl("pyramid_pool_backward_kernel", &pyramid_pool_backward_kernel);
-  m.impl("upsample_concat_kernel", &upsample_concat_kernel);
-  m.impl("upsample_concat_backward_kernel", &upsample_concat_backward_kernel);
-  m.impl("pyramid_taps_add_kernel", &pyramid_taps_add_kernel);
-  m.impl("pyramid_taps_backward_kernel", &pyramid_taps_backward_kernel);
-}
+TORCH_LIBRARY_IMPL(slsdeep_kernels, CPU, m) { SLSDEEP_PYRAMID_IMPLS(m); }
 
 }  // namespace slsdeep

@@ -1,13 +1,11 @@
 // CUDA kernels of conv_bn_relu: see conv_bn_relu.h. The per-element maths is csrc/common/conv_bn_relu.h,
 // shared with the CPU kernels.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 
 #include "common/conv_bn_relu.h"
+#include "common/dtype.h"
 #include "cuda/conv_bn_relu.h"
 
 namespace slsdeep {
@@ -26,19 +24,6 @@ struct Tile {
   static constexpr int kChannels = kChannelsLast ? 32 : 8;
   static constexpr int kRows = kThreads / kChannels;
 };
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 __device__ __forceinline__ float load_or(const float* p, int64_t i, float fallback) { return p ? p[i] : fallback; }
 
@@ -80,18 +65,29 @@ __device__ __forceinline__ void tile_lanes(int& channel, int& row) {
   row = kChannelsLast ? y : x;
 }
 
+// A thread of a reduction block (blockIdx.x: a tile of channels, blockIdx.y: a part of the rows):
+// its lanes in the tile, its channel c and the part's rows [start, end).
+template <bool kChannelsLast>
+struct PartLanes {
+  int channel_lane, row_lane;
+  int64_t c, start, end;
+  __device__ __forceinline__ PartLanes(const Activation& a, int64_t rows_per_part) {
+    tile_lanes<kChannelsLast>(channel_lane, row_lane);
+    c = static_cast<int64_t>(blockIdx.x) * Tile<kChannelsLast>::kChannels + channel_lane;
+    start = static_cast<int64_t>(blockIdx.y) * rows_per_part;
+    end = min(start + rows_per_part, a.N * a.S);
+  }
+};
+
 // Per thread: Welford over its rows; per block: Chan merges over the row lanes (fixed tree).
 template <typename T, bool kChannelsLast>
 __global__ void stats_partial_kernel(const T* __restrict__ y, Activation a, int64_t rows_per_part, float* part_mean,
                                      float* part_m2) {
   using tile = Tile<kChannelsLast>;
   __shared__ float sh_count[kThreads], sh_mean[kThreads], sh_m2[kThreads];
-  int channel_lane, row_lane;
-  tile_lanes<kChannelsLast>(channel_lane, row_lane);
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * tile::kChannels + channel_lane;
-  const int64_t rows = a.N * a.S;
-  const int64_t start = static_cast<int64_t>(blockIdx.y) * rows_per_part;
-  const int64_t end = min(start + rows_per_part, rows);
+  const PartLanes<kChannelsLast> lanes(a, rows_per_part);
+  const int channel_lane = lanes.channel_lane, row_lane = lanes.row_lane;
+  const int64_t c = lanes.c, start = lanes.start, end = lanes.end;
   cbr::Moments<float> m{0.f, 0.f, 0.f};
   if (c < a.C) {
     for (int64_t r = start + row_lane; r < end; r += tile::kRows) {
@@ -179,12 +175,9 @@ __global__ void backward_partial_kernel(const T* __restrict__ grad, const T* __r
                                         const float* beta, float eps, bool relu, float* part_g, float* part_gc) {
   using tile = Tile<kChannelsLast>;
   __shared__ float sh_g[kThreads], sh_gc[kThreads];
-  int channel_lane, row_lane;
-  tile_lanes<kChannelsLast>(channel_lane, row_lane);
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * tile::kChannels + channel_lane;
-  const int64_t rows = a.N * a.S;
-  const int64_t start = static_cast<int64_t>(blockIdx.y) * rows_per_part;
-  const int64_t end = min(start + rows_per_part, rows);
+  const PartLanes<kChannelsLast> lanes(a, rows_per_part);
+  const int channel_lane = lanes.channel_lane, row_lane = lanes.row_lane;
+  const int64_t c = lanes.c, start = lanes.start, end = lanes.end;
   float sum_g = 0.f, sum_gc = 0.f;
   if (c < a.C) {
     float scale, shift;
@@ -278,19 +271,10 @@ unsigned elementwise_blocks(const Activation& a, int vec) {
 
 unsigned channel_threads_blocks(int64_t C) { return static_cast<unsigned>((C + kThreads - 1) / kThreads); }
 
+// f(element tag) for a floating dtype (the one dispatch macro of csrc/common/dtype.h), then the launch's error.
 template <typename F>
 cudaError_t dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat:
-      f(float{});
-      break;
-    case DType::kHalf:
-      f(__half{});
-      break;
-    case DType::kBFloat16:
-      f(__nv_bfloat16{});
-      break;
-  }
+  SLSDEEP_DISPATCH_FLOATING(dtype, f(scalar_t{}))
   return cudaGetLastError();
 }
 

@@ -11,10 +11,10 @@
 
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace slsdeep {
 namespace conv_bn_relu_cuda {
-
-enum class DType { kFloat, kHalf, kBFloat16 };
 
 struct Activation {
   int64_t N, C, S;

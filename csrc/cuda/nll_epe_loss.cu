@@ -1,7 +1,5 @@
 // CUDA kernels of the NLL + EPE loss: see nll_epe_loss.h.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+#include "common/dtype.h"
 #include "common/nll_epe_loss.h"
 #include "cuda/nll_epe_loss.h"
 
@@ -17,33 +15,20 @@ constexpr int kThreads = kThreadsX * kThreadsY;
 constexpr int kHaloW = kTileW + 4, kHaloH = kTileH + 4;  // d: 2-pixel halo
 constexpr int kDirW = kTileW + 2, kDirH = kTileH + 2;    // EPE direction: 1-pixel halo
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-__device__ __forceinline__ float load_target(const void* target, TargetType type, int64_t offset) {
+__device__ __forceinline__ float load_target(const void* target, DType type, int64_t offset) {
   switch (type) {
-    case TargetType::kUInt8:
+    case DType::kUInt8:
       return static_cast<float>(static_cast<const uint8_t*>(target)[offset]);
-    case TargetType::kInt64:
+    case DType::kInt64:
       return static_cast<float>(static_cast<const int64_t*>(target)[offset]);
-    case TargetType::kFloat:
+    case DType::kFloat:
       return static_cast<const float*>(target)[offset];
-    case TargetType::kDouble:
+    case DType::kDouble:
       return static_cast<float>(static_cast<const double*>(target)[offset]);
-    case TargetType::kHalf:
-      return __half2float(static_cast<const __half*>(target)[offset]);
+    case DType::kHalf:
+      return to_float(static_cast<const __half*>(target)[offset]);
     default:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(target)[offset]);
+      return to_float(static_cast<const __nv_bfloat16*>(target)[offset]);
   }
 }
 
@@ -199,21 +184,6 @@ __global__ void scale_kernel(scalar_t* gradient, int64_t numel, const float* fac
   }
 }
 
-template <typename F>
-cudaError_t dispatch(DType dtype, F&& launch) {
-  switch (dtype) {
-    case DType::kFloat:
-      launch(float{});
-      break;
-    case DType::kHalf:
-      launch(__half{});
-      break;
-    default:
-      launch(__nv_bfloat16{});
-  }
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 int64_t partial_count(int64_t N, int64_t H, int64_t W) {
@@ -224,18 +194,15 @@ cudaError_t run(const Problem& problem, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(problem.N * ((problem.H + kTileH - 1) / kTileH)),
                   static_cast<unsigned>((problem.W + kTileW - 1) / kTileW));
   const dim3 block(kThreadsX, kThreadsY);
-  return dispatch(problem.dtype, [&](auto zero) {
-    using scalar_t = decltype(zero);
-    tile_kernel<scalar_t><<<grid, block, 0, stream>>>(problem);
-  });
+  SLSDEEP_DISPATCH_FLOATING(problem.dtype, tile_kernel<scalar_t><<<grid, block, 0, stream>>>(problem))
+  return cudaGetLastError();
 }
 
 cudaError_t finish_loss(DType dtype, const float* partials, int64_t count, double scale, void* loss,
                         cudaStream_t stream) {
-  return dispatch(dtype, [&](auto zero) {
-    using scalar_t = decltype(zero);
-    finish_kernel<scalar_t><<<1, kFinishThreads, 0, stream>>>(partials, count, scale, static_cast<scalar_t*>(loss));
-  });
+  SLSDEEP_DISPATCH_FLOATING(dtype, finish_kernel<scalar_t><<<1, kFinishThreads, 0, stream>>>(
+                                       partials, count, scale, static_cast<scalar_t*>(loss)))
+  return cudaGetLastError();
 }
 
 cudaError_t scale(DType dtype, void* gradient, int64_t numel, const float* factor, cudaStream_t stream) {
@@ -243,10 +210,9 @@ cudaError_t scale(DType dtype, void* gradient, int64_t numel, const float* facto
   const int threads = 256;
   const int64_t blocks = (numel + threads - 1) / threads;
   const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
-  return dispatch(dtype, [&](auto zero) {
-    using scalar_t = decltype(zero);
-    scale_kernel<scalar_t><<<grid, threads, 0, stream>>>(static_cast<scalar_t*>(gradient), numel, factor);
-  });
+  SLSDEEP_DISPATCH_FLOATING(dtype, scale_kernel<scalar_t><<<grid, threads, 0, stream>>>(
+                                       static_cast<scalar_t*>(gradient), numel, factor))
+  return cudaGetLastError();
 }
 
 }  // namespace nll_epe_loss_cuda

@@ -12,19 +12,19 @@
 
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace slsdeep {
 namespace nll_epe_loss_cuda {
 
-enum class DType { kFloat, kHalf, kBFloat16 };  // logits, and the loss, gradient and upstream gradient
-enum class TargetType { kUInt8, kInt64, kFloat, kDouble, kHalf, kBFloat16 };  // bool is read as uint8
 
 // One call: which outputs are present decides what it computes.
 struct Problem {
   int64_t N, C, H, W;  // C = 1 (sigmoid) or 2 (softmax)
-  DType dtype;
+  DType dtype;  // logits, and the loss, gradient and upstream gradient: kFloat, kHalf or kBFloat16
   const void* logits;
   int64_t logits_stride[4];
-  TargetType target_type;
+  DType target_type;  // kUInt8 (also bool), kInt64 or floating
   const void* target;
   int64_t target_stride[3];
   float alpha;

@@ -2,9 +2,7 @@
 // in a grid-stride loop, threads walking the output in memory order (NCHW or channels_last) so that
 // writes coalesce; fp32 accumulation; the index maths of csrc/common/pyramid.h. Backward kernels
 // gather (the cells containing a pixel, the bisected reader range of a source index): no atomics.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+#include "common/dtype.h"
 #include "common/pyramid.h"
 #include "cuda/pyramid.h"
 
@@ -15,32 +13,6 @@ namespace {
 using pyramid::LinearTap;
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float load(const float* p) { return *p; }
-__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
-
-#define SLSDEEP_PYRAMID_DISPATCH(dtype, ...)   \
-  switch (dtype) {                             \
-    case DType::Float32: {                     \
-      using scalar_t = float;                  \
-      __VA_ARGS__;                             \
-      break;                                   \
-    }                                          \
-    case DType::Float16: {                     \
-      using scalar_t = __half;                 \
-      __VA_ARGS__;                             \
-      break;                                   \
-    }                                          \
-    case DType::BFloat16: {                    \
-      using scalar_t = __nv_bfloat16;          \
-      __VA_ARGS__;                             \
-      break;                                   \
-    }                                          \
-  }
 
 // Blocks for a grid-stride loop over `total` elements (the loop covers any remainder).
 unsigned int blocks_for(int64_t total) {
@@ -57,23 +29,25 @@ struct Position {
   int64_t n, c, h, w;
 };
 
+// The coordinate of extent `size` that varies fastest in a memory-order index; index becomes the rest.
+__device__ __forceinline__ int64_t split_off(int64_t& index, int64_t size) {
+  const int64_t coordinate = index % size;
+  index /= size;
+  return coordinate;
+}
+
 __device__ __forceinline__ Position position(int64_t index, int64_t C, int64_t H, int64_t W, bool channels_last) {
   Position p;
-  if (channels_last) {
-    p.c = index % C;
-    index /= C;
-    p.w = index % W;
-    index /= W;
-    p.h = index % H;
-    p.n = index / H;
-  } else {
-    p.w = index % W;
-    index /= W;
-    p.h = index % H;
-    index /= H;
-    p.c = index % C;
-    p.n = index / C;
+  if (channels_last) {  // memory order (N, H, W, C)
+    p.c = split_off(index, C);
+    p.w = split_off(index, W);
+    p.h = split_off(index, H);
+  } else {  // memory order (N, C, H, W)
+    p.w = split_off(index, W);
+    p.h = split_off(index, H);
+    p.c = split_off(index, C);
   }
+  p.n = index;
   return p;
 }
 
@@ -116,9 +90,9 @@ __global__ void pool_forward_kernel(const scalar_t* x, Strides s, int64_t C, int
     const scalar_t* in = x + (plane / C) * s.n + (plane % C) * s.c;
     float sum = 0.f;
     for (int64_t h = h0; h < h1; ++h) {
-      for (int64_t w = w0; w < w1; ++w) sum += load(in + h * s.h + w * s.w);
+      for (int64_t w = w0; w < w1; ++w) sum += to_float(*(in + h * s.h + w * s.w));
     }
-    store(out + index, sum / static_cast<float>((h1 - h0) * (w1 - w0)));
+    out[index] = from_float<scalar_t>(sum / static_cast<float>((h1 - h0) * (w1 - w0)));
   }
 }
 
@@ -136,11 +110,11 @@ __global__ void pool_backward_kernel(const scalar_t* grad, BinList bins, scalar_
         const int64_t rows = pyramid::window_end(i, H, b) - pyramid::window_begin(i, H, b);
         for (int64_t j = pyramid::cells_begin(p.w, W, b); j < j1; ++j) {
           const int64_t cols = pyramid::window_end(j, W, b) - pyramid::window_begin(j, W, b);
-          sum += load(g + bins.offset[k] + i * b + j) / static_cast<float>(rows * cols);
+          sum += to_float(*(g + bins.offset[k] + i * b + j)) / static_cast<float>(rows * cols);
         }
       }
     }
-    store(grad_x + offset_of(s, p.n, p.c, p.h, p.w), sum);
+    grad_x[offset_of(s, p.n, p.c, p.h, p.w)] = from_float<scalar_t>(sum);
   }
 }
 
@@ -157,9 +131,11 @@ __global__ void upsample_branch_kernel(const scalar_t* z, int64_t Cb, int64_t h,
     const LinearTap<float> r = pyramid::linear_tap<float>(p.h, h, scale_h, align_corners);
     const LinearTap<float> c = pyramid::linear_tap<float>(p.w, w, scale_w, align_corners);
     const scalar_t* plane = z + (p.n * Cb + p.c) * h * w;
-    const float top = c.weight0 * load(plane + r.index0 * w + c.index0) + c.weight1 * load(plane + r.index0 * w + c.index1);
-    const float bottom = c.weight0 * load(plane + r.index1 * w + c.index0) + c.weight1 * load(plane + r.index1 * w + c.index1);
-    store(out + offset_of(s, p.n, channel_offset + p.c, p.h, p.w), r.weight0 * top + r.weight1 * bottom);
+    const float top =
+        c.weight0 * to_float(*(plane + r.index0 * w + c.index0)) + c.weight1 * to_float(*(plane + r.index0 * w + c.index1));
+    const float bottom =
+        c.weight0 * to_float(*(plane + r.index1 * w + c.index0)) + c.weight1 * to_float(*(plane + r.index1 * w + c.index1));
+    *(out + offset_of(s, p.n, channel_offset + p.c, p.h, p.w)) = from_float<scalar_t>(r.weight0 * top + r.weight1 * bottom);
   }
 }
 
@@ -179,11 +155,11 @@ __global__ void upsample_branch_backward_kernel(const scalar_t* grad, Strides s,
     for (int64_t p = p0; p < p1; ++p) {
       float row = 0.f;
       for (int64_t q = q0; q < q1; ++q) {
-        row += pyramid::tap_weight(pyramid::linear_tap<float>(q, w, scale_w, align_corners), j) * load(g + p * s.h + q * s.w);
+        row += pyramid::tap_weight(pyramid::linear_tap<float>(q, w, scale_w, align_corners), j) * to_float(*(g + p * s.h + q * s.w));
       }
       sum += pyramid::tap_weight(pyramid::linear_tap<float>(p, h, scale_h, align_corners), i) * row;
     }
-    store(grad_z + index, sum);
+    grad_z[index] = from_float<scalar_t>(sum);
   }
 }
 
@@ -218,15 +194,15 @@ __global__ void taps_add_kernel(scalar_t* out, Strides s, bool channels_last, in
           const scalar_t* t = z + ky * ts.ky + kx * ts.kx;
           const scalar_t* top_row = t + r.index0 * ts.i;
           const scalar_t* bottom_row = t + r.index1 * ts.i;
-          const float top = c.weight0 * load(top_row + c.index0 * ts.j) + c.weight1 * load(top_row + c.index1 * ts.j);
+          const float top = c.weight0 * to_float(top_row[c.index0 * ts.j]) + c.weight1 * to_float(top_row[c.index1 * ts.j]);
           const float bottom =
-              c.weight0 * load(bottom_row + c.index0 * ts.j) + c.weight1 * load(bottom_row + c.index1 * ts.j);
+              c.weight0 * to_float(bottom_row[c.index0 * ts.j]) + c.weight1 * to_float(bottom_row[c.index1 * ts.j]);
           sum += r.weight0 * top + r.weight1 * bottom;
         }
       }
     }
     scalar_t* o = out + offset_of(s, p.n, p.c, p.h, p.w);
-    store(o, load(o) + sum);
+    *o = from_float<scalar_t>(to_float(*o) + sum);
   }
 }
 
@@ -255,77 +231,83 @@ __global__ void taps_backward_kernel(const scalar_t* grad, Strides s, int64_t N,
       float row = 0.f;
       for (int64_t q = q0; q < q1; ++q) {
         row += pyramid::tap_weight(pyramid::linear_tap<float>(q + dx, w, scale_w, align_corners), j) *
-               load(g + p * s.h + q * s.w);
+               to_float(*(g + p * s.h + q * s.w));
       }
       sum += pyramid::tap_weight(pyramid::linear_tap<float>(p + dy, h, scale_h, align_corners), i) * row;
     }
-    store(grad_z + n * zs.n + c * zs.c + ky * zs.ky + kx * zs.kx + i * zs.i + j * zs.j, sum);
+    *(grad_z + n * zs.n + c * zs.c + ky * zs.ky + kx * zs.kx + i * zs.i + j * zs.j) = from_float<scalar_t>(sum);
   }
 }
 
 }  // namespace
 
-void pool_forward(DType dtype, const void* x, Strides x_strides, int64_t N, int64_t C, int64_t H, int64_t W,
-                  const int64_t* bins, int num_bins, void* out, cudaStream_t stream) {
+cudaError_t pool_forward(DType dtype, const void* x, Strides x_strides, int64_t N, int64_t C, int64_t H, int64_t W,
+                         const int64_t* bins, int num_bins, void* out, cudaStream_t stream) {
   const BinList list = make_bins(bins, num_bins);
   const int64_t total = N * C * list.cells;
-  if (total == 0) return;
-  SLSDEEP_PYRAMID_DISPATCH(dtype, pool_forward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-                                      static_cast<const scalar_t*>(x), x_strides, C, H, W, list,
-                                      static_cast<scalar_t*>(out), total))
+  if (total == 0) return cudaSuccess;
+  SLSDEEP_DISPATCH_FLOATING(dtype, pool_forward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+                                       static_cast<const scalar_t*>(x), x_strides, C, H, W, list,
+                                       static_cast<scalar_t*>(out), total))
+  return cudaGetLastError();
 }
 
-void pool_backward(DType dtype, const void* grad, const int64_t* bins, int num_bins, void* grad_x, Strides out_strides,
-                   bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W, cudaStream_t stream) {
+cudaError_t pool_backward(DType dtype, const void* grad, const int64_t* bins, int num_bins, void* grad_x, Strides out_strides,
+                          bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W, cudaStream_t stream) {
   const BinList list = make_bins(bins, num_bins);
   const int64_t total = N * C * H * W;
-  if (total == 0) return;
-  SLSDEEP_PYRAMID_DISPATCH(dtype, pool_backward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-                                      static_cast<const scalar_t*>(grad), list, static_cast<scalar_t*>(grad_x),
-                                      out_strides, channels_last, C, H, W, total))
+  if (total == 0) return cudaSuccess;
+  SLSDEEP_DISPATCH_FLOATING(dtype, pool_backward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+                                       static_cast<const scalar_t*>(grad), list, static_cast<scalar_t*>(grad_x),
+                                       out_strides, channels_last, C, H, W, total))
+  return cudaGetLastError();
 }
 
-void upsample_branch(DType dtype, const void* z, int64_t N, int64_t Cb, int64_t h, int64_t w, void* out,
-                     Strides out_strides, bool channels_last, int64_t channel_offset, int64_t H, int64_t W,
-                     bool align_corners, cudaStream_t stream) {
+cudaError_t upsample_branch(DType dtype, const void* z, int64_t N, int64_t Cb, int64_t h, int64_t w, void* out,
+                            Strides out_strides, bool channels_last, int64_t channel_offset, int64_t H, int64_t W,
+                            bool align_corners, cudaStream_t stream) {
   const int64_t total = N * Cb * H * W;
-  if (total == 0) return;
-  SLSDEEP_PYRAMID_DISPATCH(dtype, upsample_branch_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-                                      static_cast<const scalar_t*>(z), Cb, h, w, static_cast<scalar_t*>(out),
-                                      out_strides, channels_last, channel_offset, H, W, align_corners, total))
+  if (total == 0) return cudaSuccess;
+  SLSDEEP_DISPATCH_FLOATING(dtype, upsample_branch_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+                                       static_cast<const scalar_t*>(z), Cb, h, w, static_cast<scalar_t*>(out),
+                                       out_strides, channels_last, channel_offset, H, W, align_corners, total))
+  return cudaGetLastError();
 }
 
-void upsample_branch_backward(DType dtype, const void* grad, Strides grad_strides, int64_t channel_offset, int64_t H,
-                              int64_t W, void* grad_z, int64_t N, int64_t Cb, int64_t h, int64_t w, bool align_corners,
-                              cudaStream_t stream) {
+cudaError_t upsample_branch_backward(DType dtype, const void* grad, Strides grad_strides, int64_t channel_offset, int64_t H,
+                                     int64_t W, void* grad_z, int64_t N, int64_t Cb, int64_t h, int64_t w, bool align_corners,
+                                     cudaStream_t stream) {
   const int64_t total = N * Cb * h * w;
-  if (total == 0) return;
-  SLSDEEP_PYRAMID_DISPATCH(dtype,
-                           upsample_branch_backward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-                               static_cast<const scalar_t*>(grad), grad_strides, channel_offset, H, W,
-                               static_cast<scalar_t*>(grad_z), Cb, h, w, align_corners, total))
+  if (total == 0) return cudaSuccess;
+  SLSDEEP_DISPATCH_FLOATING(dtype,
+                            upsample_branch_backward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+                                static_cast<const scalar_t*>(grad), grad_strides, channel_offset, H, W,
+                                static_cast<scalar_t*>(grad_z), Cb, h, w, align_corners, total))
+  return cudaGetLastError();
 }
 
-void taps_add(DType dtype, void* out, Strides out_strides, bool channels_last, int64_t N, int64_t C_out, int64_t H,
-              int64_t W, const TapTensor* taps, int num_taps, bool align_corners, cudaStream_t stream) {
+cudaError_t taps_add(DType dtype, void* out, Strides out_strides, bool channels_last, int64_t N, int64_t C_out, int64_t H,
+                     int64_t W, const TapTensor* taps, int num_taps, bool align_corners, cudaStream_t stream) {
   TapList list{};
   list.count = num_taps;
   for (int k = 0; k < num_taps; ++k) list.taps[k] = taps[k];
   const int64_t total = N * C_out * H * W;
-  if (total == 0 || num_taps == 0) return;
-  SLSDEEP_PYRAMID_DISPATCH(dtype, taps_add_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-                                      static_cast<scalar_t*>(out), out_strides, channels_last, C_out, H, W, list,
-                                      align_corners, total))
+  if (total == 0 || num_taps == 0) return cudaSuccess;
+  SLSDEEP_DISPATCH_FLOATING(dtype, taps_add_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+                                       static_cast<scalar_t*>(out), out_strides, channels_last, C_out, H, W, list,
+                                       align_corners, total))
+  return cudaGetLastError();
 }
 
-void taps_backward(DType dtype, const void* grad, Strides grad_strides, int64_t N, int64_t C_out, int64_t H, int64_t W,
-                   void* grad_z, TapStrides grad_z_strides, int64_t h, int64_t w, bool align_corners,
-                   cudaStream_t stream) {
+cudaError_t taps_backward(DType dtype, const void* grad, Strides grad_strides, int64_t N, int64_t C_out, int64_t H, int64_t W,
+                          void* grad_z, TapStrides grad_z_strides, int64_t h, int64_t w, bool align_corners,
+                          cudaStream_t stream) {
   const int64_t total = N * C_out * 9 * h * w;
-  if (total == 0) return;
-  SLSDEEP_PYRAMID_DISPATCH(dtype, taps_backward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-                                      static_cast<const scalar_t*>(grad), grad_strides, N, C_out, H, W,
-                                      static_cast<scalar_t*>(grad_z), grad_z_strides, h, w, align_corners, total))
+  if (total == 0) return cudaSuccess;
+  SLSDEEP_DISPATCH_FLOATING(dtype, taps_backward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+                                       static_cast<const scalar_t*>(grad), grad_strides, N, C_out, H, W,
+                                       static_cast<scalar_t*>(grad_z), grad_z_strides, h, w, align_corners, total))
+  return cudaGetLastError();
 }
 
 }  // namespace pyramid_cuda

@@ -1,17 +1,18 @@
 // CUDA launchers of pyramid pooling (slsdeep_kernels/ops/pyramid.py, docs/design.md §4.2). Torch-free:
-// raw pointers, sizes and strides in elements (int64), the caller's stream. The torch binding is
-// csrc/cuda_bind/pyramid.cpp. One thread per output element; the index maths is csrc/common/pyramid.h,
-// shared with (and tested through) the CPU kernels. Every backward is a gather: deterministic.
+// raw pointers, sizes and strides in elements (int64), the caller's stream; every launcher returns the
+// launch's cudaError_t. The torch binding is csrc/cuda_bind/pyramid.cpp. One thread per output element;
+// the index maths is csrc/common/pyramid.h, shared with (and tested through) the CPU kernels. Every
+// backward is a gather: deterministic.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace slsdeep {
 namespace pyramid_cuda {
-
-enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 
 // Element strides of a 4-D (N, C, H, W) tensor.
 struct Strides {
@@ -23,25 +24,25 @@ constexpr int kMaxBins = 16;
 constexpr int kMaxBranches = 16;
 
 // out (N, C, sum b^2) contiguous = the adaptive average cells of every bin of x.
-void pool_forward(DType dtype, const void* x, Strides x_strides, int64_t N, int64_t C, int64_t H, int64_t W,
-                  const int64_t* bins, int num_bins, void* out, cudaStream_t stream);
+cudaError_t pool_forward(DType dtype, const void* x, Strides x_strides, int64_t N, int64_t C, int64_t H, int64_t W,
+                         const int64_t* bins, int num_bins, void* out, cudaStream_t stream);
 
 // grad_x (N, C, H, W) with strides out_strides (channels_last: threads walk it channel-fastest) from
 // grad (N, C, sum b^2) contiguous.
-void pool_backward(DType dtype, const void* grad, const int64_t* bins, int num_bins, void* grad_x, Strides out_strides,
-                   bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W, cudaStream_t stream);
+cudaError_t pool_backward(DType dtype, const void* grad, const int64_t* bins, int num_bins, void* grad_x, Strides out_strides,
+                          bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W, cudaStream_t stream);
 
 // Channels [channel_offset, channel_offset + Cb) of out (N, *, H, W) = bilinear resize of z (N, Cb, h, w)
 // contiguous.
-void upsample_branch(DType dtype, const void* z, int64_t N, int64_t Cb, int64_t h, int64_t w, void* out,
-                     Strides out_strides, bool channels_last, int64_t channel_offset, int64_t H, int64_t W,
-                     bool align_corners, cudaStream_t stream);
+cudaError_t upsample_branch(DType dtype, const void* z, int64_t N, int64_t Cb, int64_t h, int64_t w, void* out,
+                            Strides out_strides, bool channels_last, int64_t channel_offset, int64_t H, int64_t W,
+                            bool align_corners, cudaStream_t stream);
 
 // grad_z (N, Cb, h, w) contiguous = adjoint of upsample_branch, reading channels
 // [channel_offset, channel_offset + Cb) of grad (N, *, H, W).
-void upsample_branch_backward(DType dtype, const void* grad, Strides grad_strides, int64_t channel_offset, int64_t H,
-                              int64_t W, void* grad_z, int64_t N, int64_t Cb, int64_t h, int64_t w, bool align_corners,
-                              cudaStream_t stream);
+cudaError_t upsample_branch_backward(DType dtype, const void* grad, Strides grad_strides, int64_t channel_offset, int64_t H,
+                                     int64_t W, void* grad_z, int64_t N, int64_t Cb, int64_t h, int64_t w, bool align_corners,
+                                     cudaStream_t stream);
 
 // Element strides of a tap tensor z (N, C_out, 3, 3, h, w).
 struct TapStrides {
@@ -57,13 +58,13 @@ struct TapTensor {
 
 // out (N, C_out, H, W) += sum over branches and taps (ky, kx) of up(z[:, :, ky, kx])(p + (ky, kx) - 1),
 // zero outside the image.
-void taps_add(DType dtype, void* out, Strides out_strides, bool channels_last, int64_t N, int64_t C_out, int64_t H,
-              int64_t W, const TapTensor* taps, int num_taps, bool align_corners, cudaStream_t stream);
+cudaError_t taps_add(DType dtype, void* out, Strides out_strides, bool channels_last, int64_t N, int64_t C_out, int64_t H,
+                     int64_t W, const TapTensor* taps, int num_taps, bool align_corners, cudaStream_t stream);
 
 // grad_z (N, C_out, 3, 3, h, w) with strides grad_z_strides, of one branch = adjoint of its part of taps_add.
-void taps_backward(DType dtype, const void* grad, Strides grad_strides, int64_t N, int64_t C_out, int64_t H, int64_t W,
-                   void* grad_z, TapStrides grad_z_strides, int64_t h, int64_t w, bool align_corners,
-                   cudaStream_t stream);
+cudaError_t taps_backward(DType dtype, const void* grad, Strides grad_strides, int64_t N, int64_t C_out, int64_t H, int64_t W,
+                          void* grad_z, TapStrides grad_z_strides, int64_t h, int64_t w, bool align_corners,
+                          cudaStream_t stream);
 
 }  // namespace pyramid_cuda
 }  // namespace slsdeep

@@ -6,32 +6,21 @@
 //   train: conv, ONE statistics pass, ONE normalise + affine + ReLU pass;
 //   backward: one reduction and one elementwise pass (ReLU mask fused), then the conv backward.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "alloc.h"
+#include "bind_utils.h"
 #include "cuda/conv_bn_relu.h"
+#include "cuda_bind/bind.h"
 
 namespace {
 
 using at::Tensor;
 namespace kernels = slsdeep::conv_bn_relu_cuda;
+namespace cbr = slsdeep::conv_bn_relu;
+using slsdeep::dtype_of;
 
-kernels::DType dtype_of(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return kernels::DType::kFloat;
-    case at::kHalf:
-      return kernels::DType::kHalf;
-    case at::kBFloat16:
-      return kernels::DType::kBFloat16;
-    default:
-      TORCH_CHECK(false, "conv_bn_relu (cuda): input must be float32, float16 or bfloat16; got ", t.scalar_type());
-  }
-}
-
+constexpr const char* kWhat = "conv_bn_relu (cuda): input";
 
 kernels::Activation activation_of(const Tensor& y, at::MemoryFormat format) {
   return {y.size(0), y.size(1), y.size(2) * y.size(3), format == at::MemoryFormat::ChannelsLast};
@@ -44,28 +33,23 @@ Tensor channel_f32(const c10::optional<Tensor>& t) {
 
 const float* pointer(const Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
 
-Tensor conv(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, at::IntArrayRef stride,
-            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, at::MemoryFormat format) {
-  return at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, groups).contiguous(format);
-}
-
 Tensor conv_bn_relu_eval_cuda(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
                               const c10::optional<Tensor>& bn_weight, const c10::optional<Tensor>& bn_bias,
                               const Tensor& running_mean, const Tensor& running_var, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double eps, bool relu) {
-  c10::cuda::CUDAGuard guard(input.device());
+  const slsdeep::CudaCall cuda(input);
   const auto format = slsdeep::preserved_format(input);
-  Tensor out = conv(input.contiguous(format), weight, c10::nullopt, stride, padding, dilation, groups, format);
+  Tensor out =
+      cbr::convolution(input.contiguous(format), weight, c10::nullopt, stride, padding, dilation, groups, format);
   const auto a = activation_of(out, format);
   const Tensor gamma = channel_f32(bn_weight), beta = channel_f32(bn_bias), b = channel_f32(bias);
   const Tensor mean = running_mean.to(at::kFloat).contiguous(), var = running_var.to(at::kFloat).contiguous();
   Tensor affine = at::empty({2, a.C}, out.options().dtype(at::kFloat));
-  const auto stream = at::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(kernels::fold_eval(pointer(gamma), pointer(beta), pointer(mean), pointer(var), pointer(b),
                                     static_cast<float>(eps), a.C, affine.data_ptr<float>(),
-                                    affine.data_ptr<float>() + a.C, stream));
-  C10_CUDA_CHECK(kernels::bn_act(dtype_of(out), out.data_ptr(), out.data_ptr(), a, affine.data_ptr<float>(),
-                                 affine.data_ptr<float>() + a.C, relu, stream));
+                                    affine.data_ptr<float>() + a.C, cuda.stream));
+  C10_CUDA_CHECK(kernels::bn_act(dtype_of(out, kWhat), out.data_ptr(), out.data_ptr(), a, affine.data_ptr<float>(),
+                                 affine.data_ptr<float>() + a.C, relu, cuda.stream));
   return out;
 }
 
@@ -73,9 +57,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_cuda(
     const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, const c10::optional<Tensor>& bn_weight,
     const c10::optional<Tensor>& bn_bias, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, double eps, bool relu) {
-  c10::cuda::CUDAGuard guard(input.device());
+  const slsdeep::CudaCall cuda(input);
   const auto format = slsdeep::preserved_format(input);
-  const Tensor y = conv(input.contiguous(format), weight, bias, stride, padding, dilation, groups, format);
+  const Tensor y = cbr::convolution(input.contiguous(format), weight, bias, stride, padding, dilation, groups, format);
   const auto a = activation_of(y, format);
   const auto f32 = y.options().dtype(at::kFloat);
   const Tensor gamma = channel_f32(bn_weight), beta = channel_f32(bn_bias);
@@ -83,13 +67,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_cuda(
   Tensor workspace = at::empty({kernels::workspace_floats(a)}, f32);
   Tensor affine = at::empty({2, a.C}, f32);
   Tensor out = slsdeep::new_output(y.sizes(), y.options(), format);
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  C10_CUDA_CHECK(kernels::channel_stats(dtype_of(y), y.const_data_ptr(), a, pointer(gamma), pointer(beta),
+  C10_CUDA_CHECK(kernels::channel_stats(dtype_of(y, kWhat), y.const_data_ptr(), a, pointer(gamma), pointer(beta),
                                         static_cast<float>(eps), workspace.data_ptr<float>(), mean.data_ptr<float>(),
                                         var.data_ptr<float>(), affine.data_ptr<float>(), affine.data_ptr<float>() + a.C,
-                                        stream));
-  C10_CUDA_CHECK(kernels::bn_act(dtype_of(y), y.const_data_ptr(), out.data_ptr(), a, affine.data_ptr<float>(),
-                                 affine.data_ptr<float>() + a.C, relu, stream));
+                                        cuda.stream));
+  C10_CUDA_CHECK(kernels::bn_act(dtype_of(y, kWhat), y.const_data_ptr(), out.data_ptr(), a, affine.data_ptr<float>(),
+                                 affine.data_ptr<float>() + a.C, relu, cuda.stream));
   return {out, y, mean, var};
 }
 
@@ -98,13 +81,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_backward_c
     const c10::optional<Tensor>& conv_out, const Tensor& mean, const Tensor& var, const c10::optional<Tensor>& bn_weight,
     const c10::optional<Tensor>& bn_bias, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, double eps, bool relu, std::array<bool, 3> output_mask) {
-  c10::cuda::CUDAGuard guard(input.device());
+  const slsdeep::CudaCall cuda(input);
   const auto format = slsdeep::preserved_format(input);
   const Tensor x = input.contiguous(format);
-  // memory_efficient: the conv output was not kept, recompute it.
-  const Tensor y = (conv_out.has_value() && conv_out->defined())
-                       ? conv_out->contiguous(format)
-                       : conv(x, weight, bias, stride, padding, dilation, groups, format);
+  const Tensor y = cbr::saved_or_recomputed(conv_out, x, weight, bias, stride, padding, dilation, groups, format);
   const Tensor grad = grad_out.contiguous(format);
   const auto a = activation_of(y, format);
   const auto f32 = y.options().dtype(at::kFloat);
@@ -113,21 +93,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_backward_c
   Tensor workspace = at::empty({kernels::workspace_floats(a)}, f32);
   Tensor grad_gamma = slsdeep::new_output({a.C}, f32), grad_beta = slsdeep::new_output({a.C}, f32);
   Tensor grad_y = slsdeep::new_output(y.sizes(), y.options(), format);
-  C10_CUDA_CHECK(kernels::bn_backward(dtype_of(y), grad.const_data_ptr(), y.const_data_ptr(), grad_y.data_ptr(), a,
-                                      pointer(mu), pointer(v), pointer(gamma), pointer(beta), static_cast<float>(eps),
-                                      relu, workspace.data_ptr<float>(), grad_gamma.data_ptr<float>(),
-                                      grad_beta.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
-  Tensor grad_input, grad_weight, grad_bias;
-  if (output_mask[0] || output_mask[1] || output_mask[2]) {
-    std::vector<int64_t> bias_shape{a.C};
-    c10::optional<at::IntArrayRef> bias_sizes;
-    if (output_mask[2]) bias_sizes = at::IntArrayRef(bias_shape);
-    std::tie(grad_input, grad_weight, grad_bias) = at::convolution_backward(
-        grad_y, x, weight, bias_sizes, stride, padding, dilation, false, {0, 0}, groups, output_mask);
-  }
-  if (bn_weight.has_value() && bn_weight->defined()) grad_gamma = grad_gamma.to(bn_weight->scalar_type());
-  if (bn_bias.has_value() && bn_bias->defined()) grad_beta = grad_beta.to(bn_bias->scalar_type());
-  return {grad_input, grad_weight, grad_bias, grad_gamma, grad_beta};
+  C10_CUDA_CHECK(kernels::bn_backward(dtype_of(y, kWhat), grad.const_data_ptr(), y.const_data_ptr(), grad_y.data_ptr(),
+                                      a, pointer(mu), pointer(v), pointer(gamma), pointer(beta),
+                                      static_cast<float>(eps), relu, workspace.data_ptr<float>(),
+                                      grad_gamma.data_ptr<float>(), grad_beta.data_ptr<float>(), cuda.stream));
+  return cbr::backward_tail(grad_y, x, weight, a.C, stride, padding, dilation, groups, output_mask, bn_weight, bn_bias,
+                            grad_gamma, grad_beta);
 }
 
 }  // namespace

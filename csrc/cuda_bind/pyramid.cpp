@@ -1,33 +1,21 @@
 // Torch binding of the CUDA pyramid pooling kernels (csrc/cuda/pyramid.cu): checks, allocation,
 // the current stream. Same operators and output layouts as the CPU kernels (csrc/cpu/pyramid.cpp).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <vector>
 
 #include "alloc.h"
+#include "bind_utils.h"
 #include "cuda/pyramid.h"
+#include "cuda_bind/bind.h"
 
 namespace slsdeep {
 namespace {
 
 namespace kernels = pyramid_cuda;
 
-kernels::DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return kernels::DType::Float32;
-    case at::kHalf:
-      return kernels::DType::Float16;
-    case at::kBFloat16:
-      return kernels::DType::BFloat16;
-    default:
-      TORCH_CHECK(false, "pyramid (CUDA): float32, float16 or bfloat16 tensors only, got ", t.scalar_type());
-  }
-}
+constexpr const char* kTensors = "pyramid (CUDA): tensors";
 
 kernels::Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
@@ -56,12 +44,11 @@ int64_t checked_cells(at::IntArrayRef bins) {
 
 at::Tensor pyramid_pool_kernel(const at::Tensor& x, at::IntArrayRef bins) {
   TORCH_CHECK(x.dim() == 4 && x.size(2) > 0 && x.size(3) > 0, "pyramid_pool_kernel: x must be (N, C, H, W), H, W > 0");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const CudaCall cuda(x);
   at::Tensor out = new_output({x.size(0), x.size(1), checked_cells(bins)}, x.options());
-  kernels::pool_forward(dtype_of(x), x.const_data_ptr(), strides_of(x), x.size(0), x.size(1), x.size(2), x.size(3),
-                        bins.data(), static_cast<int>(bins.size()), out.mutable_data_ptr(),
-                        at::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(kernels::pool_forward(dtype_of(x, kTensors), x.const_data_ptr(), strides_of(x), x.size(0), x.size(1),
+                                       x.size(2), x.size(3), bins.data(), static_cast<int>(bins.size()),
+                                       out.mutable_data_ptr(), cuda.stream));
   return out;
 }
 
@@ -69,20 +56,19 @@ at::Tensor pyramid_pool_backward_kernel(const at::Tensor& grad, at::IntArrayRef 
                                         bool channels_last) {
   TORCH_CHECK(grad.dim() == 3 && grad.size(2) == checked_cells(bins),
               "pyramid_pool_backward_kernel: grad must be (N, C, sum of bin^2)");
-  const c10::cuda::CUDAGuard guard(grad.device());
+  const CudaCall cuda(grad);
   const at::Tensor g = grad.contiguous();
   at::Tensor out = new_output({g.size(0), g.size(1), height, width}, g.options(), memory_format(channels_last));
-  kernels::pool_backward(dtype_of(g), g.const_data_ptr(), bins.data(), static_cast<int>(bins.size()),
-                         out.mutable_data_ptr(), strides_of(out), channels_last, g.size(0), g.size(1), height, width,
-                         at::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(kernels::pool_backward(dtype_of(g, kTensors), g.const_data_ptr(), bins.data(),
+                                        static_cast<int>(bins.size()), out.mutable_data_ptr(), strides_of(out),
+                                        channels_last, g.size(0), g.size(1), height, width, cuda.stream));
   return out;
 }
 
 at::Tensor upsample_concat_kernel(const at::Tensor& x, at::TensorList branches, bool align_corners,
                                   bool channels_last) {
   TORCH_CHECK(x.dim() == 4, "upsample_concat_kernel: x must be (N, C, H, W)");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const CudaCall cuda(x);
   int64_t channels = x.size(1);
   for (const at::Tensor& z : branches) {
     TORCH_CHECK(z.dim() == 4 && z.size(0) == x.size(0) && z.scalar_type() == x.scalar_type() && z.device() == x.device(),
@@ -94,10 +80,9 @@ at::Tensor upsample_concat_kernel(const at::Tensor& x, at::TensorList branches, 
   int64_t offset = x.size(1);
   for (const at::Tensor& branch : branches) {
     const at::Tensor z = branch.contiguous();
-    kernels::upsample_branch(dtype_of(x), z.const_data_ptr(), z.size(0), z.size(1), z.size(2), z.size(3),
-                             out.mutable_data_ptr(), strides_of(out), channels_last, offset, x.size(2), x.size(3),
-                             align_corners, at::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    C10_CUDA_CHECK(kernels::upsample_branch(dtype_of(x, kTensors), z.const_data_ptr(), z.size(0), z.size(1), z.size(2),
+                                            z.size(3), out.mutable_data_ptr(), strides_of(out), channels_last, offset,
+                                            x.size(2), x.size(3), align_corners, cuda.stream));
     offset += z.size(1);
   }
   return out;
@@ -107,16 +92,15 @@ std::vector<at::Tensor> upsample_concat_backward_kernel(const at::Tensor& grad, 
                                                         at::IntArrayRef branch_sizes, bool align_corners) {
   TORCH_CHECK(grad.dim() == 4 && branch_sizes.size() % 3 == 0,
               "upsample_concat_backward_kernel: grad (N, C_total, H, W) and (C_b, h, w) per branch");
-  const c10::cuda::CUDAGuard guard(grad.device());
+  const CudaCall cuda(grad);
   std::vector<at::Tensor> grads;
   int64_t offset = channels;
   for (size_t b = 0; b < branch_sizes.size(); b += 3) {
     const int64_t cb = branch_sizes[b], h = branch_sizes[b + 1], w = branch_sizes[b + 2];
     at::Tensor grad_z = new_output({grad.size(0), cb, h, w}, grad.options());
-    kernels::upsample_branch_backward(dtype_of(grad), grad.const_data_ptr(), strides_of(grad), offset, grad.size(2),
-                                      grad.size(3), grad_z.mutable_data_ptr(), grad.size(0), cb, h, w, align_corners,
-                                      at::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    C10_CUDA_CHECK(kernels::upsample_branch_backward(dtype_of(grad, kTensors), grad.const_data_ptr(), strides_of(grad),
+                                                     offset, grad.size(2), grad.size(3), grad_z.mutable_data_ptr(),
+                                                     grad.size(0), cb, h, w, align_corners, cuda.stream));
     offset += cb;
     grads.push_back(grad_z);
   }
@@ -128,7 +112,7 @@ void pyramid_taps_add_kernel(const at::Tensor& out, at::TensorList taps, bool al
   TORCH_CHECK(out.dim() == 4, "pyramid_taps_add_kernel: out must be (N, C_out, H, W)");
   TORCH_CHECK(static_cast<int64_t>(taps.size()) <= kernels::kMaxBranches, "pyramid_taps_add_kernel: at most ",
               kernels::kMaxBranches, " branches on CUDA, got ", taps.size());
-  const c10::cuda::CUDAGuard guard(out.device());
+  const CudaCall cuda(out);
   std::vector<kernels::TapTensor> tensors;
   for (const at::Tensor& z : taps) {
     TORCH_CHECK(z.dim() == 6 && z.size(0) == out.size(0) && z.size(1) == out.size(1) && z.size(2) == 3 &&
@@ -136,10 +120,9 @@ void pyramid_taps_add_kernel(const at::Tensor& out, at::TensorList taps, bool al
                 "pyramid_taps_add_kernel: every tap tensor must be (N, C_out, 3, 3, h, w) of out's dtype and device");
     tensors.push_back({z.const_data_ptr(), z.size(4), z.size(5), tap_strides_of(z)});
   }
-  kernels::taps_add(dtype_of(out), out.mutable_data_ptr(), strides_of(out), is_channels_last(out), out.size(0),
-                    out.size(1), out.size(2), out.size(3), tensors.data(), static_cast<int>(tensors.size()),
-                    align_corners, at::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(kernels::taps_add(dtype_of(out, kTensors), out.mutable_data_ptr(), strides_of(out),
+                                   is_channels_last(out), out.size(0), out.size(1), out.size(2), out.size(3),
+                                   tensors.data(), static_cast<int>(tensors.size()), align_corners, cuda.stream));
 }
 
 // Each grad is returned as (N, C_out, 3, 3, h, w) over (C_out, 3, 3, N, h, w) storage, as on CPU.
@@ -147,16 +130,16 @@ std::vector<at::Tensor> pyramid_taps_backward_kernel(const at::Tensor& grad, at:
                                                      bool align_corners) {
   TORCH_CHECK(grad.dim() == 4 && tap_sizes.size() % 2 == 0,
               "pyramid_taps_backward_kernel: grad (N, C_out, H, W) and (h, w) per branch");
-  const c10::cuda::CUDAGuard guard(grad.device());
+  const CudaCall cuda(grad);
   std::vector<at::Tensor> grads;
   for (size_t b = 0; b < tap_sizes.size(); b += 2) {
     const int64_t h = tap_sizes[b], w = tap_sizes[b + 1];
     at::Tensor grad_z =
         new_output({grad.size(1), 3, 3, grad.size(0), h, w}, grad.options()).permute({3, 0, 1, 2, 4, 5});
-    kernels::taps_backward(dtype_of(grad), grad.const_data_ptr(), strides_of(grad), grad.size(0), grad.size(1),
-                           grad.size(2), grad.size(3), grad_z.mutable_data_ptr(), tap_strides_of(grad_z), h, w,
-                           align_corners, at::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    C10_CUDA_CHECK(kernels::taps_backward(dtype_of(grad, kTensors), grad.const_data_ptr(), strides_of(grad),
+                                          grad.size(0), grad.size(1), grad.size(2), grad.size(3),
+                                          grad_z.mutable_data_ptr(), tap_strides_of(grad_z), h, w, align_corners,
+                                          cuda.stream));
     grads.push_back(grad_z);
   }
   return grads;
@@ -164,13 +147,6 @@ std::vector<at::Tensor> pyramid_taps_backward_kernel(const at::Tensor& grad, at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(slsdeep_kernels, CUDA, m) {
-  m.impl("pyramid_pool_kernel", &pyramid_pool_kernel);
-  m.impl("pyramid_pool_backward_kernel", &pyramid_pool_backward_kernel);
-  m.impl("upsample_concat_kernel", &upsample_concat_kernel);
-  m.impl("upsample_concat_backward_kernel", &upsample_concat_backward_kernel);
-  m.impl("pyramid_taps_add_kernel", &pyramid_taps_add_kernel);
-  m.impl("pyramid_taps_backward_kernel", &pyramid_taps_backward_kernel);
-}
+TORCH_LIBRARY_IMPL(slsdeep_kernels, CUDA, m) { SLSDEEP_PYRAMID_IMPLS(m); }
 
 }  // namespace slsdeep
