@@ -227,9 +227,9 @@ def _build_ext_class():
                 super().build_extensions()
             except Exception as error:
                 sys.exit(
-                    f"slsdeep-kernels: compiling the extension failed ({type(error).__name__}: {error}; the compiler's "
-                    f"output is above). Where it cannot be built, {NO_EXTENSION_SWITCH}=1 installs the pure-Python "
-                    "package (reference backend only)."
+                    f"slsdeep-kernels: compiling the extension failed ({type(error).__name__}: {str(error).rstrip('.')}); "
+                    f"the compiler's output is above. Where it cannot be built, {NO_EXTENSION_SWITCH}=1 installs the "
+                    "pure-Python package (reference backend only)."
                 )
 
         def run(self):

@@ -105,6 +105,20 @@ def test_no_extension_switch_builds_a_pure_python_package_without_torch(tmp_path
     assert "torch>=2.6" in requires.read_text().split()
 
 
+def test_a_failed_compile_fails_the_build_naming_the_pure_python_switch(tmp_path):
+    broken = tmp_path / "broken-c++"
+    broken.write_text("#!/bin/sh\necho broken-c++: cannot compile >&2\nexit 1\n")
+    broken.chmod(0o755)
+    done = _run_setup(
+        "-q", "build_ext", "-b", str(tmp_path / "lib"), "-t", str(tmp_path / "tmp"),
+        env={"CXX": str(broken), "SLSDEEP_KERNELS_NO_EXTENSION": "0", "SLSDEEP_KERNELS_NO_CUDA": "1"},
+    )
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert "compiling the extension failed" in last and "SLSDEEP_KERNELS_NO_EXTENSION=1" in last, done.stderr
+    assert not list(tmp_path.glob("lib/**/*.so"))
+
+
 def test_openmp_is_used_only_where_the_compiler_links_it(setup_py, tmp_path):
     compile_flags, link_flags, notice = setup_py.openmp_flags(["false"])  # a compiler that fails everything
     assert (compile_flags, link_flags) == ([], []) and "OpenMP: no" in notice
