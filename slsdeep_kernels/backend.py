@@ -45,21 +45,48 @@ SUPPORTED_DTYPES = {
 }
 
 
-def _load_extension(module: str) -> str | None:
-    """Import a compiled extension; return None on success, else why it failed (warned once)."""
+def _build_info():
+    """The generated record of the build (``slsdeep_kernels/_build_info.py``), None if absent."""
     try:
-        importlib.import_module(module)
-    except (ImportError, OSError) as error:
-        reason = f"{type(error).__name__}: {error}"
-        warnings.warn(
-            f"slsdeep_kernels: compiled extension {module} is unavailable ({reason}); "
-            "ops fall back to the reference PyTorch implementation. Rebuild with "
-            "`pip install --no-build-isolation -e .`.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return reason
-    return None
+        return importlib.import_module("slsdeep_kernels._build_info")
+    except ImportError:
+        return None
+
+
+def _major_minor(version: str) -> tuple[str, ...]:
+    return tuple(version.split("+")[0].split(".")[:2])
+
+
+def _load_extension(module: str) -> str | None:
+    """Import a compiled extension; return None on success, else why it failed (warned once).
+
+    An extension built against another torch minor version is not imported at all (its C++ ABI
+    differs: loading it may fail or worse); the reason names both versions. A pure-Python build
+    (``SLSDEEP_KERNELS_NO_EXTENSION=1``) has no extension by choice: no warning then.
+    """
+    info = _build_info()
+    built = getattr(info, "TORCH_VERSION", None)
+    versions = f"built against torch {built}, running torch {torch.__version__}"
+    if info is not None and built is None and importlib.util.find_spec(module) is None:
+        return f"{module} was not built (installed with SLSDEEP_KERNELS_NO_EXTENSION=1)"
+    if built is not None and _major_minor(built) != _major_minor(torch.__version__):
+        reason = f"ABI mismatch: {versions}"
+    else:
+        try:
+            importlib.import_module(module)
+            return None
+        except (ImportError, OSError) as error:
+            reason = f"{type(error).__name__}: {error}"
+            if built is not None and built != torch.__version__:
+                reason = f"{versions}; {reason}"
+    warnings.warn(
+        f"slsdeep_kernels: compiled extension {module} is unavailable ({reason}); "
+        "ops fall back to the reference PyTorch implementation. Rebuild with "
+        "`pip install --no-build-isolation -e .` (or install a wheel built for this torch).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return reason
 
 
 @functools.cache
