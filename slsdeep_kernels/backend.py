@@ -277,6 +277,25 @@ def dot_precision(dtype: torch.dtype, *, convolution: bool, full: str = "ieee") 
     return "tf32" if convolution and torch.backends.cudnn.allow_tf32 else full
 
 
+def deprecated_aliases(namespace: dict, aliases: dict[str, str]):
+    """A module ``__getattr__`` that serves renamed names (kept one release) with a DeprecationWarning.
+
+    ``namespace``: the module's ``globals()``; ``aliases``: old name -> new name, in this module or,
+    dotted, in another (``"slsdeep_kernels.nn.PyramidPooling"``)."""
+
+    def __getattr__(name: str):
+        if name not in aliases:
+            raise AttributeError(f"module {namespace['__name__']!r} has no attribute {name!r}")
+        new = aliases[name]
+        warnings.warn(f"{namespace['__name__']}.{name} is deprecated: use {new}", DeprecationWarning, stacklevel=2)
+        if "." not in new:
+            return namespace[new]
+        module, attribute = new.rsplit(".", 1)
+        return getattr(importlib.import_module(module), attribute)
+
+    return __getattr__
+
+
 def no_double_backward(op: str):
     """The autograd formula of a backward custom op: it raises (the fused backwards are not differentiable)."""
 

@@ -241,7 +241,7 @@ def measure(case: Case, way: str, which: str, device: torch.device | str, *, rep
 
 
 def _nll_epe_cases(device: torch.device) -> list[Case]:
-    from slsdeep_kernels.ops.nll_epe_loss import nll_epe_loss, reference
+    from slsdeep_kernels.ops.nll_epe_loss import nll_epe_loss, nll_epe_loss_reference
 
     shapes = [(16, 2, 384, 384), (8, 2, 256, 256)] + ([(64, 2, 512, 512)] if device.type == "cuda" else [])
     cases = []
@@ -257,7 +257,7 @@ def _nll_epe_cases(device: torch.device) -> list[Case]:
         logits_bytes, target_bytes = 4 * n * 2 * h * w, n * h * w
         cases.append(Case(
             "nll_epe_loss", shape, torch.float32, make_inputs,
-            lambda logits, target: nll_epe_loss(logits, target, check_target=False), reference,
+            lambda logits, target: nll_epe_loss(logits, target, check_target=False), nll_epe_loss_reference,
             bytes_moved={"forward": logits_bytes + target_bytes, "backward": logits_bytes,
                          "both": 2 * logits_bytes + target_bytes},
         ))

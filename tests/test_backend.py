@@ -1,5 +1,6 @@
 """Backend selection: what is available, defaults by device, explicit requests and their errors."""
 
+import importlib
 import subprocess
 import sys
 
@@ -104,3 +105,20 @@ def test_resolve_is_a_constant_under_torch_compile():
 
     x = torch.randn(3)
     assert torch.equal(pick(x), x + 1)
+
+
+@pytest.mark.parametrize("op", ["nll_epe_loss", "conv_bn_relu"])
+def test_renamed_reference_keeps_a_deprecated_alias(op):
+    module = importlib.import_module(f"slsdeep_kernels.ops.{op}")
+    with pytest.warns(DeprecationWarning, match=f"slsdeep_kernels.ops.{op}.reference is deprecated: use {op}_reference"):
+        alias = module.reference
+    assert alias is getattr(module, f"{op}_reference")
+    with pytest.raises(AttributeError, match="no_such_name"):
+        module.no_such_name
+
+
+def test_moved_pyramid_modules_keep_a_deprecated_alias():
+    from slsdeep_kernels.ops import pyramid
+
+    with pytest.warns(DeprecationWarning, match="use slsdeep_kernels.nn.PyramidPooling"):
+        assert pyramid.PyramidPooling is slsdeep_kernels.nn.PyramidPooling

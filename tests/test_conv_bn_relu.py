@@ -46,7 +46,7 @@ def check(backend, inputs, *, training, stride=1, padding=0, dilation=1, groups=
         return conv_bn_relu(*args, **options, backend=backend, memory_efficient=memory_efficient)
 
     def reference(*args):
-        return op.reference(*args, **options)
+        return op.conv_bn_relu_reference(*args, **options)
 
     names = [n for n, t in zip(NAMES, inputs) if t is not None and t.requires_grad]
     assert_matches_reference(fused, reference, list(inputs), names=names)
@@ -223,7 +223,7 @@ def test_torch_compile_fullgraph(training):
     out = compiled(*leaves)
     out.sum().backward()
     expected_leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias, gamma, beta)]
-    expected = op.reference(*expected_leaves, expected_rm, expected_rv, 1, 2, 2, training=training, momentum=1.0)
+    expected = op.conv_bn_relu_reference(*expected_leaves, expected_rm, expected_rv, 1, 2, 2, training=training, momentum=1.0)
     expected.sum().backward()
     assert relative_error(out, expected) <= TOLERANCE[torch.float32] * 4
     for name, leaf, ref in zip(NAMES, leaves, expected_leaves):
@@ -374,7 +374,7 @@ def test_gpu_every_autotune_config(dtype, channels_last):
     with slsdeep_kernels.backend.observe_launches(lambda *launch: launches.append(launch)):
         triton_op.eval_forward(*args, options)
     ((autotuner, grid, kernel_args, meta, _),) = launches
-    expected = op.reference(*args, stride=1, padding=2, dilation=2, training=False)
+    expected = op.conv_bn_relu_reference(*args, stride=1, padding=2, dilation=2, training=False)
     configs = triton_op._conv_configs(pinned=False)
     assert len(configs) > 1
     for config in configs:

@@ -60,21 +60,21 @@ def spec_loss(logits, target, alpha, reduction):
 def test_reference_matches_the_written_out_definition(c, reduction, shape):
     logits, target = make_inputs(shape[0], c, *shape[1:], dtype=torch.float64)
     expected = spec_loss(logits.detach(), target, 0.7, reduction)
-    torch.testing.assert_close(op.reference(logits, target, 0.7, reduction), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(op.nll_epe_loss_reference(logits, target, 0.7, reduction), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_reference_nll_is_the_cross_entropy_of_the_logits():
     logits, target = make_inputs(2, 2, 6, 7, dtype=torch.float64)
     expected = F.cross_entropy(logits, target.long())
-    torch.testing.assert_close(op.reference(logits, target, alpha=0.0), expected)
+    torch.testing.assert_close(op.nll_epe_loss_reference(logits, target, alpha=0.0), expected)
     single = logits[:, 1:] - logits[:, :1]  # sigmoid of the margin = softmax of the pair
-    torch.testing.assert_close(op.reference(single, target, alpha=0.3), op.reference(logits, target, alpha=0.3))
+    torch.testing.assert_close(op.nll_epe_loss_reference(single, target, alpha=0.3), op.nll_epe_loss_reference(logits, target, alpha=0.3))
 
 
 def test_reference_is_stable_for_huge_logits():
     logits = torch.tensor([[[[-200.0, 200.0], [150.0, -90.0]]]], requires_grad=True)
     target = torch.tensor([[[1, 0], [1, 1]]], dtype=torch.uint8)
-    loss = op.reference(logits, target, reduction="none")
+    loss = op.nll_epe_loss_reference(logits, target, reduction="none")
     assert torch.isfinite(loss).all()
     assert loss[0, 0, 0] > 199  # -log sigmoid(-200), never a clamped probability
     loss.sum().backward()
@@ -85,7 +85,7 @@ def test_reference_is_stable_for_huge_logits():
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_reference_gradcheck(c, reduction):
     logits, target = make_inputs(2, c, 5, 6, dtype=torch.float64, scale=1.0)
-    assert torch.autograd.gradcheck(lambda x: op.reference(x, target, 0.5, reduction), (logits,))
+    assert torch.autograd.gradcheck(lambda x: op.nll_epe_loss_reference(x, target, 0.5, reduction), (logits,))
 
 
 @pytest.mark.parametrize("backend", backends_to_test("nll_epe_loss"))
@@ -121,7 +121,7 @@ def test_module_matches_the_function():
     logits, target = make_inputs(2, 2, 7, 13)
     module = slsdeep_kernels.NLLEPELoss(alpha=0.3, reduction="sum")
     assert "alpha=0.3" in repr(module)
-    torch.testing.assert_close(module(logits, target), op.reference(logits, target, 0.3, "sum"))
+    torch.testing.assert_close(module(logits, target), op.nll_epe_loss_reference(logits, target, 0.3, "sum"))
 
 
 def test_autocast_runs_the_loss_in_fp32():
@@ -129,7 +129,7 @@ def test_autocast_runs_the_loss_in_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = slsdeep_kernels.nll_epe_loss(logits.bfloat16(), target)
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, op.reference(logits.bfloat16().float(), target))
+    torch.testing.assert_close(loss, op.nll_epe_loss_reference(logits.bfloat16().float(), target))
 
 
 BAD_INPUTS = [
@@ -184,7 +184,7 @@ def dtypes_of(backend):
 def check(backend, logits, target, alpha=0.5, reduction="mean"):
     assert_matches_reference(
         lambda x, t: slsdeep_kernels.nll_epe_loss(x, t, alpha, reduction, backend=backend),
-        lambda x, t: op.reference(x, t, alpha, reduction),
+        lambda x, t: op.nll_epe_loss_reference(x, t, alpha, reduction),
         [logits, target],
         names=["logits"],
     )
@@ -235,7 +235,7 @@ def test_saturated_logits_stay_finite_and_exact(backend, c):
         loss = slsdeep_kernels.nll_epe_loss(x, target, reduction=reduction, backend=backend)
         loss.sum().backward()
         y = logits.clone().requires_grad_()
-        expected = op.reference(y, target, reduction=reduction)
+        expected = op.nll_epe_loss_reference(y, target, reduction=reduction)
         expected.sum().backward()
         assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
         torch.testing.assert_close(loss, expected)
@@ -282,7 +282,7 @@ def test_no_gradient_computed_when_none_is_needed(backend):
     logits, target = make_inputs(2, 2, 5, 6)
     with torch.no_grad():
         loss = slsdeep_kernels.nll_epe_loss(logits, target, backend=backend)
-    torch.testing.assert_close(loss, op.reference(logits.detach(), target))
+    torch.testing.assert_close(loss, op.nll_epe_loss_reference(logits.detach(), target))
     _, gradient = op._loss_op(logits.detach(), target, 0.5, "mean", False, backend)
     assert gradient.numel() == 0
 
@@ -290,7 +290,7 @@ def test_no_gradient_computed_when_none_is_needed(backend):
 @pytest.mark.parametrize("backend", FUSED)
 def test_backward_through_a_retained_graph_twice(backend):
     logits, target = make_inputs(2, 2, 5, 6)
-    expected = torch.autograd.grad(op.reference(logits, target), logits)[0]
+    expected = torch.autograd.grad(op.nll_epe_loss_reference(logits, target), logits)[0]
     loss = slsdeep_kernels.nll_epe_loss(logits, target, backend=backend)
     (first,) = torch.autograd.grad(3 * loss, logits, retain_graph=True)
     kept = first.clone()
@@ -353,7 +353,7 @@ def test_torch_compile_fullgraph(reduction):
     compiled = torch.compile(loss_of, fullgraph=True)  # a graph break raises
     loss = compiled(logits, target)
     (grad,) = torch.autograd.grad(loss, logits)
-    expected = op.reference(2 * logits, target, 0.4, reduction).sum()
+    expected = op.nll_epe_loss_reference(2 * logits, target, 0.4, reduction).sum()
     (expected_grad,) = torch.autograd.grad(expected, logits)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(grad, expected_grad)
@@ -388,8 +388,8 @@ def fp16_gradient_errors(backend, shape, loss_scale=1024.0):
         (fn(x, target) * loss_scale).backward()
         return x.grad.double()
 
-    exact = gradient(lambda x, t: op.reference(x, t), logits)
-    eager = gradient(lambda x, t: op.reference(x, t), logits.half())
+    exact = gradient(lambda x, t: op.nll_epe_loss_reference(x, t), logits)
+    eager = gradient(lambda x, t: op.nll_epe_loss_reference(x, t), logits.half())
     ours = gradient(lambda x, t: slsdeep_kernels.nll_epe_loss(x, t, backend=backend), logits.half())
     def flushed(g):
         return ((g == 0) & (exact != 0)).double().mean().item()

@@ -14,9 +14,9 @@ def tiny_cases(device, quick=False):
         return [torch.randn(2, 1, 9, 11, device=device, requires_grad=True), torch.rand(2, 9, 11, device=device) > 0.5]
 
     from slsdeep_kernels import nll_epe_loss
-    from slsdeep_kernels.ops.nll_epe_loss import reference
+    from slsdeep_kernels.ops.nll_epe_loss import nll_epe_loss_reference
 
-    return [Case("nll_epe_loss", (2, 1, 9, 11), torch.float32, inputs, nll_epe_loss, reference)]
+    return [Case("nll_epe_loss", (2, 1, 9, 11), torch.float32, inputs, nll_epe_loss, nll_epe_loss_reference)]
 
 
 def test_bench_command_prints_a_table_and_writes_json_and_a_chart(tmp_path, monkeypatch, capsys):

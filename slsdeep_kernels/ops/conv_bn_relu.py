@@ -52,7 +52,7 @@ def _triton():
 # ---------------------------------------------------------------------------------------------
 # 1. Reference: plain differentiable PyTorch, the spec.
 # ---------------------------------------------------------------------------------------------
-def reference(
+def conv_bn_relu_reference(
     x,
     weight,
     bias,
@@ -548,7 +548,7 @@ def conv_bn_relu(
     if chosen == "reference":
         if isinstance(factor, torch.Tensor):
             factor = float(factor)
-        return reference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, **options.as_arguments(),
+        return conv_bn_relu_reference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, **options.as_arguments(),
                          training=training, momentum=0.0 if factor is None else factor)  # fmt: skip
     # torch.compile traces the custom ops; eager calls skip their dispatch cost (same kernels, same autograd).
     compiling = torch.compiler.is_compiling()
@@ -596,3 +596,6 @@ def conv_bn_relu_modules(x, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, rel
         training=bn.training or bn.running_mean is None, momentum=bn.momentum, eps=bn.eps, relu=relu,
         memory_efficient=memory_efficient, num_batches_tracked=bn.num_batches_tracked if tracking else None,
     )  # fmt: skip
+
+
+__getattr__ = backends.deprecated_aliases(globals(), {"reference": "conv_bn_relu_reference"})  # until 0.2

@@ -71,7 +71,7 @@ def _sobel(image: Tensor) -> Tensor:
     return F.conv2d(F.pad(image.unsqueeze(1), (1, 1, 1, 1), mode="replicate"), weight)
 
 
-def reference(logits: Tensor, target: Tensor, alpha: float = 0.5, reduction: str = "mean") -> Tensor:
+def nll_epe_loss_reference(logits: Tensor, target: Tensor, alpha: float = 0.5, reduction: str = "mean") -> Tensor:
     """NLL + alpha·EPE of ``logits (N, C, H, W)`` (C = 1 sigmoid, C = 2 softmax) against ``target (N, H, W)``.
 
     fp16/bf16 logits are computed in fp32 and the loss is returned in the logits' dtype.
@@ -281,6 +281,9 @@ def nll_epe_loss(
 def _dispatch(logits: Tensor, target: Tensor, alpha: float, reduction: str, backend: str | None) -> Tensor:
     name = backends.resolve(OP, logits.device, logits.dtype, backend)
     if name == "reference":
-        return reference(logits, target, alpha, reduction)
+        return nll_epe_loss_reference(logits, target, alpha, reduction)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     return _loss_op(logits, target, alpha, reduction, compute_grad, name)[0]
+
+
+__getattr__ = backends.deprecated_aliases(globals(), {"reference": "nll_epe_loss_reference"})  # until 0.2

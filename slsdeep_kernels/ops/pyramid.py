@@ -442,3 +442,8 @@ def pyramid_conv3x3(
     if name == "reference":
         return pyramid_conv3x3_reference(x, branches, weight, bias, align_corners)
     return _pyramid_conv3x3_op(x, branches, weight, bias, bool(align_corners), name)[0]
+
+
+__getattr__ = backends.deprecated_aliases(  # until 0.2: the modules live in slsdeep_kernels.nn
+    globals(), {name: f"slsdeep_kernels.nn.{name}" for name in ("PyramidStage", "PyramidPooling", "PyramidDecoderBlock")}
+)
