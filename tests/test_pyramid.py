@@ -83,14 +83,15 @@ def test_pyramid_pool_other_bins(backend):
 # ---------------------------------------------------------------- upsample_concat
 
 
-def upsample_case(backend, align_corners, sizes=((1, 1), (2, 2), (3, 3), (6, 6))):
-    def fused(x, *branches):
-        return slsdeep_kernels.upsample_concat(x, list(branches), align_corners, backend=backend)
+def fused_and_reference(name, backend, arguments):
+    """(fused, reference) of the pyramid op ``name`` over a test's flat inputs; ``arguments(*inputs)``:
+    the op's positional arguments."""
+    op, reference = getattr(slsdeep_kernels, name), getattr(P, f"{name}_reference")
+    return (lambda *inputs: op(*arguments(*inputs), backend=backend)), (lambda *inputs: reference(*arguments(*inputs)))
 
-    def reference(x, *branches):
-        return P.upsample_concat_reference(x, list(branches), align_corners)
 
-    return fused, reference
+def upsample_case(backend, align_corners):
+    return fused_and_reference("upsample_concat", backend, lambda x, *branches: (x, list(branches), align_corners))
 
 
 @pytest.mark.parametrize("align_corners", [False, True], ids=["half_pixel", "align_corners"])
@@ -130,15 +131,10 @@ def test_output_follows_memory_format(backend):
 
 
 def conv_case(backend, align_corners, with_bias):
-    def fused(x, weight, bias, *branches):
-        return slsdeep_kernels.pyramid_conv3x3(
-            x, list(branches), weight, bias if with_bias else None, align_corners, backend=backend
-        )
+    def arguments(x, weight, bias, *branches):
+        return x, list(branches), weight, bias if with_bias else None, align_corners
 
-    def reference(x, weight, bias, *branches):
-        return P.pyramid_conv3x3_reference(x, list(branches), weight, bias if with_bias else None, align_corners)
-
-    return fused, reference
+    return fused_and_reference("pyramid_conv3x3", backend, arguments)
 
 
 @pytest.mark.parametrize("align_corners", [False, True], ids=["half_pixel", "align_corners"])
@@ -310,6 +306,21 @@ def test_bad_input_raises_value_error_naming_the_argument():
 # ---------------------------------------------------------------- modules
 
 
+def assert_module_matches(out, expected, inputs, module, plain):
+    """A fused module against its plain twin: the output, then after one cotangent the input's and every
+    parameter's gradient, and every buffer (BatchNorm's running statistics)."""
+    assert relative_error(out, expected) < TOLERANCE[torch.float32]
+    g = torch.randn_like(out)
+    out.backward(g)
+    expected.backward(g)
+    x, x_plain = inputs
+    assert relative_error(x.grad, x_plain.grad) < TOLERANCE[torch.float32]
+    for (name, p), q in zip(module.named_parameters(), plain.parameters()):
+        assert relative_error(p.grad, q.grad) < TOLERANCE[torch.float32], name
+    for (name, a), b in zip(module.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def pspnet_reference(module: slsdeep_kernels.PyramidPooling, x):
     """PSPNet's pyramid pooling from plain layers, sharing the module's conv and BN."""
     size = x.shape[2:]
@@ -331,15 +342,7 @@ def test_pyramid_pooling_module_matches_pspnet(backend, training):
     x_fused, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
     out, expected = module(x_fused), pspnet_reference(plain, x_plain)
     assert out.shape == (3, 6 + 16, 9, 11)
-    assert relative_error(out, expected) < TOLERANCE[torch.float32]
-    g = torch.randn_like(out)
-    out.backward(g)
-    expected.backward(g)
-    assert relative_error(x_fused.grad, x_plain.grad) < TOLERANCE[torch.float32]
-    for (name, p), q in zip(module.named_parameters(), plain.parameters()):
-        assert relative_error(p.grad, q.grad) < TOLERANCE[torch.float32], name
-    for (name, a), b in zip(module.named_buffers(), plain.buffers()):
-        torch.testing.assert_close(a, b, msg=name)
+    assert_module_matches(out, expected, (x_fused, x_plain), module, plain)
     assert "stages.3.conv.weight" in module.state_dict() and "stages.0.bn.running_mean" in module.state_dict()
 
 
@@ -361,15 +364,7 @@ def test_decoder_block_matches_conv_over_concatenation(backend):
     x2 = x.detach().clone().requires_grad_()
     out = block(x)
     expected = expected_block.relu(expected_block.bn(expected_block.conv(pspnet_reference(expected_block.pyramid, x2))))
-    assert relative_error(out, expected) < TOLERANCE[torch.float32]
-    g = torch.randn_like(out)
-    out.backward(g)
-    expected.backward(g)
-    assert relative_error(x.grad, x2.grad) < TOLERANCE[torch.float32]
-    for (name, p), q in zip(block.named_parameters(), expected_block.parameters()):
-        assert relative_error(p.grad, q.grad) < TOLERANCE[torch.float32], name
-    for (name, a), b in zip(block.named_buffers(), expected_block.buffers()):
-        torch.testing.assert_close(a, b, msg=name)
+    assert_module_matches(out, expected, (x, x2), block, expected_block)
     assert {"conv.weight", "bn.weight", "pyramid.stages.0.conv.weight"} <= set(block.state_dict())
 
 

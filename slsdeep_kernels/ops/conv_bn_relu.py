@@ -105,27 +105,53 @@ class ConvBNOptions:
 _OPTION_NAMES = tuple(field.name for field in dataclasses.fields(ConvBNOptions))
 _DIFFERENTIABLE = ("x", "weight", "bias", "bn_weight", "bn_bias")  # what the backward ops return, in order
 
-
-def _schema_names(op: str) -> tuple[str, ...]:
-    """The argument names of one of this op's custom ops (read once, after they are defined: traceable)."""
-    return _SCHEMA_NAMES[op]
+# The custom ops' schemas, the options written once from the dataclass's fields (the compiled kernels'
+# schemas in csrc/ops.cpp mirror them). Every layer reads a custom op's inputs by these names.
+_SCHEMA_TYPES = {"list[int]": "SymInt[]", "int": "SymInt", "float": "float", "bool": "bool"}
+_OPTIONS = ", ".join(f"{_SCHEMA_TYPES[field.type]} {field.name}" for field in dataclasses.fields(ConvBNOptions))
+_PARAMETERS = "Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias"
+_STATISTICS = "Tensor running_mean, Tensor running_var"
+_SCHEMAS = {
+    "conv_bn_relu_eval": f"({_PARAMETERS}, {_STATISTICS}, {_OPTIONS}, str backend) -> Tensor",
+    "conv_bn_relu_eval_backward":
+        f"(Tensor grad_out, Tensor? out, {_PARAMETERS}, {_STATISTICS}, {_OPTIONS}, bool[] output_mask) -> Tensor[]",
+    "conv_bn_relu_train":
+        f"({_PARAMETERS}, {_OPTIONS}, bool memory_efficient, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
+    "conv_bn_relu_train_backward":
+        "(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? conv_out, Tensor mean, Tensor var, "
+        f"Tensor? bn_weight, Tensor? bn_bias, {_OPTIONS}, bool[] output_mask, str backend) -> Tensor[]",
+}  # fmt: skip
+_SCHEMA_NAMES = {
+    op: tuple(argument.split()[-1] for argument in schema[1 : schema.index(") ->")].split(", "))
+    for op, schema in _SCHEMAS.items()
+}
 
 
 def _arguments(op: str, inputs: tuple) -> dict:
-    """A custom op's inputs (as autograd hands them, in schema order) by name."""
-    return dict(zip(_schema_names(op), inputs))
+    """A custom op's inputs (as the dispatcher and autograd hand them, in schema order) by name."""
+    return dict(zip(_SCHEMA_NAMES[op], inputs))
 
 
 def _flatten(op: str, **arguments) -> tuple:
-    """``arguments`` (the options object spread by name) in ``op``'s schema order."""
+    """``arguments`` (an ``options=`` object spread by name) in ``op``'s schema order."""
     if "options" in arguments:
         arguments.update(arguments.pop("options").as_arguments())
-    return tuple(arguments[name] for name in _schema_names(op))
+    return tuple(arguments[name] for name in _SCHEMA_NAMES[op])
+
+
+def _custom_op(op: str, body, fake):
+    """``body(arguments)`` registered as ``slsdeep_kernels::<op>`` (schema ``_SCHEMAS[op]``) with the
+    fake kernel ``fake(arguments)``; ``arguments``: the inputs by name."""
+    defined = torch.library.custom_op(
+        f"slsdeep_kernels::{op}", lambda *inputs: body(_arguments(op, inputs)), mutates_args=(), schema=_SCHEMAS[op]
+    )
+    defined.register_fake(lambda *inputs: fake(_arguments(op, inputs)))
+    return defined
 
 
 def _input_gradients(op: str, grads, wanted) -> tuple:
     """autograd's answer for ``op``: the gradients of the differentiable inputs, None for the rest of its schema."""
-    none_for_the_rest = (None,) * (len(_schema_names(op)) - len(_DIFFERENTIABLE))
+    none_for_the_rest = (None,) * (len(_SCHEMA_NAMES[op]) - len(_DIFFERENTIABLE))
     return *(g if w else None for g, w in zip(grads, wanted)), *none_for_the_rest
 
 
@@ -145,14 +171,23 @@ def _conv_backward(grad_y, x, weight, options: ConvBNOptions, conv_mask):
     )
 
 
-def _eval_backward(grad_out, out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, options, output_mask):
+def _eval_forward(a: dict):
+    tensors = [a[name] for name in (*_DIFFERENTIABLE, "running_mean", "running_var")]
+    if a["backend"] == "triton":
+        return _triton().eval_forward(*tensors, ConvBNOptions.of(a))
+    return backends.COMPILED.conv_bn_relu_eval_kernel(*tensors, **ConvBNOptions.of(a).as_arguments())
+
+
+def _eval_backward(a: dict):
     """Backward of frozen BN: backward of the folded conv (W' = W·scale), chained to W, b, γ, β (ATen, any
     backend). ``out`` (the forward's output, the ReLU's mask) is needed only with the ReLU."""
+    x, weight, bias, bn_weight, bn_bias = (a[name] for name in _DIFFERENTIABLE)
+    running_mean, running_var, output_mask, options = a["running_mean"], a["running_var"], a["output_mask"], ConvBNOptions.of(a)
     acc = _accumulation_dtype(x.dtype)
     invstd = torch.rsqrt(running_var.to(acc) + options.eps)
     scale = invstd * bn_weight.to(acc) if bn_weight is not None else invstd
     per_channel = (-1, 1, 1, 1)
-    g = torch.ops.aten.threshold_backward(grad_out, out, 0) if options.relu else grad_out
+    g = torch.ops.aten.threshold_backward(a["grad_out"], a["out"], 0) if options.relu else a["grad_out"]
     folded = (weight.to(acc) * scale.view(per_channel)).to(weight.dtype)
     grad_x, grad_folded_w, grad_shift = _conv_backward(
         g, x, folded, options, [output_mask[0], output_mask[1] or output_mask[3], True]
@@ -172,35 +207,30 @@ def _eval_backward(grad_out, out, x, weight, bias, bn_weight, bn_bias, running_m
     return grads
 
 
-def _eval_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, options, backend):
-    tensors = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var)
-    if backend == "triton":
-        return _triton().eval_forward(*tensors, options)
-    return backends.COMPILED.conv_bn_relu_eval_kernel(*tensors, **options.as_arguments())
+def _train_forward(a: dict):
+    tensors = [a[name] for name in _DIFFERENTIABLE]
+    if a["backend"] == "triton":
+        return _triton().train_forward(*tensors, ConvBNOptions.of(a))
+    return backends.COMPILED.conv_bn_relu_train_kernel(*tensors, **ConvBNOptions.of(a).as_arguments())
 
 
-def _train_forward(x, weight, bias, bn_weight, bn_bias, options, backend):
-    tensors = (x, weight, bias, bn_weight, bn_bias)
-    if backend == "triton":
-        return _triton().train_forward(*tensors, options)
-    return backends.COMPILED.conv_bn_relu_train_kernel(*tensors, **options.as_arguments())
+def _train_backward(a: dict):
+    tensors = [a[name] for name in ("grad_out", "x", "weight", "bias", "conv_out", "mean", "var", "bn_weight", "bn_bias")]
+    conv_mask = a["output_mask"][:3]
+    if a["backend"] == "triton":
+        return _triton().train_backward(*tensors, ConvBNOptions.of(a), conv_mask)
+    options = ConvBNOptions.of(a).as_arguments()
+    return backends.COMPILED.conv_bn_relu_train_backward_kernel(*tensors, **options, output_mask=conv_mask)
 
 
-def _train_backward(grad_out, x, weight, bias, conv_out, mean, var, bn_weight, bn_bias, options, output_mask, backend):
-    tensors = (grad_out, x, weight, bias, conv_out, mean, var, bn_weight, bn_bias)
-    conv_mask = output_mask[:3]
-    if backend == "triton":
-        return _triton().train_backward(*tensors, options, conv_mask)
-    return backends.COMPILED.conv_bn_relu_train_backward_kernel(*tensors, **options.as_arguments(), output_mask=conv_mask)
-
-
-def _as_gradients(grads, inputs, mask):
+def _as_gradients(grads, a: dict):
     """Each gradient laid out as its input (what the fake kernel promises); an empty tensor stands
     for a gradient nobody asked for (custom ops return tensors only)."""
     out = []
-    for g, t, wanted in zip(grads, inputs, mask):
+    for g, name, wanted in zip(grads, _DIFFERENTIABLE, a["output_mask"]):
+        t = a[name]
         if not wanted:
-            out.append(inputs[0].new_empty(0))
+            out.append(a["x"].new_empty(0))
         elif g.stride() != t.stride() or g.dtype != t.dtype:
             out.append(torch.empty_like(t).copy_(g))
         else:
@@ -208,226 +238,103 @@ def _as_gradients(grads, inputs, mask):
     return out
 
 
-def _fake_grads(a: dict):
-    inputs = [a[name] for name in _DIFFERENTIABLE]
-    return [torch.empty_like(t) if wanted else a["x"].new_empty(0) for t, wanted in zip(inputs, a["output_mask"])]
-
-
 def _fake_output(a: dict):
     shape = (a["x"].shape[0], a["weight"].shape[0], *_output_size(a["x"], a["weight"], ConvBNOptions.of(a)))
     return torch.empty(shape, dtype=a["x"].dtype, device=a["x"].device, memory_format=backends.preserved_format(a["x"]))
 
 
-# The custom ops' signatures are their schemas (torch.library reads them); every other layer takes
-# the options object.
-@torch.library.custom_op("slsdeep_kernels::conv_bn_relu_eval", mutates_args=())
-def _eval_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    bn_weight: torch.Tensor | None,
-    bn_bias: torch.Tensor | None,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    eps: float,
-    relu: bool,
-    backend: str,
-) -> torch.Tensor:
-    return _eval_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, ConvBNOptions.of(locals()), backend)
-
-
-@_eval_op.register_fake
-def _(*inputs):
-    return _fake_output(_arguments("conv_bn_relu_eval", inputs))
-
-
-@torch.library.custom_op("slsdeep_kernels::conv_bn_relu_eval_backward", mutates_args=())
-def _eval_backward_op(
-    grad_out: torch.Tensor,
-    out: torch.Tensor | None,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    bn_weight: torch.Tensor | None,
-    bn_bias: torch.Tensor | None,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    eps: float,
-    relu: bool,
-    output_mask: list[bool],
-) -> list[torch.Tensor]:
-    tensors = (grad_out, out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var)
-    grads = _eval_backward(*tensors, ConvBNOptions.of(locals()), output_mask)
-    return _as_gradients(grads, (x, weight, bias, bn_weight, bn_bias), output_mask)
-
-
-@_eval_backward_op.register_fake
-def _(*inputs):
-    return _fake_grads(_arguments("conv_bn_relu_eval_backward", inputs))
-
-
-@torch.library.custom_op("slsdeep_kernels::conv_bn_relu_train", mutates_args=())
-def _train_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    bn_weight: torch.Tensor | None,
-    bn_bias: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    eps: float,
-    relu: bool,
-    memory_efficient: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, conv output, batch mean, biased batch variance); the statistics in fp32 (fp64 for fp64)."""
-    return _train_forward(x, weight, bias, bn_weight, bn_bias, ConvBNOptions.of(locals()), backend)
-
-
-@_train_op.register_fake
-def _(*inputs):
-    a = _arguments("conv_bn_relu_train", inputs)
+def _fake_train_outputs(a: dict):
     out = _fake_output(a)
     stats = dict(dtype=_accumulation_dtype(out.dtype), device=out.device)
     return out, torch.empty_like(out), torch.empty(out.shape[1], **stats), torch.empty(out.shape[1], **stats)
 
 
-@torch.library.custom_op("slsdeep_kernels::conv_bn_relu_train_backward", mutates_args=())
-def _train_backward_op(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    conv_out: torch.Tensor | None,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    bn_weight: torch.Tensor | None,
-    bn_bias: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    eps: float,
-    relu: bool,
-    output_mask: list[bool],
-    backend: str,
-) -> list[torch.Tensor]:
-    """Grads of (x, weight, bias, bn_weight, bn_bias); ``conv_out=None`` recomputes the conv."""
-    tensors = (grad_out, x, weight, bias, conv_out, mean, var, bn_weight, bn_bias)
-    grads = _train_backward(*tensors, ConvBNOptions.of(locals()), output_mask, backend)
-    return _as_gradients(grads, (x, weight, bias, bn_weight, bn_bias), output_mask)
+def _fake_grads(a: dict):
+    return [torch.empty_like(a[name]) if wanted else a["x"].new_empty(0) for name, wanted in zip(_DIFFERENTIABLE, a["output_mask"])]
 
 
-@_train_backward_op.register_fake
-def _(*inputs):
-    return _fake_grads(_arguments("conv_bn_relu_train_backward", inputs))
+# eval: (out); train: (out, conv output, batch mean, biased batch variance), the statistics in fp32 (fp64
+# for fp64). Backward: the grads of (x, weight, bias, bn_weight, bn_bias); conv_out None recomputes the conv.
+_eval_op = _custom_op("conv_bn_relu_eval", _eval_forward, _fake_output)
+_eval_backward_op = _custom_op("conv_bn_relu_eval_backward", lambda a: _as_gradients(_eval_backward(a), a), _fake_grads)
+_train_op = _custom_op("conv_bn_relu_train", _train_forward, _fake_train_outputs)
+_train_backward_op = _custom_op("conv_bn_relu_train_backward", lambda a: _as_gradients(_train_backward(a), a), _fake_grads)
+
+_EVAL_SAVED = ("out", *_DIFFERENTIABLE, "running_mean", "running_var")
+_TRAIN_SAVED = ("x", "weight", "bias", "conv_out", "mean", "var", "bn_weight", "bn_bias")
 
 
 def _eval_setup_context(ctx, inputs, output):
     a = _arguments("conv_bn_relu_eval", inputs)
     ctx.options = ConvBNOptions.of(a)
     # The output is the ReLU's mask; without a ReLU it is not kept (callers may add to it in place).
-    saved = ("x", "weight", "bias", "bn_weight", "bn_bias", "running_mean", "running_var")
-    ctx.save_for_backward(output if ctx.options.relu else None, *(a[name] for name in saved))
-
-
-def _eval_grads(ctx, grad_out, through_op: bool):
-    """``through_op``: run the backward custom op (differentiable as an op: its backward raises), else
-    its Python body directly (eager)."""
-    output_mask = list(ctx.needs_input_grad[: len(_DIFFERENTIABLE)])
-    out, *saved = ctx.saved_tensors
-    if through_op:
-        grads = _eval_backward_op(grad_out, out, *saved, **ctx.options.as_arguments(), output_mask=output_mask)
-    else:
-        grads = _eval_backward(grad_out, out, *saved, ctx.options, output_mask)
-    return _input_gradients("conv_bn_relu_eval", grads, output_mask)
-
-
-def _eval_autograd_backward(ctx, grad_out):
-    return _eval_grads(ctx, grad_out, through_op=True)
+    a["out"] = output if ctx.options.relu else None
+    ctx.save_for_backward(*(a[name] for name in _EVAL_SAVED))
 
 
 def _train_setup_context(ctx, inputs, output):
     a = _arguments("conv_bn_relu_train", inputs)
-    out, conv_out, mean, var = output
-    ctx.mark_non_differentiable(conv_out, mean, var)
+    out, conv_out, a["mean"], a["var"] = output
+    ctx.mark_non_differentiable(conv_out, a["mean"], a["var"])
     ctx.set_materialize_grads(False)
-    kept_conv_out = None if a["memory_efficient"] else conv_out
-    ctx.save_for_backward(a["x"], a["weight"], a["bias"], kept_conv_out, mean, var, a["bn_weight"], a["bn_bias"])
+    a["conv_out"] = None if a["memory_efficient"] else conv_out
+    ctx.save_for_backward(*(a[name] for name in _TRAIN_SAVED))
     ctx.options, ctx.backend = ConvBNOptions.of(a), a["backend"]
 
 
-def _train_grads(ctx, grad_out, through_op: bool):
-    """As :func:`_eval_grads`."""
+def _gradients(ctx, grad_out, mode: str, through_op: bool):
+    """The backward of ``mode`` ("eval" or "train") for autograd. ``through_op``: the backward custom op
+    (differentiable as an op: its backward raises), else its Python body directly (eager)."""
+    forward = f"conv_bn_relu_{mode}"
     output_mask = list(ctx.needs_input_grad[: len(_DIFFERENTIABLE)])
     if grad_out is None:
-        return _input_gradients("conv_bn_relu_train", [None] * len(_DIFFERENTIABLE), output_mask)
+        return _input_gradients(forward, [None] * len(_DIFFERENTIABLE), output_mask)
+    a = dict(zip(_EVAL_SAVED if mode == "eval" else _TRAIN_SAVED, ctx.saved_tensors))
+    a.update(ctx.options.as_arguments(), grad_out=grad_out, output_mask=output_mask, backend=getattr(ctx, "backend", None))
     if through_op:
-        grads = _train_backward_op(grad_out, *ctx.saved_tensors, **ctx.options.as_arguments(), output_mask=output_mask,
-                                   backend=ctx.backend)  # fmt: skip
+        grads = (_eval_backward_op if mode == "eval" else _train_backward_op)(*_flatten(f"{forward}_backward", **a))
     else:
-        grads = _train_backward(grad_out, *ctx.saved_tensors, ctx.options, output_mask, ctx.backend)
-    return _input_gradients("conv_bn_relu_train", grads, output_mask)
+        grads = (_eval_backward if mode == "eval" else _train_backward)(a)
+    return _input_gradients(forward, grads, output_mask)
 
 
-def _train_autograd_backward(ctx, grad_out, *unused):
-    return _train_grads(ctx, grad_out, through_op=True)
-
-
-_SCHEMA_NAMES = {
-    op: tuple(argument.name for argument in getattr(torch.ops.slsdeep_kernels, op).default._schema.arguments)
-    for op in ("conv_bn_relu_eval", "conv_bn_relu_eval_backward", "conv_bn_relu_train", "conv_bn_relu_train_backward")
-}
-torch.library.register_autograd("slsdeep_kernels::conv_bn_relu_eval", _eval_autograd_backward, setup_context=_eval_setup_context)
-torch.library.register_autograd("slsdeep_kernels::conv_bn_relu_train", _train_autograd_backward, setup_context=_train_setup_context)
+torch.library.register_autograd(
+    "slsdeep_kernels::conv_bn_relu_eval", lambda ctx, grad_out: _gradients(ctx, grad_out, "eval", through_op=True),
+    setup_context=_eval_setup_context,
+)  # fmt: skip
+torch.library.register_autograd(
+    "slsdeep_kernels::conv_bn_relu_train", lambda ctx, grad_out, *unused: _gradients(ctx, grad_out, "train", through_op=True),
+    setup_context=_train_setup_context,
+)  # fmt: skip
 for _name in ("conv_bn_relu_eval_backward", "conv_bn_relu_train_backward"):
     torch.library.register_autograd(f"slsdeep_kernels::{_name}", backends.no_double_backward(OP), setup_context=lambda ctx, inputs, output: None)
 
 
-class _EvalFunction(torch.autograd.Function):
-    """The eval op for eager calls: the custom ops' forward, setup and backward without their
-    dispatch, which costs ~0.15 ms a call (paid by every layer of a network at every step).
-    ``torch.compile`` traces the custom ops instead (see :func:`conv_bn_relu`). Under
-    ``create_graph`` the backward runs as the backward custom op, whose own backward raises.
-    Its inputs are the custom op's, in schema order (``_flatten``)."""
+def _eager_function(mode: str) -> type[torch.autograd.Function]:
+    """The op of ``mode`` ("eval" or "train") for eager calls: the custom op's forward, setup and backward
+    without its dispatch, which costs ~0.15 ms a call (paid by every layer of a network at every step).
+    ``torch.compile`` traces the custom ops instead (see :func:`conv_bn_relu`). Under ``create_graph``
+    the backward runs as the backward custom op, whose own backward raises. Its inputs are the custom
+    op's, in schema order (``_flatten``)."""
+    op = f"conv_bn_relu_{mode}"
+    run, setup_context = (_eval_forward, _eval_setup_context) if mode == "eval" else (_train_forward, _train_setup_context)
 
-    @staticmethod
-    def forward(ctx, *inputs):
-        a = _arguments("conv_bn_relu_eval", inputs)
-        tensors = [a[name] for name in ("x", "weight", "bias", "bn_weight", "bn_bias", "running_mean", "running_var")]
-        output = _eval_forward(*tensors, ConvBNOptions.of(a), a["backend"])
-        _eval_setup_context(ctx, inputs, output)
-        return output
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = run(_arguments(op, inputs))
+            setup_context(ctx, inputs, output)
+            return output
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        return _eval_grads(ctx, grad_out, through_op=torch.is_grad_enabled())
+        @staticmethod
+        def backward(ctx, grad_out, *unused):
+            return _gradients(ctx, grad_out, mode, through_op=torch.is_grad_enabled())
+
+    Eager.__name__ = Eager.__qualname__ = f"_{mode.capitalize()}Function"
+    return Eager
 
 
-class _TrainFunction(torch.autograd.Function):
-    """The training op for eager calls (as :class:`_EvalFunction`)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        a = _arguments("conv_bn_relu_train", inputs)
-        tensors = [a[name] for name in _DIFFERENTIABLE]
-        output = _train_forward(*tensors, ConvBNOptions.of(a), a["backend"])
-        _train_setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_out, *unused):
-        return _train_grads(ctx, grad_out, through_op=torch.is_grad_enabled())
+_EvalFunction, _TrainFunction = _eager_function("eval"), _eager_function("train")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -126,16 +126,22 @@ def _tile(y_ptr, r0, end, cols, col_mask, S, s_n, s_c, s_s, BLOCK_R: tl.constexp
 
 
 @triton.jit
+def _part_lanes(C, rows, rows_per_part, BLOCK_C: tl.constexpr):
+    """A per-channel reduction program's lanes: (channels, their mask, its part of the rows, the part's
+    first and end row); grid (channel blocks, parts)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    part = tl.program_id(1)
+    start = part * rows_per_part
+    return cols, cols < C, part, start, tl.minimum(start + rows_per_part, rows)
+
+
+@triton.jit
 def _stats_partial_kernel(
     y_ptr, mean_ptr, m2_ptr, C, S, rows, rows_per_part, s_n, s_c, s_s,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Per channel, mean and Σ(y − mean)² of one part of the rows: exact two-pass per tile, tiles merged (Chan)."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    part = tl.program_id(1)
-    start = part * rows_per_part
-    end = tl.minimum(start + rows_per_part, rows)
+    cols, col_mask, part, start, end = _part_lanes(C, rows, rows_per_part, BLOCK_C)
     count = tl.zeros((BLOCK_C,), dtype=tl.float32)
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -204,15 +210,21 @@ def _channel_of(offsets, C, S, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
+def _elementwise_lanes(y_ptr, total, C, S, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """An elementwise program's lanes over a dense activation: (offsets, mask, channel, y in fp32)."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < total
+    y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    return offsets, mask, _channel_of(offsets, C, S, CHANNELS_LAST), y
+
+
+@triton.jit
 def _bn_act_kernel(
     y_ptr, out_ptr, scale_ptr, shift_ptr, total, C, S,
     CHANNELS_LAST: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """out = relu(y·scale[c] + shift[c]) over a dense NCHW or NHWC activation."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < total
-    c = _channel_of(offsets, C, S, CHANNELS_LAST)
-    y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    offsets, mask, c, y = _elementwise_lanes(y_ptr, total, C, S, CHANNELS_LAST, BLOCK)
     v = y * tl.load(scale_ptr + c, mask=mask, other=0.0) + tl.load(shift_ptr + c, mask=mask, other=0.0)
     if RELU:
         v = tl.where(v < 0.0, 0.0, v)
@@ -233,11 +245,7 @@ def _backward_partial_kernel(
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Per channel and part: Σg and Σg·(y − mean), g the ReLU-masked gradient."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    part = tl.program_id(1)
-    start = part * rows_per_part
-    end = tl.minimum(start + rows_per_part, rows)
+    cols, col_mask, part, start, end = _part_lanes(C, rows, rows_per_part, BLOCK_C)
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
     var = tl.load(var_ptr + cols, mask=col_mask, other=1.0)
     _, scale, shift = _bn_affine(mean, var, gamma_ptr, beta_ptr, cols, col_mask, eps, HAS_GAMMA, HAS_BETA)
@@ -289,10 +297,7 @@ def _backward_apply_kernel(
     CHANNELS_LAST: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """grad_y = g_coef·g + c_coef·(y − mean) + const with the ReLU mask fused (no mask tensor)."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < total
-    c = _channel_of(offsets, C, S, CHANNELS_LAST)
-    y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    offsets, mask, c, y = _elementwise_lanes(y_ptr, total, C, S, CHANNELS_LAST, BLOCK)
     g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     g = _masked_grad(g, y, tl.load(coef_ptr + c, mask=mask), tl.load(coef_ptr + C + c, mask=mask), RELU)
     v = tl.load(coef_ptr + 2 * C + c, mask=mask) * g
