@@ -33,28 +33,28 @@ set -uo pipefail
 self=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 cd "$(dirname "$self")/.."
 
-declare -A CAP=([build]=120 [precompile]=120 [precompile_model]=120 [test_bf16]=40 [test_fp16]=25 [test_fp32]=40 [test_autotune]=40
-  [sanitize]=90 [quick]=45 [quick_cuda]=35 [compile_bench]=90 [full]=60 [full_cuda]=60 [compile_full]=240)
-declare -A KIND=([build]=build [precompile]=precompile [precompile_model]=precompile [test_bf16]=gpu-tests [test_fp16]=gpu-tests
-  [test_fp32]=gpu-tests [test_autotune]=gpu-tests [sanitize]=sanitize [quick]=bench [quick_cuda]=bench
-  [compile_bench]=bench [full]=bench [full_cuda]=bench [compile_full]=bench)
+# The stages, one row each: name, time cap (s), kind, what it does.
+declare -A CAP KIND WHAT
+while read -r stage cap kind what; do
+  CAP[$stage]=$cap KIND[$stage]=$kind WHAT[$stage]=$what
+done <<'STAGES'
+build             120  build       CUDA + CPU extensions: pip install --no-build-isolation --no-deps -e . (FORCE_CUDA, MAX_JOBS=16)
+precompile        120  precompile  compile_check --precompile --group tests (pinned): the Triton variants the GPU tests launch
+precompile_model  120  precompile  compile_check --precompile: every config of the autotune test, then --group model (pinned) for the benchmarks
+test_bf16          40  gpu-tests   GPU tests in bf16 (pytest -m gpu --gpu-group bf16), autotune pinned
+test_fp16          25  gpu-tests   GPU tests in fp16, autotune pinned
+test_fp32          40  gpu-tests   GPU tests in fp32 (TF32 off) and those with no dtype parameter, autotune pinned
+test_autotune      40  gpu-tests   every production conv autotune config once on a tiny case (unpinned)
+sanitize           90  sanitize    compute-sanitizer memcheck, every op x {triton, cuda}, forward+backward, in parallel
+quick              45  bench       benchmarks: first case of each op, last pass, fused (triton) vs eager
+quick_cuda         35  bench       benchmarks: the same cases, fused on the cuda backend
+compile_bench      90  bench       benchmarks: torch.compile baselines of the quick cases (takes the call's slack)
+full               60  bench       benchmarks: every case and pass, every way but compile (fused = triton)
+full_cuda          60  bench       benchmarks: every case and pass, fused ways on the cuda backend
+compile_full      240  bench       benchmarks: torch.compile baselines of every case
+STAGES
 declare -A GROUPS_OF=([test_bf16]=bf16 [test_fp16]=fp16 [test_fp32]=fp32,other [test_autotune]=autotune)
 declare -A BACKEND_OF=([quick]=triton [quick_cuda]=cuda [full]=triton [full_cuda]=cuda)
-declare -A WHAT=(
-  [build]="CUDA + CPU extensions: pip install --no-build-isolation --no-deps -e . (FORCE_CUDA, MAX_JOBS=16)"
-  [precompile]="compile_check --precompile --group tests (pinned): the Triton variants the GPU tests launch"
-  [precompile_model]="compile_check --precompile: every config of the autotune test, then --group model (pinned) for the benchmarks"
-  [test_bf16]="GPU tests in bf16 (pytest -m gpu --gpu-group bf16), autotune pinned"
-  [test_fp16]="GPU tests in fp16, autotune pinned"
-  [test_fp32]="GPU tests in fp32 (TF32 off) and those with no dtype parameter, autotune pinned"
-  [test_autotune]="every production conv autotune config once on a tiny case (unpinned)"
-  [sanitize]="compute-sanitizer memcheck, every op x {triton, cuda}, forward+backward, in parallel"
-  [quick]="benchmarks: first case of each op, last pass, fused (triton) vs eager"
-  [quick_cuda]="benchmarks: the same cases, fused on the cuda backend"
-  [compile_bench]="benchmarks: torch.compile baselines of the quick cases (takes the call's slack)"
-  [full]="benchmarks: every case and pass, every way but compile (fused = triton)"
-  [full_cuda]="benchmarks: every case and pass, fused ways on the cuda backend"
-  [compile_full]="benchmarks: torch.compile baselines of every case")
 CALL1=(build precompile precompile_model test_bf16 test_fp16 test_fp32 test_autotune sanitize quick quick_cuda)
 CALL2=(build precompile_model compile_bench full)
 ALL=("${CALL1[@]}" compile_bench full)

@@ -259,6 +259,9 @@ def new_output(shape, *, dtype: torch.dtype, device: torch.device, memory_format
     return out
 
 
+# Elements per program of every elementwise Triton kernel (the BN passes, the loss's in-place scale).
+ELEMENTWISE_BLOCK = 1024
+
 # Every Triton kernel of the library is launched through :func:`launch`, so one place guards the
 # device and tests and the ahead-of-time compile check (``slsdeep_kernels.compile_check``) can
 # observe each launch with the arguments the GPU path computes.

@@ -94,20 +94,30 @@ inline void add_row(acc_t* sums, const scalar_t* row, int64_t width, int64_t str
   }
 }
 
+// body(image_plane, cells, buffer) for every (n, c) plane, in parallel over planes: the plane of `image`
+// (N, C, H, W, any strides) at `image_data`, its S pooling cells (N, C, S, contiguous) at `cells_data`,
+// and the thread's buffer of `buffer_size` accumulators (its contents are the body's).
+template <typename acc_t, typename ImagePtr, typename CellsPtr, typename Body>
+void for_each_pool_plane(const at::Tensor& image, ImagePtr image_data, CellsPtr cells_data, int64_t S,
+                         int64_t buffer_size, const Body& body) {
+  const int64_t C = image.size(1), stride_n = image.stride(0), stride_c = image.stride(1);
+  at::parallel_for(0, image.size(0) * C, grain_for(image.size(2) * image.size(3)), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buffer(buffer_size);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      body(image_data + (plane / C) * stride_n + (plane % C) * stride_c, cells_data + plane * S, buffer);
+    }
+  });
+}
+
 // out (N, C, S): for every bin b, cell (i, j) = mean of its adaptive window. Per bin and cell row,
 // the window's rows are summed into a row buffer (contiguous, vectorisable), then cut into cells.
 template <typename scalar_t>
 void pool_forward(const at::Tensor& x, const at::Tensor& out, const std::vector<int64_t>& bins) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), S = out.size(2);
+  const int64_t H = x.size(2), W = x.size(3);
   const Strides4 s = strides_of(x);
-  const scalar_t* src = x.const_data_ptr<scalar_t>();
-  scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, x.size(0) * C, grain_for(H * W), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> column_sums(W);
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const scalar_t* in = src + (plane / C) * s.n + (plane % C) * s.c;
-      scalar_t* cell = dst + plane * S;
+  for_each_pool_plane<acc_t>(x, x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), out.size(2), W,
+                             [&](const scalar_t* in, scalar_t* cell, std::vector<acc_t>& column_sums) {
       for (const int64_t bin : bins) {
         for (int64_t i = 0; i < bin; ++i) {
           const int64_t h0 = pyramid::window_begin(i, H, bin), h1 = pyramid::window_end(i, H, bin);
@@ -121,7 +131,6 @@ void pool_forward(const at::Tensor& x, const at::Tensor& out, const std::vector<
           }
         }
       }
-    }
   });
 }
 
@@ -130,15 +139,11 @@ void pool_forward(const at::Tensor& x, const at::Tensor& out, const std::vector<
 template <typename scalar_t>
 void pool_backward(const at::Tensor& grad, const at::Tensor& out, const std::vector<int64_t>& bins) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t C = out.size(1), H = out.size(2), W = out.size(3), S = grad.size(2);
+  const int64_t H = out.size(2), W = out.size(3);
   const Strides4 s = strides_of(out);
-  const scalar_t* src = grad.const_data_ptr<scalar_t>();
-  scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, out.size(0) * C, grain_for(H * W), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buffer(H * W);
-    for (int64_t plane = begin; plane < end; ++plane) {
+  for_each_pool_plane<acc_t>(out, out.mutable_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), grad.size(2), H * W,
+                             [&](scalar_t* plane_out, const scalar_t* cell, std::vector<acc_t>& buffer) {
       std::fill(buffer.begin(), buffer.end(), acc_t(0));
-      const scalar_t* cell = src + plane * S;
       for (const int64_t bin : bins) {
         for (int64_t i = 0; i < bin; ++i) {
           const int64_t h0 = pyramid::window_begin(i, H, bin), h1 = pyramid::window_end(i, H, bin);
@@ -152,11 +157,9 @@ void pool_backward(const at::Tensor& grad, const at::Tensor& out, const std::vec
           }
         }
       }
-      scalar_t* plane_out = dst + (plane / C) * s.n + (plane % C) * s.c;
       for (int64_t h = 0; h < H; ++h) {
         for (int64_t w = 0; w < W; ++w) plane_out[h * s.h + w * s.w] = static_cast<scalar_t>(buffer[h * W + w]);
       }
-    }
   });
 }
 

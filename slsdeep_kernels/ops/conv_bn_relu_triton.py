@@ -306,7 +306,6 @@ def _backward_apply_kernel(
     tl.store(out_ptr + offsets, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_ELEMENTWISE_BLOCK = 1024
 _ELEMENTWISE_WARPS = 8  # 4 elements a thread: 4 warps (8) spill in fp16 NCHW on triton 3.6 (ptxas -v)
 
 
@@ -387,9 +386,9 @@ def train_forward(x, weight, bias, bn_weight, bn_bias, options):
     out = backends.new_output(y.shape, dtype=y.dtype, device=y.device, memory_format=backends.preserved_format(y))
     total = y.numel()
     backends.launch(
-        _bn_act_kernel, (triton.cdiv(total, _ELEMENTWISE_BLOCK),),
+        _bn_act_kernel, (triton.cdiv(total, backends.ELEMENTWISE_BLOCK),),
         y, out, scale, shift, total, C, sp["S"],
-        CHANNELS_LAST=sp["channels_last"], RELU=options.relu, BLOCK=_ELEMENTWISE_BLOCK, num_warps=_ELEMENTWISE_WARPS,
+        CHANNELS_LAST=sp["channels_last"], RELU=options.relu, BLOCK=backends.ELEMENTWISE_BLOCK, num_warps=_ELEMENTWISE_WARPS,
     )  # fmt: skip
     return out, y, mean, var
 
@@ -419,9 +418,9 @@ def train_backward(grad_out, x, weight, bias, conv_out, mean, var, bn_weight, bn
     grad_y = backends.new_output(y.shape, dtype=y.dtype, device=y.device, memory_format=backends.preserved_format(y))
     total = y.numel()
     backends.launch(
-        _backward_apply_kernel, (triton.cdiv(total, _ELEMENTWISE_BLOCK),),
+        _backward_apply_kernel, (triton.cdiv(total, backends.ELEMENTWISE_BLOCK),),
         g, y, grad_y, mean, coefficients, total, C, sp["S"],
-        CHANNELS_LAST=sp["channels_last"], RELU=options.relu, BLOCK=_ELEMENTWISE_BLOCK, num_warps=_ELEMENTWISE_WARPS,
+        CHANNELS_LAST=sp["channels_last"], RELU=options.relu, BLOCK=backends.ELEMENTWISE_BLOCK, num_warps=_ELEMENTWISE_WARPS,
     )  # fmt: skip
     grad_x, grad_w, grad_b = _conv_backward(grad_y, x, weight, options, conv_mask)
     return [

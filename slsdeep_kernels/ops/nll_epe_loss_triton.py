@@ -215,5 +215,5 @@ def backward(grad_loss, logits, target, alpha):
 
 
 def scale(gradient, grad_loss):
-    block = 1024
+    block = backends.ELEMENTWISE_BLOCK
     backends.launch(_scale_kernel, (triton.cdiv(gradient.numel(), block),), gradient, grad_loss, gradient.numel(), BLOCK=block)
