@@ -259,15 +259,6 @@ def new_output(shape, *, dtype: torch.dtype, device: torch.device, memory_format
     return out
 
 
-# Elements per program of every elementwise Triton kernel (the BN passes, the loss's in-place scale).
-ELEMENTWISE_BLOCK = 1024
-
-# Every Triton kernel of the library is launched through :func:`launch`, so one place guards the
-# device and tests and the ahead-of-time compile check (``slsdeep_kernels.compile_check``) can
-# observe each launch with the arguments the GPU path computes.
-_launch_observer = None
-
-
 def dot_precision(dtype: torch.dtype, *, convolution: bool, full: str = "ieee") -> str:
     """``input_precision`` of a Triton ``tl.dot``, one rule for every op: for fp32 inputs "tf32" where
     the kernel computes (part of) a convolution and PyTorch lets its own convolutions use TF32
@@ -306,6 +297,15 @@ def no_double_backward(op: str):
         raise RuntimeError(f"{op}: double backward is not supported")
 
     return backward
+
+
+# Elements per program of every elementwise Triton kernel (the BN passes, the loss's in-place scale).
+ELEMENTWISE_BLOCK = 1024
+
+# Every Triton kernel of the library is launched through :func:`launch`, so one place guards the
+# device and tests and the ahead-of-time compile check (``slsdeep_kernels.compile_check``) can
+# observe each launch with the arguments the GPU path computes.
+_launch_observer = None
 
 
 def launch(kernel, grid, *args, **meta) -> None:

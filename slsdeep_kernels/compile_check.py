@@ -164,7 +164,7 @@ def _needs_clean_process(precompile: bool) -> bool:
     """Whether this process imported the ops under settings that change their launches."""
     from slsdeep_kernels import backend
 
-    return backend.triton_interpreted() or (not precompile and os.environ.get(PIN_AUTOTUNE, "0") not in ("", "0"))
+    return backend.triton_interpreted() or (not precompile and os.environ.get(PIN_AUTOTUNE, "0") == "1")  # as _conv_configs reads it
 
 
 def _triton():

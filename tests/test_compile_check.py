@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from slsdeep_kernels import compile_check as cc
-from slsdeep_kernels.ops import conv_bn_relu_triton as conv_op
-from slsdeep_kernels.ops.conv_bn_relu import ConvBNOptions
+pytest.importorskip("triton")
+
+from slsdeep_kernels import compile_check as cc  # noqa: E402
+from slsdeep_kernels.ops import conv_bn_relu_triton as conv_op  # noqa: E402
+from slsdeep_kernels.ops.conv_bn_relu import ConvBNOptions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -135,7 +135,7 @@ def test_openmp_is_used_only_where_the_compiler_links_it(setup_py, tmp_path):
 
 def _other_minor():
     major, minor = torch.__version__.split("+")[0].split(".")[:2]
-    return f"{major}.{int(minor) - 1}.0+cpu"
+    return f"{major}.{int(minor) + 1}.0+cpu"
 
 
 def test_abi_mismatch_is_one_line_naming_both_torch_versions(monkeypatch):

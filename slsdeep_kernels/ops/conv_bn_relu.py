@@ -155,6 +155,13 @@ def _input_gradients(op: str, grads, wanted) -> tuple:
     return *(g if w else None for g, w in zip(grads, wanted)), *none_for_the_rest
 
 
+def _options(a: dict) -> ConvBNOptions:
+    """The options among a custom op's arguments ``a``, built once per call and kept in ``a``."""
+    if "options" not in a:
+        a["options"] = ConvBNOptions.of(a)
+    return a["options"]
+
+
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -165,24 +172,24 @@ def _output_size(x, weight, options: ConvBNOptions) -> list[int]:
 
 
 def _conv_backward(grad_y, x, weight, options: ConvBNOptions, conv_mask):
-    o = options
     return torch.ops.aten.convolution_backward(
-        grad_y, x, weight, [weight.shape[0]], o.stride, o.padding, o.dilation, False, [0, 0], o.groups, conv_mask
-    )
+        grad_y, x, weight, [weight.shape[0]], options.stride, options.padding, options.dilation, False, [0, 0],
+        options.groups, conv_mask,
+    )  # fmt: skip
 
 
 def _eval_forward(a: dict):
     tensors = [a[name] for name in (*_DIFFERENTIABLE, "running_mean", "running_var")]
     if a["backend"] == "triton":
-        return _triton().eval_forward(*tensors, ConvBNOptions.of(a))
-    return backends.COMPILED.conv_bn_relu_eval_kernel(*tensors, **ConvBNOptions.of(a).as_arguments())
+        return _triton().eval_forward(*tensors, _options(a))
+    return backends.COMPILED.conv_bn_relu_eval_kernel(*tensors, **_options(a).as_arguments())
 
 
 def _eval_backward(a: dict):
     """Backward of frozen BN: backward of the folded conv (W' = W·scale), chained to W, b, γ, β (ATen, any
     backend). ``out`` (the forward's output, the ReLU's mask) is needed only with the ReLU."""
     x, weight, bias, bn_weight, bn_bias = (a[name] for name in _DIFFERENTIABLE)
-    running_mean, running_var, output_mask, options = a["running_mean"], a["running_var"], a["output_mask"], ConvBNOptions.of(a)
+    running_mean, running_var, output_mask, options = a["running_mean"], a["running_var"], a["output_mask"], _options(a)
     acc = _accumulation_dtype(x.dtype)
     invstd = torch.rsqrt(running_var.to(acc) + options.eps)
     scale = invstd * bn_weight.to(acc) if bn_weight is not None else invstd
@@ -210,17 +217,16 @@ def _eval_backward(a: dict):
 def _train_forward(a: dict):
     tensors = [a[name] for name in _DIFFERENTIABLE]
     if a["backend"] == "triton":
-        return _triton().train_forward(*tensors, ConvBNOptions.of(a))
-    return backends.COMPILED.conv_bn_relu_train_kernel(*tensors, **ConvBNOptions.of(a).as_arguments())
+        return _triton().train_forward(*tensors, _options(a))
+    return backends.COMPILED.conv_bn_relu_train_kernel(*tensors, **_options(a).as_arguments())
 
 
 def _train_backward(a: dict):
     tensors = [a[name] for name in ("grad_out", "x", "weight", "bias", "conv_out", "mean", "var", "bn_weight", "bn_bias")]
     conv_mask = a["output_mask"][:3]
     if a["backend"] == "triton":
-        return _triton().train_backward(*tensors, ConvBNOptions.of(a), conv_mask)
-    options = ConvBNOptions.of(a).as_arguments()
-    return backends.COMPILED.conv_bn_relu_train_backward_kernel(*tensors, **options, output_mask=conv_mask)
+        return _triton().train_backward(*tensors, _options(a), conv_mask)
+    return backends.COMPILED.conv_bn_relu_train_backward_kernel(*tensors, **_options(a).as_arguments(), output_mask=conv_mask)
 
 
 def _as_gradients(grads, a: dict):
@@ -239,7 +245,7 @@ def _as_gradients(grads, a: dict):
 
 
 def _fake_output(a: dict):
-    shape = (a["x"].shape[0], a["weight"].shape[0], *_output_size(a["x"], a["weight"], ConvBNOptions.of(a)))
+    shape = (a["x"].shape[0], a["weight"].shape[0], *_output_size(a["x"], a["weight"], _options(a)))
     return torch.empty(shape, dtype=a["x"].dtype, device=a["x"].device, memory_format=backends.preserved_format(a["x"]))
 
 
@@ -264,22 +270,20 @@ _EVAL_SAVED = ("out", *_DIFFERENTIABLE, "running_mean", "running_var")
 _TRAIN_SAVED = ("x", "weight", "bias", "conv_out", "mean", "var", "bn_weight", "bn_bias")
 
 
-def _eval_setup_context(ctx, inputs, output):
-    a = _arguments("conv_bn_relu_eval", inputs)
-    ctx.options = ConvBNOptions.of(a)
+def _eval_setup(ctx, a: dict, output):
+    ctx.options, ctx.backend = _options(a), a["backend"]
     # The output is the ReLU's mask; without a ReLU it is not kept (callers may add to it in place).
     a["out"] = output if ctx.options.relu else None
     ctx.save_for_backward(*(a[name] for name in _EVAL_SAVED))
 
 
-def _train_setup_context(ctx, inputs, output):
-    a = _arguments("conv_bn_relu_train", inputs)
+def _train_setup(ctx, a: dict, output):
     out, conv_out, a["mean"], a["var"] = output
     ctx.mark_non_differentiable(conv_out, a["mean"], a["var"])
     ctx.set_materialize_grads(False)
     a["conv_out"] = None if a["memory_efficient"] else conv_out
     ctx.save_for_backward(*(a[name] for name in _TRAIN_SAVED))
-    ctx.options, ctx.backend = ConvBNOptions.of(a), a["backend"]
+    ctx.options, ctx.backend = _options(a), a["backend"]
 
 
 def _gradients(ctx, grad_out, mode: str, through_op: bool):
@@ -290,7 +294,7 @@ def _gradients(ctx, grad_out, mode: str, through_op: bool):
     if grad_out is None:
         return _input_gradients(forward, [None] * len(_DIFFERENTIABLE), output_mask)
     a = dict(zip(_EVAL_SAVED if mode == "eval" else _TRAIN_SAVED, ctx.saved_tensors))
-    a.update(ctx.options.as_arguments(), grad_out=grad_out, output_mask=output_mask, backend=getattr(ctx, "backend", None))
+    a.update(options=ctx.options, grad_out=grad_out, output_mask=output_mask, backend=ctx.backend)
     if through_op:
         grads = (_eval_backward_op if mode == "eval" else _train_backward_op)(*_flatten(f"{forward}_backward", **a))
     else:
@@ -300,11 +304,11 @@ def _gradients(ctx, grad_out, mode: str, through_op: bool):
 
 torch.library.register_autograd(
     "slsdeep_kernels::conv_bn_relu_eval", lambda ctx, grad_out: _gradients(ctx, grad_out, "eval", through_op=True),
-    setup_context=_eval_setup_context,
+    setup_context=lambda ctx, inputs, output: _eval_setup(ctx, _arguments("conv_bn_relu_eval", inputs), output),
 )  # fmt: skip
 torch.library.register_autograd(
     "slsdeep_kernels::conv_bn_relu_train", lambda ctx, grad_out, *unused: _gradients(ctx, grad_out, "train", through_op=True),
-    setup_context=_train_setup_context,
+    setup_context=lambda ctx, inputs, output: _train_setup(ctx, _arguments("conv_bn_relu_train", inputs), output),
 )  # fmt: skip
 for _name in ("conv_bn_relu_eval_backward", "conv_bn_relu_train_backward"):
     torch.library.register_autograd(f"slsdeep_kernels::{_name}", backends.no_double_backward(OP), setup_context=lambda ctx, inputs, output: None)
@@ -317,13 +321,14 @@ def _eager_function(mode: str) -> type[torch.autograd.Function]:
     the backward runs as the backward custom op, whose own backward raises. Its inputs are the custom
     op's, in schema order (``_flatten``)."""
     op = f"conv_bn_relu_{mode}"
-    run, setup_context = (_eval_forward, _eval_setup_context) if mode == "eval" else (_train_forward, _train_setup_context)
+    run, setup = (_eval_forward, _eval_setup) if mode == "eval" else (_train_forward, _train_setup)
 
     class Eager(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
-            output = run(_arguments(op, inputs))
-            setup_context(ctx, inputs, output)
+            a = _arguments(op, inputs)
+            output = run(a)
+            setup(ctx, a, output)
             return output
 
         @staticmethod
