@@ -27,10 +27,11 @@ TORCH_LIBRARY(slsdeep_kernels, m) {
   // grads of the branches only; branch_sizes = (C_b, h, w) per branch, channels = C of x.
   m.def(
       "upsample_concat_backward_kernel(Tensor grad, int channels, int[] branch_sizes, bool align_corners) -> Tensor[]");
-  // out += sum over branches and 3x3 taps t of up(taps[b][:, :, t])(p + t - 1); taps[b]: (N, C_out, 3, 3, h, w).
+  // out += sum over branches and k x k taps t of up(taps[b][:, :, t])(p + t - k/2); taps[b]: (N, C_out, k, k, h, w),
+  // k odd (k/2 rounded down), read per branch.
   m.def("pyramid_taps_add_kernel(Tensor(a!) out, Tensor[] taps, bool align_corners) -> ()");
-  // grads of the tap tensors; tap_sizes = (h, w) per branch.
-  m.def("pyramid_taps_backward_kernel(Tensor grad, int[] tap_sizes, bool align_corners) -> Tensor[]");
+  // grads of the tap tensors, (N, C_out, kernel_size, kernel_size, h, w) each; tap_sizes = (h, w) per branch.
+  m.def("pyramid_taps_backward_kernel(Tensor grad, int[] tap_sizes, int kernel_size, bool align_corners) -> Tensor[]");
   // --- conv_bn_relu (slsdeep_kernels/ops/conv_bn_relu.py) ---
   // eval: BN folded into the conv, fused bias + ReLU epilogue.
   m.def(

@@ -275,13 +275,14 @@ void upsample_branch_backward(const at::Tensor& grad, const at::Tensor& grad_z, 
   });
 }
 
-// ---------------------------------------------------------------- pyramid_conv3x3 taps
+// ---------------------------------------------------------------- pyramid_conv taps
 //
-// A tap tensor z (N, Co, 3, 3, h, w), any strides (the op keeps it in the (Co, 3, 3, N, h, w) order of
-// the matmul that makes it), holds z_t = W_t . y of one branch for the 9 taps t = (ky, kx) of the 3x3
-// conv. Its contribution to the conv output is sum_t up(z_t)(p + t - 1), zero outside the image.
-// Separable: for every (ky, cell row i) the kx-sum of width-resized, width-shifted rows is formed
-// once per plane (u), then each output row blends two u rows per (branch, ky).
+// A tap tensor z (N, Co, k, k, h, w), k odd, any strides (the op keeps it in the (Co, k, k, N, h, w) order
+// of the matmul that makes it), holds z_t = W_t . y of one branch for the k*k taps t = (ky, kx) of the
+// k x k conv. Its contribution to the conv output is sum_t up(z_t)(p + t - k/2) (k/2 rounded down),
+// zero outside the image (k = 1: the plain upsample). Separable: for every (ky, cell row i) the kx-sum
+// of width-resized, width-shifted rows is formed once per plane (u), then each output row blends two u
+// rows per (branch, ky).
 
 struct TapStrides {
   int64_t n, c, ky, kx, i, j;
@@ -293,7 +294,7 @@ TapStrides tap_strides(const at::Tensor& z) {
 
 template <typename acc_t>
 struct TapBranch {
-  int64_t h, w, u_offset;
+  int64_t k, h, w, u_offset;  // k: this branch's kernel size (branches may differ)
   TapStrides s;
   std::vector<LinearTap<acc_t>> rows, cols;
 };
@@ -306,10 +307,10 @@ void taps_add(const at::Tensor& out, at::TensorList taps, bool align_corners) {
   std::vector<TapBranch<acc_t>> branches;
   int64_t u_size = 0;
   for (const at::Tensor& z : taps) {
-    const int64_t h = z.size(4), w = z.size(5);
-    branches.push_back(
-        {h, w, u_size, tap_strides(z), axis_taps<acc_t>(h, H, align_corners), axis_taps<acc_t>(w, W, align_corners)});
-    u_size += 3 * h * W;
+    const int64_t k = z.size(2), h = z.size(4), w = z.size(5);
+    branches.push_back({k, h, w, u_size, tap_strides(z), axis_taps<acc_t>(h, H, align_corners),
+                        axis_taps<acc_t>(w, W, align_corners)});
+    u_size += k * h * W;
   }
   scalar_t* dst = out.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, out.size(0) * Co, grain_for(H * W), [&](int64_t begin, int64_t end) {
@@ -320,13 +321,13 @@ void taps_add(const at::Tensor& out, at::TensorList taps, bool align_corners) {
         const TapBranch<acc_t>& br = branches[b];
         const TapStrides& t = br.s;
         const scalar_t* z = taps[b].const_data_ptr<scalar_t>() + n * t.n + co * t.c;
-        for (int64_t ky = 0; ky < 3; ++ky) {
+        for (int64_t ky = 0; ky < br.k; ++ky) {
           for (int64_t i = 0; i < br.h; ++i) {
             acc_t* u_row = u.data() + br.u_offset + (ky * br.h + i) * W;
             for (int64_t q = 0; q < W; ++q) {
               acc_t sum = 0;
-              for (int64_t kx = 0; kx < 3; ++kx) {
-                const int64_t column = q + kx - 1;
+              for (int64_t kx = 0; kx < br.k; ++kx) {
+                const int64_t column = q + kx - br.k / 2;
                 if (column < 0 || column >= W) continue;
                 const LinearTap<acc_t>& c = br.cols[column];
                 const scalar_t* z_row = z + ky * t.ky + kx * t.kx + i * t.i;
@@ -342,8 +343,8 @@ void taps_add(const at::Tensor& out, at::TensorList taps, bool align_corners) {
       for (int64_t p = 0; p < H; ++p) {
         std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
         for (const TapBranch<acc_t>& br : branches) {
-          for (int64_t ky = 0; ky < 3; ++ky) {
-            const int64_t row = p + ky - 1;
+          for (int64_t ky = 0; ky < br.k; ++ky) {
+            const int64_t row = p + ky - br.k / 2;
             if (row < 0 || row >= H) continue;
             const LinearTap<acc_t>& r = br.rows[row];
             const acc_t* u0 = u.data() + br.u_offset + (ky * br.h + r.index0) * W;
@@ -364,48 +365,49 @@ void taps_add(const at::Tensor& out, at::TensorList taps, bool align_corners) {
   });
 }
 
-// Adjoint of taps_add for one branch: grad_z (N, Co, 3, 3, h, w) through its strides, gathered along
-// the width (readers of the kx-shifted stencils) into an (H, 3, w) buffer, then along the height.
+// Adjoint of taps_add for one branch: grad_z (N, Co, K, K, h, w) through its strides, gathered along
+// the width (readers of the kx-shifted stencils) into an (H, K, w) buffer, then along the height.
 template <typename scalar_t>
 void taps_backward(const at::Tensor& grad, const at::Tensor& grad_z, bool align_corners) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t Co = grad.size(1), H = grad.size(2), W = grad.size(3), h = grad_z.size(4), w = grad_z.size(5);
+  const int64_t Co = grad.size(1), H = grad.size(2), W = grad.size(3);
+  const int64_t K = grad_z.size(2), h = grad_z.size(4), w = grad_z.size(5);  // K: the kernel size
   const Strides4 s = strides_of(grad);
   const TapStrides t = tap_strides(grad_z);
   std::vector<AxisReaders<acc_t>> rows, cols;  // per ky / kx
-  for (int64_t k = 0; k < 3; ++k) {
-    rows.push_back(axis_readers<acc_t>(h, H, align_corners, k - 1));
-    cols.push_back(axis_readers<acc_t>(w, W, align_corners, k - 1));
+  for (int64_t k = 0; k < K; ++k) {
+    rows.push_back(axis_readers<acc_t>(h, H, align_corners, k - K / 2));
+    cols.push_back(axis_readers<acc_t>(w, W, align_corners, k - K / 2));
   }
   const scalar_t* src = grad.const_data_ptr<scalar_t>();
   scalar_t* dst = grad_z.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, grad.size(0) * Co, grain_for(H * W), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> partial(H * 3 * w);
+    std::vector<acc_t> partial(H * K * w);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / Co, co = plane % Co;
       const scalar_t* g = src + n * s.n + co * s.c;
       for (int64_t p = 0; p < H; ++p) {
         const scalar_t* row = g + p * s.h;
-        for (int64_t kx = 0; kx < 3; ++kx) {
+        for (int64_t kx = 0; kx < K; ++kx) {
           const AxisReaders<acc_t>& readers = cols[kx];
           for (int64_t j = 0; j < w; ++j) {
             acc_t sum = 0;
             for (int64_t k = readers.begin[j]; k < readers.begin[j + 1]; ++k) {
               sum += readers.weight[k] * static_cast<acc_t>(row[readers.index[k] * s.w]);
             }
-            partial[(p * 3 + kx) * w + j] = sum;
+            partial[(p * K + kx) * w + j] = sum;
           }
         }
       }
       scalar_t* out = dst + n * t.n + co * t.c;
-      for (int64_t ky = 0; ky < 3; ++ky) {
+      for (int64_t ky = 0; ky < K; ++ky) {
         const AxisReaders<acc_t>& readers = rows[ky];
-        for (int64_t kx = 0; kx < 3; ++kx) {
+        for (int64_t kx = 0; kx < K; ++kx) {
           for (int64_t i = 0; i < h; ++i) {
             for (int64_t j = 0; j < w; ++j) {
               acc_t sum = 0;
               for (int64_t k = readers.begin[i]; k < readers.begin[i + 1]; ++k) {
-                sum += readers.weight[k] * partial[(readers.index[k] * 3 + kx) * w + j];
+                sum += readers.weight[k] * partial[(readers.index[k] * K + kx) * w + j];
               }
               out[ky * t.ky + kx * t.kx + i * t.i + j * t.j] = static_cast<scalar_t>(sum);
             }
@@ -491,26 +493,31 @@ std::vector<at::Tensor> upsample_concat_backward_kernel(const at::Tensor& grad, 
   return grads;
 }
 
+// k is read from each tap tensor; branches may have different k.
 void pyramid_taps_add_kernel(const at::Tensor& out, at::TensorList taps, bool align_corners) {
   TORCH_CHECK(out.dim() == 4, "pyramid_taps_add_kernel: out must be (N, C_out, H, W)");
   for (const at::Tensor& z : taps) {
-    TORCH_CHECK(z.dim() == 6 && z.size(0) == out.size(0) && z.size(1) == out.size(1) && z.size(2) == 3 &&
-                    z.size(3) == 3 && z.scalar_type() == out.scalar_type(),
-                "pyramid_taps_add_kernel: every tap tensor must be (N, C_out, 3, 3, h, w) of out's dtype");
+    TORCH_CHECK(z.dim() == 6 && z.size(0) == out.size(0) && z.size(1) == out.size(1) && z.size(2) == z.size(3) &&
+                    z.size(2) % 2 == 1 && z.scalar_type() == out.scalar_type(),
+                "pyramid_taps_add_kernel: every tap tensor must be (N, C_out, k, k, h, w), k odd, of out's dtype; got ",
+                z.sizes(), " ", z.scalar_type(), " for out ", out.sizes(), " ", out.scalar_type());
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pyramid_taps_add_kernel",
                                   [&] { taps_add<scalar_t>(out, taps, align_corners); });
 }
 
-// Each grad is returned as (N, C_out, 3, 3, h, w) over (C_out, 3, 3, N, h, w) storage: the order in
-// which the op's matmuls read it.
+// Each grad is returned as (N, C_out, k, k, h, w), k = kernel_size, over (C_out, k, k, N, h, w) storage:
+// the order in which the op's matmuls read it.
 std::vector<at::Tensor> pyramid_taps_backward_kernel(const at::Tensor& grad, at::IntArrayRef tap_sizes,
-                                                     bool align_corners) {
+                                                     int64_t kernel_size, bool align_corners) {
   TORCH_CHECK(grad.dim() == 4 && tap_sizes.size() % 2 == 0,
               "pyramid_taps_backward_kernel: grad (N, C_out, H, W) and (h, w) per branch");
+  TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1,
+              "pyramid_taps_backward_kernel: kernel_size must be odd and >= 1, got ", kernel_size);
+  const int64_t k = kernel_size;
   std::vector<at::Tensor> grads;
   for (size_t b = 0; b < tap_sizes.size(); b += 2) {
-    at::Tensor grad_z = new_output({grad.size(1), 3, 3, grad.size(0), tap_sizes[b], tap_sizes[b + 1]}, grad.options())
+    at::Tensor grad_z = new_output({grad.size(1), k, k, grad.size(0), tap_sizes[b], tap_sizes[b + 1]}, grad.options())
                             .permute({3, 0, 1, 2, 4, 5});
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "pyramid_taps_backward_kernel",
                                     [&] { taps_backward<scalar_t>(grad, grad_z, align_corners); });

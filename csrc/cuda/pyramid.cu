@@ -163,7 +163,7 @@ __global__ void upsample_branch_backward_kernel(const scalar_t* grad, Strides s,
   }
 }
 
-// ---------------------------------------------------------------- pyramid_conv3x3 taps
+// ---------------------------------------------------------------- pyramid_conv taps
 
 struct TapList {
   int count;
@@ -176,19 +176,20 @@ __global__ void taps_add_kernel(scalar_t* out, Strides s, bool channels_last, in
   SLSDEEP_GRID_STRIDE(index, total) {
     const Position p = position(index, C_out, H, W, channels_last);
     float sum = 0.f;
-    for (int k = 0; k < taps.count; ++k) {
-      const TapTensor& tap = taps.taps[k];
+    for (int b = 0; b < taps.count; ++b) {
+      const TapTensor& tap = taps.taps[b];
       const int64_t h = tap.h, w = tap.w;
       const TapStrides& ts = tap.strides;
       const float scale_h = pyramid::linear_scale<float>(h, H, align_corners);
       const float scale_w = pyramid::linear_scale<float>(w, W, align_corners);
       const scalar_t* z = static_cast<const scalar_t*>(tap.data) + p.n * ts.n + p.c * ts.c;
-      for (int ky = 0; ky < 3; ++ky) {
-        const int64_t row = p.h + ky - 1;
+      const int64_t half = tap.k / 2;
+      for (int64_t ky = 0; ky < tap.k; ++ky) {
+        const int64_t row = p.h + ky - half;
         if (row < 0 || row >= H) continue;
         const LinearTap<float> r = pyramid::linear_tap<float>(row, h, scale_h, align_corners);
-        for (int kx = 0; kx < 3; ++kx) {
-          const int64_t col = p.w + kx - 1;
+        for (int64_t kx = 0; kx < tap.k; ++kx) {
+          const int64_t col = p.w + kx - half;
           if (col < 0 || col >= W) continue;
           const LinearTap<float> c = pyramid::linear_tap<float>(col, w, scale_w, align_corners);
           const scalar_t* t = z + ky * ts.ky + kx * ts.kx;
@@ -208,16 +209,19 @@ __global__ void taps_add_kernel(scalar_t* out, Strides s, bool channels_last, in
 
 template <typename scalar_t>
 __global__ void taps_backward_kernel(const scalar_t* grad, Strides s, int64_t N, int64_t C_out, int64_t H, int64_t W,
-                                     scalar_t* grad_z, TapStrides zs, int64_t h, int64_t w, bool align_corners,
-                                     int64_t total) {
+                                     scalar_t* grad_z, TapStrides zs, int64_t k, int64_t h, int64_t w,
+                                     bool align_corners, int64_t total) {
   const float scale_h = pyramid::linear_scale<float>(h, H, align_corners);
   const float scale_w = pyramid::linear_scale<float>(w, W, align_corners);
+  const int64_t taps = k * k, half = k / 2;
   SLSDEEP_GRID_STRIDE(index, total) {
-    // index walks (C_out, 3, 3, N, h, w), the order of the grad's usual storage.
+    // index walks (C_out, k, k, N, h, w), the order of the grad's usual storage.
     const int64_t j = index % w, i = (index / w) % h, n = (index / (h * w)) % N;
-    const int64_t tap = (index / (N * h * w)) % 9, c = index / (9 * N * h * w);
-    const int64_t ky = tap / 3, kx = tap % 3;
-    const int64_t dy = ky - 1, dx = kx - 1;  // output p reads the stencil at p + (dy, dx)
+    const int64_t c = index / (taps * N * h * w);
+    // tap < k * k, split in 32 bits: 64-bit division by the runtime k costs ~15 registers more.
+    const int tap = static_cast<int>(index / (N * h * w) - c * taps);
+    const int ky = tap / static_cast<int>(k), kx = tap - ky * static_cast<int>(k);
+    const int64_t dy = ky - half, dx = kx - half;  // output p reads the stencil at p + (dy, dx)
     int64_t p0, p1, q0, q1;
     pyramid::linear_readers<float>(i, h, H, scale_h, align_corners, &p0, &p1);
     pyramid::linear_readers<float>(j, w, W, scale_w, align_corners, &q0, &q1);
@@ -300,13 +304,14 @@ cudaError_t taps_add(DType dtype, void* out, Strides out_strides, bool channels_
 }
 
 cudaError_t taps_backward(DType dtype, const void* grad, Strides grad_strides, int64_t N, int64_t C_out, int64_t H, int64_t W,
-                          void* grad_z, TapStrides grad_z_strides, int64_t h, int64_t w, bool align_corners,
-                          cudaStream_t stream) {
-  const int64_t total = N * C_out * 9 * h * w;
+                          void* grad_z, TapStrides grad_z_strides, int64_t kernel_size, int64_t h, int64_t w,
+                          bool align_corners, cudaStream_t stream) {
+  const int64_t total = N * C_out * kernel_size * kernel_size * h * w;
   if (total == 0) return cudaSuccess;
   SLSDEEP_DISPATCH_FLOATING(dtype, taps_backward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
                                        static_cast<const scalar_t*>(grad), grad_strides, N, C_out, H, W,
-                                       static_cast<scalar_t*>(grad_z), grad_z_strides, h, w, align_corners, total))
+                                       static_cast<scalar_t*>(grad_z), grad_z_strides, kernel_size, h, w,
+                                       align_corners, total))
   return cudaGetLastError();
 }
 

@@ -44,27 +44,28 @@ cudaError_t upsample_branch_backward(DType dtype, const void* grad, Strides grad
                                      int64_t W, void* grad_z, int64_t N, int64_t Cb, int64_t h, int64_t w, bool align_corners,
                                      cudaStream_t stream);
 
-// Element strides of a tap tensor z (N, C_out, 3, 3, h, w).
+// Element strides of a tap tensor z (N, C_out, k, k, h, w).
 struct TapStrides {
   int64_t n, c, ky, kx, i, j;
 };
 
-// One branch's tap tensor.
+// One branch's tap tensor; k: its kernel size (odd; branches may differ).
 struct TapTensor {
   const void* data;
-  int64_t h, w;
+  int64_t k, h, w;
   TapStrides strides;
 };
 
-// out (N, C_out, H, W) += sum over branches and taps (ky, kx) of up(z[:, :, ky, kx])(p + (ky, kx) - 1),
-// zero outside the image.
+// out (N, C_out, H, W) += sum over branches and taps (ky, kx) of up(z[:, :, ky, kx])(p + (ky, kx) - k/2),
+// k/2 rounded down, zero outside the image.
 cudaError_t taps_add(DType dtype, void* out, Strides out_strides, bool channels_last, int64_t N, int64_t C_out, int64_t H,
                      int64_t W, const TapTensor* taps, int num_taps, bool align_corners, cudaStream_t stream);
 
-// grad_z (N, C_out, 3, 3, h, w) with strides grad_z_strides, of one branch = adjoint of its part of taps_add.
+// grad_z (N, C_out, k, k, h, w), k = kernel_size (odd), with strides grad_z_strides, of one branch = adjoint
+// of its part of taps_add.
 cudaError_t taps_backward(DType dtype, const void* grad, Strides grad_strides, int64_t N, int64_t C_out, int64_t H, int64_t W,
-                          void* grad_z, TapStrides grad_z_strides, int64_t h, int64_t w, bool align_corners,
-                          cudaStream_t stream);
+                          void* grad_z, TapStrides grad_z_strides, int64_t kernel_size, int64_t h, int64_t w,
+                          bool align_corners, cudaStream_t stream);
 
 }  // namespace pyramid_cuda
 }  // namespace slsdeep

@@ -108,6 +108,7 @@ std::vector<at::Tensor> upsample_concat_backward_kernel(const at::Tensor& grad, 
   return grads;
 }
 
+// k is read from each tap tensor; branches may have different k.
 void pyramid_taps_add_kernel(const at::Tensor& out, at::TensorList taps, bool align_corners) {
   TORCH_CHECK(out.dim() == 4, "pyramid_taps_add_kernel: out must be (N, C_out, H, W)");
   TORCH_CHECK(static_cast<int64_t>(taps.size()) <= kernels::kMaxBranches, "pyramid_taps_add_kernel: at most ",
@@ -115,30 +116,36 @@ void pyramid_taps_add_kernel(const at::Tensor& out, at::TensorList taps, bool al
   const CudaCall cuda(out);
   std::vector<kernels::TapTensor> tensors;
   for (const at::Tensor& z : taps) {
-    TORCH_CHECK(z.dim() == 6 && z.size(0) == out.size(0) && z.size(1) == out.size(1) && z.size(2) == 3 &&
-                    z.size(3) == 3 && z.scalar_type() == out.scalar_type() && z.device() == out.device(),
-                "pyramid_taps_add_kernel: every tap tensor must be (N, C_out, 3, 3, h, w) of out's dtype and device");
-    tensors.push_back({z.const_data_ptr(), z.size(4), z.size(5), tap_strides_of(z)});
+    TORCH_CHECK(z.dim() == 6 && z.size(0) == out.size(0) && z.size(1) == out.size(1) && z.size(2) == z.size(3) &&
+                    z.size(2) % 2 == 1 && z.scalar_type() == out.scalar_type() && z.device() == out.device(),
+                "pyramid_taps_add_kernel: every tap tensor must be (N, C_out, k, k, h, w), k odd, of out's dtype and "
+                "device; got ", z.sizes(), " ", z.scalar_type(), " on ", z.device(), " for out ", out.sizes(), " ",
+                out.scalar_type(), " on ", out.device());
+    tensors.push_back({z.const_data_ptr(), z.size(2), z.size(4), z.size(5), tap_strides_of(z)});
   }
   C10_CUDA_CHECK(kernels::taps_add(dtype_of(out, kTensors), out.mutable_data_ptr(), strides_of(out),
                                    is_channels_last(out), out.size(0), out.size(1), out.size(2), out.size(3),
                                    tensors.data(), static_cast<int>(tensors.size()), align_corners, cuda.stream));
 }
 
-// Each grad is returned as (N, C_out, 3, 3, h, w) over (C_out, 3, 3, N, h, w) storage, as on CPU.
+// Each grad is returned as (N, C_out, k, k, h, w), k = kernel_size, over (C_out, k, k, N, h, w) storage, as on
+// CPU.
 std::vector<at::Tensor> pyramid_taps_backward_kernel(const at::Tensor& grad, at::IntArrayRef tap_sizes,
-                                                     bool align_corners) {
+                                                     int64_t kernel_size, bool align_corners) {
   TORCH_CHECK(grad.dim() == 4 && tap_sizes.size() % 2 == 0,
               "pyramid_taps_backward_kernel: grad (N, C_out, H, W) and (h, w) per branch");
+  TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1,
+              "pyramid_taps_backward_kernel: kernel_size must be odd and >= 1, got ", kernel_size);
+  const int64_t k = kernel_size;
   const CudaCall cuda(grad);
   std::vector<at::Tensor> grads;
   for (size_t b = 0; b < tap_sizes.size(); b += 2) {
     const int64_t h = tap_sizes[b], w = tap_sizes[b + 1];
     at::Tensor grad_z =
-        new_output({grad.size(1), 3, 3, grad.size(0), h, w}, grad.options()).permute({3, 0, 1, 2, 4, 5});
+        new_output({grad.size(1), k, k, grad.size(0), h, w}, grad.options()).permute({3, 0, 1, 2, 4, 5});
     C10_CUDA_CHECK(kernels::taps_backward(dtype_of(grad, kTensors), grad.const_data_ptr(), strides_of(grad),
                                           grad.size(0), grad.size(1), grad.size(2), grad.size(3),
-                                          grad_z.mutable_data_ptr(), tap_strides_of(grad_z), h, w, align_corners,
+                                          grad_z.mutable_data_ptr(), tap_strides_of(grad_z), k, h, w, align_corners,
                                           cuda.stream));
     grads.push_back(grad_z);
   }
