@@ -295,26 +295,27 @@ def _pyramid_pool_case(group, label, x: Geometry, bins, dtype, layout, backward:
 
 def _pyramid_conv_case(group, label, x: Geometry, branches: Sequence[Geometry], weight: Geometry, align_corners, dtype, layout,
                        backward: bool, grad: Geometry | None = None) -> Case:  # fmt: skip
-    """pyramid_conv3x3's Triton part: the taps (z_t = W_t·y, as the op builds them) added into the conv
+    """pyramid_conv's Triton part: the taps (z_t = W_t·y, as the op builds them) added into the conv
     output, and (backward) the taps' gradient from ``grad`` (default: dense in the output's layout)."""
 
     def run():
         d = DTYPES[dtype]
-        # as _pyramid_conv3x3_op builds them (the weight split once, one matmul per branch), on the meta
+        # as _pyramid_conv_op builds them (the weight split once, one matmul per branch), on the meta
         # device (a bf16 matmul of the model's size takes seconds on a CPU), then materialised
-        ys = [g.empty(d, "meta") for g in branches]
-        _, branch_weights = _op_module("pyramid")._split_weight(weight.empty(d, "meta"), ys, x.shape[1])
-        taps = [Geometry.of(z).empty(d) for z in _op_module("pyramid")._taps(branch_weights, ys)]
+        ys, kernel_size = [g.empty(d, "meta") for g in branches], weight.shape[-1]
+        parts, full = [x.empty(d, "meta"), *ys], [True] + [False] * len(ys)
+        _, branch_weights = _op_module("pyramid")._split_weight(weight.empty(d, "meta"), parts, full)
+        taps = [Geometry.of(z).empty(d) for z in _op_module("pyramid")._taps(branch_weights, ys, kernel_size)]
         out_shape = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
         out = Geometry.dense(out_shape, layout == "channels_last").empty(d)
         _launcher("pyramid", "taps_add")(out, taps, align_corners)
         if backward:
             g = grad if grad is not None else Geometry.dense(out_shape, layout == "channels_last")
             sizes = [s for y in branches for s in y.shape[2:]]
-            _launcher("pyramid", "taps_backward")(g.empty(d), sizes, align_corners)
+            _launcher("pyramid", "taps_backward")(g.empty(d), sizes, kernel_size, align_corners)
 
     text = ", ".join(b.describe() for b in branches)
-    return Case(group, "pyramid", f"{label} pyramid_conv3x3 x {x.describe()} branches [{text}] weight {weight.describe()} "
+    return Case(group, "pyramid", f"{label} pyramid_conv x {x.describe()} branches [{text}] weight {weight.describe()} "
                 f"align_corners={align_corners}{' +backward' if backward else ''}", dtype, layout, run)  # fmt: skip
 
 
@@ -515,7 +516,7 @@ def gpu_test_cases() -> list[Case]:
     logits = Geometry.dense((2, 2, 130, 67), channels_last=True)
     cases += _loss_cases("tests", "test_nll_epe_loss:", logits, Geometry.dense((2, 130, 67)), torch.float32, "float32",
                          "channels_last", ("mean+grad", "scale", "none"))  # fmt: skip
-    # tests/test_pyramid.py::test_gpu_ops: pool, upsample_concat and pyramid_conv3x3 forward and backward
+    # tests/test_pyramid.py::test_gpu_ops: pool, upsample_concat and pyramid_conv (3×3, 1×1) forward and backward
     # (the tests' cotangents are dense NCHW whatever the layout), both align_corners
     bins = PYRAMID_BINS
     for dtype in ("float32", "bfloat16"):
@@ -528,8 +529,9 @@ def gpu_test_cases() -> list[Case]:
             for align_corners in (False, True):
                 grad = Geometry.dense((4, 256 + 512, 48, 48))
                 cases.append(_upsample_case("tests", "test_gpu_ops:", x, branches, align_corners, dtype, layout, grad))
-                cases.append(_pyramid_conv_case("tests", "test_gpu_ops:", x, branches, weight, align_corners, dtype, layout,
-                                                backward=True, grad=Geometry.dense((4, 64, 48, 48))))  # fmt: skip
+                for w in (weight, Geometry.dense((64, 256 + 512, 1, 1))):  # pyramid_conv3x3 and pyramid_conv 1×1
+                    cases.append(_pyramid_conv_case("tests", "test_gpu_ops:", x, branches, w, align_corners, dtype, layout,
+                                                    backward=True, grad=Geometry.dense((4, 64, 48, 48))))  # fmt: skip
     # ::test_gpu_conv_never_allocates_the_concatenation: bf16, .sum().backward() (an expanded cotangent)
     x = Geometry.dense((4, 512, 48, 48))
     grad = Geometry((4, 128, 48, 48), (0, 0, 0, 0), 0)

@@ -15,13 +15,16 @@ become constants). Every one is shape-generic: the batch, and also H and W, may 
 * ``upsample_concat`` -> ``Concat`` of x and every branch through ``Resize`` (linear, to x's H×W,
   ``half_pixel`` or ``align_corners``). PyTorch's bilinear rule is ``half_pixel`` with the source
   coordinate clamped at 0, which ``Resize`` does too; ``pytorch_half_pixel`` differs where an output side is 1.
-* ``pyramid_conv3x3`` -> the low-resolution form (see :mod:`slsdeep_kernels.ops.pyramid`): ``Conv`` over
-  x's channels, and per branch one 1×1 ``Conv`` to ``9·C_out`` channels at the branch's own b×b size
-  (``z_t = W_t·y`` for the 9 taps), ``Resize`` to H×W (a per-channel linear map, so it commutes with the
-  1×1 conv), summed over branches, zero-padded by 1, and the 9 taps' shifted ``Slice`` s added to the
-  conv: ``conv3x3(up(y))(p) = Σ_t up(W_t·y)(p + t − 1)``, zero outside the image. The graph's convolutions
-  stay those of the fused op. The op's other two outputs (x's weight slice, the branches' (C_out·9, C_b)
-  weights) are ``Slice``/``Transpose``/``Reshape`` of the weight, dropped by the exporter when unused.
+* ``pyramid_conv`` -> the low-resolution form (see :mod:`slsdeep_kernels.ops.pyramid`): ``Conv`` over
+  the full-resolution parts (``Concat`` of them where there are several), and per branch one 1×1
+  ``Conv`` to ``k²·C_out`` channels at the branch's own size (``z_t = W_t·y`` for the k×k taps),
+  ``Resize`` to H×W (a per-channel linear map, so it commutes with the 1×1 conv), summed over branches,
+  zero-padded by k//2, and the taps' shifted ``Slice`` s added to the conv:
+  ``conv(up(y))(p) = Σ_t up(W_t·y)(p + t − k//2)``, zero outside the image; then ``Relu`` when the op
+  has it. The graph's convolutions stay those of the fused op. The op's other two outputs (the
+  full-resolution weight slices, the branches' (C_out·k², C_b) weights) are ``Slice``/``Transpose``/
+  ``Reshape`` of the weight, dropped by the exporter when unused. A part is full-resolution where its
+  H×W is the op's size or dynamic (the bins' sizes are constants).
 
 A training-mode ``conv_bn_relu`` (batch statistics) raises: export in eval mode. The loss has no
 translation: it is not part of an inference graph.
@@ -35,7 +38,7 @@ MIN_OPSET = 18
 
 
 class _ValueList(list):
-    """A list-of-tensors output (``pyramid_conv3x3``'s third): the exporter names every output of a
+    """A list-of-tensors output (``pyramid_conv``'s third): the exporter names every output of a
     node and asks for its producer, which a plain list cannot answer."""
 
     name = None
@@ -93,30 +96,46 @@ def _ops(opset: int):
         size = spatial_size(x)
         return op.Concat(x, *(resize(y, size, align_corners) for y in branches), axis=1)
 
-    def pyramid_conv3x3(x, branches, weight, bias, align_corners, backend):
-        channels = x.shape[1]
-        out_channels = weight.shape[0]
-        weight_x = op.Slice(weight, [0], [channels], [1])
-        out = op.Conv(x, weight_x, bias, pads=[1, 1, 1, 1])
-        branch_weights, taps, offset = _ValueList(), None, channels
-        size = spatial_size(x)
-        for y in branches:
-            cb = y.shape[1]
-            piece = op.Slice(weight, [offset], [offset + cb], [1])  # (C_out, C_b, 3, 3)
-            branch_weights.append(op.Reshape(op.Transpose(piece, perm=[0, 2, 3, 1]), [-1, cb]))
+    def is_full_resolution(part, size):
+        """Whether a part is at the output size: its static H×W equals ``size``, or its H×W is dynamic
+        (only the input-sized parts of a pyramid head have dynamic sizes; the bins' are constants)."""
+        dims = tuple(part.shape[2:4])
+        if not all(isinstance(d, int) for d in dims):
+            return True
+        return all(isinstance(s, int) for s in size) and dims == tuple(size)
+
+    def pyramid_conv(parts, weight, bias, size, align_corners, relu, backend):
+        k, out_channels = weight.shape[-1], weight.shape[0]
+        half = k // 2
+        full = [is_full_resolution(p, size) for p in parts]
+        full_slices, branch_weights, offset = [], _ValueList(), 0
+        taps, spatial = None, spatial_size(next(p for p, f in zip(parts, full) if f))
+        for p, is_full in zip(parts, full):
+            c = p.shape[1]
+            piece = op.Slice(weight, [offset], [offset + c], [1])  # (C_out, C_p, k, k)
+            offset += c
+            if is_full:
+                full_slices.append(piece)
+                continue
+            branch_weights.append(op.Reshape(op.Transpose(piece, perm=[0, 2, 3, 1]), [-1, c]))
             # 1×1 conv to channels ordered (ky, kx, out channel): tap t is the block [t·C_out, (t+1)·C_out).
-            w9 = op.Reshape(op.Transpose(piece, perm=[2, 3, 0, 1]), [9 * out_channels, cb, 1, 1])
-            z = resize(op.Conv(y, w9), size, align_corners)
+            wk = op.Reshape(op.Transpose(piece, perm=[2, 3, 0, 1]), [k * k * out_channels, c, 1, 1])
+            z = resize(op.Conv(p, wk), spatial, align_corners)
             taps = z if taps is None else op.Add(taps, z)
-            offset += cb
-        if taps is not None:
-            padded = op.Pad(taps, [0, 0, 1, 1, 0, 0, 1, 1])
-            for ky in range(3):
-                for kx in range(3):
-                    t = 3 * ky + kx
-                    ends = op.Concat(op.Constant(value_ints=[(t + 1) * out_channels]), op.Add(size, [ky, kx]), axis=0)
+        inputs = [p for p, f in zip(parts, full) if f]
+        x = inputs[0] if len(inputs) == 1 else op.Concat(*inputs, axis=1)
+        weight_x = full_slices[0] if len(full_slices) == 1 else op.Concat(*full_slices, axis=1)
+        out = op.Conv(x, weight_x, bias, pads=[half] * 4)
+        if taps is not None and k == 1:
+            out = op.Add(out, taps)
+        elif taps is not None:
+            padded = op.Pad(taps, [0, 0, half, half, 0, 0, half, half])
+            for ky in range(k):
+                for kx in range(k):
+                    t = k * ky + kx
+                    ends = op.Concat(op.Constant(value_ints=[(t + 1) * out_channels]), op.Add(spatial, [ky, kx]), axis=0)
                     out = op.Add(out, op.Slice(padded, [t * out_channels, ky, kx], ends, [1, 2, 3]))
-        return out, weight_x, branch_weights
+        return op.Relu(out) if relu else out, weight_x, branch_weights
 
     def conv_bn_relu_train(*args):
         raise ValueError("slsdeep_kernels: conv_bn_relu in training mode (batch statistics) has no ONNX form; "
@@ -127,7 +146,7 @@ def _ops(opset: int):
         torch.ops.slsdeep_kernels.conv_bn_relu_train.default: conv_bn_relu_train,
         torch.ops.slsdeep_kernels.pyramid_pool.default: pyramid_pool,
         torch.ops.slsdeep_kernels.upsample_concat.default: upsample_concat,
-        torch.ops.slsdeep_kernels.pyramid_conv3x3.default: pyramid_conv3x3,
+        torch.ops.slsdeep_kernels.pyramid_conv.default: pyramid_conv,
     }
 
 

@@ -79,7 +79,7 @@ if __name__ == "__main__":  # before anything imports triton or the library
 
 import torch  # noqa: E402
 
-OPS = ("nll_epe_loss", "pyramid_pool", "upsample_concat", "pyramid_conv3x3", "conv_bn_relu")
+OPS = ("nll_epe_loss", "pyramid_pool", "upsample_concat", "pyramid_conv", "conv_bn_relu")
 SELFTEST = "_selftest"
 SIDES = ("end", "start")
 SEED = 20240611
@@ -754,9 +754,21 @@ def _pyramid_conv_cases(backend: str) -> list[Case]:
             return t
 
         def run(t):
-            return [sk.pyramid_conv3x3(t["x"], t["branches"], t["weight"], t.get("bias"), backend=backend)]
+            return [sk.pyramid_conv([t["x"], *t["branches"]], t["weight"], t.get("bias"), backend=backend)]
 
-        cases.append(Case(f"{name} x={(n, c, h, w)} branches={branch_shapes}", inputs, run))
+        cases.append(Case(f"3x3 {name} x={(n, c, h, w)} branches={branch_shapes}", inputs, run))
+
+    def inputs_1x1():  # ASPP-like: a branch between two full-resolution parts, 1×1, ReLU
+        t = _branches_inputs((n, c, h, w), "channels_last", branch_shapes[:1], ["contiguous"])
+        t["other"] = _randn((n, 2, h, w), "contiguous").requires_grad_()
+        t["weight"] = (torch.randn(out_channels, c + 3 + 2, 1, 1) / 3).requires_grad_()
+        return t
+
+    def run_1x1(t):
+        parts = [t["x"], t["branches"][0], t["other"]]
+        return [sk.pyramid_conv(parts, t["weight"], None, (h, w), relu=True, backend=backend)]
+
+    cases.append(Case(f"1x1 relu parts=[x, branch, other] x={(n, c, h, w)}", inputs_1x1, run_1x1))
     return cases
 
 
@@ -870,7 +882,7 @@ CASES = {
     "nll_epe_loss": _nll_cases,
     "pyramid_pool": _pool_cases,
     "upsample_concat": _upsample_cases,
-    "pyramid_conv3x3": _pyramid_conv_cases,
+    "pyramid_conv": _pyramid_conv_cases,
     "conv_bn_relu": _conv_bn_relu_cases,
     SELFTEST: _selftest_cases,
 }

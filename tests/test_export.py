@@ -192,6 +192,36 @@ def test_pyramid_conv3x3_exports_in_the_low_resolution_form(hw, sizes, channels_
             assert_exact(actual, exact, fp32)
 
 
+class PyramidConv1x1(nn.Module):
+    """``pyramid_conv`` 1×1 as segmentation_models_pytorch and ASPP use it: branches around two
+    full-resolution parts, a bias, the ReLU in the op."""
+
+    def __init__(self, channels, out_channels):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, channels, 1, 1) / math.sqrt(channels))
+        self.bias = nn.Parameter(torch.randn(out_channels))
+
+    def forward(self, x, *branches):
+        parts = [branches[0], x, *branches[1:], x.flip(1)]
+        return slsdeep_kernels.pyramid_conv(parts, self.weight, self.bias, x.shape[-2:], relu=True)
+
+
+def test_pyramid_conv_1x1_exports_with_parts_in_any_order():
+    inputs = _upsample_inputs(*UPSAMPLE_SHAPES[0], True)
+    x, branches = inputs[0], inputs[1:]
+    module = PyramidConv1x1(2 * x.shape[1] + sum(y.shape[1] for y in branches), 5)
+    model, session = onnx_program(module, inputs)
+    (h, w), sizes = x.shape[2:], [y.shape[2:] for y in branches]
+    # one 1×1 conv over both full-resolution parts at H×W, a 1×1 conv per branch at its own size
+    assert conv_macs(model) == 5 * 2 * x.shape[1] * h * w + sum(5 * y.shape[1] * sh * sw for y, (sh, sw) in zip(branches, sizes))
+    with torch.no_grad():
+        (actual,) = run(session, *inputs)
+        parts = [branches[0], x, *branches[1:], x.flip(1)]
+        exact = P.pyramid_conv_reference([p.double() for p in parts], module.weight.double(), module.bias.double(), relu=True,
+                                         size=(h, w))  # fmt: skip
+        assert_exact(actual, exact, module(*inputs))
+
+
 def test_the_table_refuses_an_opset_below_18_and_a_training_mode_conv():
     with pytest.raises(ValueError, match="opset must be an int >= 18"):
         slsdeep_kernels.onnx_translations(17)
@@ -220,10 +250,13 @@ def fx_conv_macs(program) -> int:
         if "conv_bn_relu_eval" in name or name.startswith(("aten.conv2d", "aten.convolution")):
             out, weight = node.meta["val"], node.args[1].meta["val"]
             total += math.prod(out.shape[1:]) * math.prod(weight.shape[1:])
-        elif "pyramid_conv3x3" in name:
-            out, x = node.meta["val"][0], node.args[0].meta["val"]
-            total += math.prod(out.shape[1:]) * x.shape[1] * 9
-            total += sum(9 * out.shape[1] * math.prod(y.meta["val"].shape[1:]) for y in node.args[1])
+        elif "pyramid_conv" in name:
+            out, taps = node.meta["val"][0], node.args[1].meta["val"].shape[-1] ** 2
+            for part in (p.meta["val"] for p in node.args[0]):
+                if part.shape[2:] == out.shape[2:]:  # full resolution: the conv over it
+                    total += math.prod(out.shape[1:]) * part.shape[1] * taps
+                else:  # a branch: its 1×1 tap matmul at its own size
+                    total += taps * out.shape[1] * math.prod(part.shape[1:])
     return total
 
 

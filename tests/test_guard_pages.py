@@ -24,7 +24,7 @@ import pytest
 from slsdeep_kernels.testing import backends_to_test
 
 ROOT = Path(__file__).resolve().parents[1]
-OPS = ("nll_epe_loss", "pyramid_pool", "upsample_concat", "pyramid_conv3x3", "conv_bn_relu")
+OPS = ("nll_epe_loss", "pyramid_pool", "upsample_concat", "pyramid_conv", "conv_bn_relu")
 # Every backend on CPU tensors, triton under the interpreter in the subprocess; one unavailable is skipped.
 PARAMS = [
     pytest.param(op, b, id=f"{op}-{b}", marks=p.marks)
@@ -56,9 +56,9 @@ REQUIRED = {
     ("upsample_concat", "triton"): [  # x reaches the output through ATen's copy_, not a kernel
         ("input branches[0]", _K), ("input branches[1]", _K), ("upstream gradient", _K), ("output forward", _K), ("output backward", _K),
     ],
-    ("pyramid_conv3x3", "reference"): [("input x", _A), ("input branches[0]", _A), ("input branches[1]", _A)],
-    ("pyramid_conv3x3", "cpu"): [("upstream gradient", _K), ("intermediate forward", _K), ("C++ allocation backward", _K)],
-    ("pyramid_conv3x3", "triton"): [("upstream gradient", _K), ("intermediate forward", _K), ("output backward", _K)],
+    ("pyramid_conv", "reference"): [("input x", _A), ("input branches[0]", _A), ("input branches[1]", _A)],
+    ("pyramid_conv", "cpu"): [("upstream gradient", _K), ("intermediate forward", _K), ("C++ allocation backward", _K)],
+    ("pyramid_conv", "triton"): [("upstream gradient", _K), ("intermediate forward", _K), ("output backward", _K)],
     ("conv_bn_relu", "reference"): [
         ("input bn_weight", _A), ("input bn_bias", _A), ("input running_mean", _A), ("input running_var", _A), ("upstream gradient", _A),
     ],

@@ -1,6 +1,8 @@
 """pyramid_pool, upsample_concat, pyramid_conv3x3 and the modules against PyTorch's own
 adaptive_avg_pool2d / interpolate / conv2d over the concatenation (the references), every backend."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -171,6 +173,107 @@ def test_pyramid_conv3x3_is_exact_to_fp32_rounding():
         assert relative_error(slsdeep_kernels.pyramid_conv3x3(x, branches, weight, backend=backend), exact) < 1e-5
 
 
+# ---------------------------------------------------------------- pyramid_conv: 1×1 and 3×3, parts in any order
+
+# (kernel, part order): the concatenations of the peers' heads. "x" the input, "y<i>" the branches,
+# "f" a second full-resolution part (ASPP's parallel convs).
+LAYOUTS = [
+    (1, ("y1", "y2", "y0", "x")),  # segmentation_models_pytorch's PSPDecoder: branches first, 1×1
+    (1, ("x", "f", "y0", "f2")),  # torchvision's ASPP: full-resolution parts around a bin-1 branch
+    (3, ("x", "y0", "y1", "y2")),  # CSAIL's PPM / mmsegmentation's PSPHead
+    (3, ("y0", "x", "f", "y2")),
+]
+
+
+def layout_id(kernel, order):
+    return f"{kernel}x{kernel}-" + "-".join(order)
+
+
+def conv_parts(order, n=2, size=(7, 9), dtype=torch.float32, channels_last=False):
+    """The parts named in ``order``: x (3 channels) and f, f2 at ``size``, y0, y1, y2 at 1×1, 2×3 and 3×3."""
+    branch_shapes = {"y0": (2, (1, 1)), "y1": (1, (2, 3)), "y2": (3, (3, 3))}
+    parts = []
+    for name in order:
+        if name in branch_shapes:
+            c, hw = branch_shapes[name]
+            parts.append(torch.randn(n, c, *hw, dtype=dtype, requires_grad=True))
+        else:
+            parts.append(image((n, {"x": 3, "f": 2, "f2": 1}[name], *size), dtype, channels_last).requires_grad_())
+    return parts
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("align_corners", [False, True], ids=["half_pixel", "align_corners"])
+@pytest.mark.parametrize("kernel,order", LAYOUTS, ids=[layout_id(*layout) for layout in LAYOUTS])
+@pytest.mark.parametrize("backend,shape,dtype", cases(shapes=[(2, 3, 7, 9)]))
+def test_pyramid_conv(backend, shape, dtype, kernel, order, align_corners, relu):
+    if relu and dtype in (torch.float16, torch.bfloat16):
+        # In 16 bits the op rounds twice (the conv's output, then with the taps added), the
+        # reference once: outputs within a rounding of 0 take the other side of the ReLU, and at this
+        # size one such element moves the weight's gradient by ~1e-2. The mask is checked in fp32/fp64.
+        pytest.skip("ReLU mask flips at 16-bit rounding; the ReLU is tested in fp32 and fp64")
+    parts = conv_parts(order, dtype=dtype, channels_last=relu)  # channels_last x with the ReLU cases
+    channels = sum(p.shape[1] for p in parts)
+    weight = (torch.randn(5, channels, kernel, kernel, dtype=dtype) / 3).requires_grad_()
+    bias = torch.randn(5, dtype=dtype, requires_grad=True)
+    assert_matches_reference(
+        lambda w, b, *ps: slsdeep_kernels.pyramid_conv(list(ps), w, b, (7, 9), align_corners, relu, backend=backend),
+        lambda w, b, *ps: P.pyramid_conv_reference(list(ps), w, b, (7, 9), align_corners, relu),
+        [weight, bias, *parts],
+        names=["weight", "bias"] + list(order),
+    )
+
+
+@pytest.mark.parametrize("backend", backends_to_test("pyramid", dtype=torch.float64))
+def test_pyramid_conv_gradcheck_fp64(backend):
+    for kernel, order in LAYOUTS[:2]:
+        parts = [p.detach().double().requires_grad_() for p in conv_parts(order, size=(4, 5))]
+        weight = torch.randn(2, sum(p.shape[1] for p in parts), kernel, kernel, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(2, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda w, b, *ps: slsdeep_kernels.pyramid_conv(list(ps), w, b, (4, 5), True, True, backend=backend),
+            (weight, bias, *parts),
+        )
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pyramid_conv_size_defaults_to_the_first_part(backend):
+    parts = [p.detach() for p in conv_parts(("x", "y1"))]
+    weight = torch.randn(2, 4, 1, 1)
+    expected = P.pyramid_conv_reference(parts, weight, size=(7, 9))
+    torch.testing.assert_close(slsdeep_kernels.pyramid_conv(parts, weight, backend=backend), expected)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pyramid_conv_modules_matches_the_modules(backend):
+    """relu(bn(conv(cat))) through pyramid_conv_modules: BN folded in eval, a BatchNorm after the op in
+    training (same output, same gradients, same running statistics)."""
+    torch.manual_seed(3)
+    parts = conv_parts(("y0", "x", "y2"))
+    conv = torch.nn.Conv2d(8, 4, 3, padding=1)
+    bn = torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+    unfused_bn = copy.deepcopy(bn)
+    for training in (False, True):
+        bn.train(training), unfused_bn.train(training)
+        params = [conv.weight, conv.bias, bn.weight, bn.bias]
+        unfused_params = [conv.weight, conv.bias, unfused_bn.weight, unfused_bn.bias]
+        out = slsdeep_kernels.pyramid_conv_modules(parts, conv, bn, relu=True, size=(7, 9), backend=backend)
+        cat = torch.cat([p if p.shape[2:] == (7, 9) else F.interpolate(p, (7, 9), mode="bilinear") for p in parts], 1)
+        expected = F.relu(unfused_bn(conv(cat)))
+        assert relative_error(out, expected) < TOLERANCE[torch.float32]
+        grad = torch.randn_like(out)
+        actual = torch.autograd.grad(out, params + parts, grad)
+        wanted = torch.autograd.grad(expected, unfused_params + parts, grad)
+        # the conv bias before a training-mode BN has an exact gradient of 0: compare against the largest
+        largest = max(g.norm().item() for g in wanted)
+        for a, e in zip(actual, wanted):
+            assert (a - e).norm().item() < TOLERANCE[torch.float32] * largest
+        torch.testing.assert_close(bn.running_mean, unfused_bn.running_mean)
+        torch.testing.assert_close(bn.running_var, unfused_bn.running_var)
+
+
 # ---------------------------------------------------------------- fp64 gradcheck, opcheck, compile, determinism
 
 
@@ -202,18 +305,24 @@ def test_opcheck(backend):
     torch.library.opcheck(ops.pyramid_pool_backward, (torch.randn(2, 3, 50), [1, 2, 3, 6], 5, 7, True, backend))
     torch.library.opcheck(ops.upsample_concat, (x, branches, False, backend))
     torch.library.opcheck(ops.upsample_concat_backward, (torch.randn(2, 11, 5, 7), 3, [2, 1, 1, 3, 2, 2, 1, 3, 3, 2, 6, 6], True, backend))
-    torch.library.opcheck(ops.pyramid_conv3x3, (x, branches, weight, bias, True, backend))
-    torch.library.opcheck(ops.pyramid_conv3x3, (x, branches, weight, None, False, backend))
+    torch.library.opcheck(ops.pyramid_conv, ([x, *branches], weight, bias, [5, 7], True, False, backend))
+    torch.library.opcheck(ops.pyramid_conv, ([x, *branches], weight, None, [5, 7], False, True, backend))
     x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
     torch.library.opcheck(ops.pyramid_pool, (x_cl, [2, 5], backend))
     torch.library.opcheck(ops.upsample_concat, (x_cl, branches, True, backend))
-    torch.library.opcheck(ops.pyramid_conv3x3, (x_cl, branches, weight, bias, False, backend))
+    torch.library.opcheck(ops.pyramid_conv, ([x_cl, *branches], weight, bias, [5, 7], False, False, backend))
+    # 1×1, branches first, two full-resolution parts, ReLU
+    other = image((2, 2, 5, 7)).requires_grad_()
+    parts = [branches[1], x, branches[0], other]
+    weight_1x1 = torch.randn(4, sum(p.shape[1] for p in parts), 1, 1, requires_grad=True)
+    torch.library.opcheck(ops.pyramid_conv, (parts, weight_1x1, bias, [5, 7], True, True, backend))
     grad = torch.randn(2, 4, 5, 7)
-    detached = [y.detach() for y in branches]
-    weight_x, branch_weights = P._split_weight(weight.detach(), detached, x.shape[1])
+    detached = [p.detach() for p in parts]
+    full = P._full_resolution(detached, [5, 7])
+    weight_x, branch_weights = P._split_weight(weight_1x1.detach(), detached, full)
     torch.library.opcheck(
-        ops.pyramid_conv3x3_backward,
-        (grad, x.detach(), detached, weight_x, branch_weights, False, [True, True, True, False], backend),
+        ops.pyramid_conv_backward,
+        (grad, detached, weight_x, branch_weights, [5, 7], False, [True, True, True, False], backend),
     )
 
 
@@ -263,7 +372,7 @@ def test_double_backward_raises(backend):
     outputs = {
         "pyramid_pool": lambda: slsdeep_kernels.pyramid_pool(x, backend=backend),
         "upsample_concat": lambda: slsdeep_kernels.upsample_concat(x, branches, backend=backend),
-        "pyramid_conv3x3": lambda: slsdeep_kernels.pyramid_conv3x3(x, branches, weight, backend=backend),
+        "pyramid_conv": lambda: slsdeep_kernels.pyramid_conv([x, *branches], weight, backend=backend),
     }
     for op, run in outputs.items():
         inputs = [x] if op == "pyramid_pool" else [x, *branches]
@@ -297,6 +406,16 @@ def test_bad_input_raises_value_error_naming_the_argument():
         (lambda: slsdeep_kernels.pyramid_conv3x3(x, good, weight, torch.randn(3)), "bias"),
         (lambda: slsdeep_kernels.pyramid_conv3x3(x, [good[0][:1]] + good[1:], weight), r"branches\[0\]"),
         (lambda: slsdeep_kernels.PyramidPooling(8, 2, bins=()), "bins"),
+        (lambda: slsdeep_kernels.pyramid_conv([], weight), "parts"),
+        (lambda: slsdeep_kernels.pyramid_conv(x, weight), "parts"),
+        (lambda: slsdeep_kernels.pyramid_conv([x, *good], torch.randn(4, 11, 5, 5)), "weight"),
+        (lambda: slsdeep_kernels.pyramid_conv([x, *good], torch.randn(4, 11, 3, 1)), "weight"),
+        (lambda: slsdeep_kernels.pyramid_conv([x, *good], torch.randn(4, 12, 1, 1)), "weight"),
+        (lambda: slsdeep_kernels.pyramid_conv([x, good[0].double()], torch.randn(4, 5, 1, 1)), r"parts\[1\]"),
+        (lambda: slsdeep_kernels.pyramid_conv(good, torch.randn(4, 8, 1, 1), size=(5, 5)), "no part has the output size"),
+        (lambda: slsdeep_kernels.pyramid_conv([x, *good], weight, size=(5, 0)), "size"),
+        (lambda: slsdeep_kernels.pyramid_conv([x, *good], weight, size=5), "size"),
+        (lambda: slsdeep_kernels.pyramid_conv_modules([x, *good], torch.nn.Conv2d(11, 4, 3, stride=2, padding=1)), "conv"),
     ]
     for run, name in cases:
         with pytest.raises(ValueError, match=name):
@@ -386,6 +505,12 @@ def test_gpu_ops(backend, channels_last, dtype):
         assert_matches_reference(fused, reference, [x, *branches])
         fused, reference = conv_case(backend, align_corners, with_bias=True)
         assert_matches_reference(fused, reference, [x, weight, bias, *branches])
+        weight_1x1 = (torch.randn(64, 256 + 512, 1, 1, dtype=dtype, device="cuda") / 20).requires_grad_()
+        assert_matches_reference(
+            lambda w, *ps: slsdeep_kernels.pyramid_conv(list(ps), w, None, (48, 48), align_corners, backend=backend),
+            lambda w, *ps: P.pyramid_conv_reference(list(ps), w, None, (48, 48), align_corners),
+            [weight_1x1, *branches, x],
+        )
 
 
 @pytest.mark.gpu

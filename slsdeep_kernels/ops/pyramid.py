@@ -55,6 +55,25 @@ def upsample_concat_reference(x: Tensor, branches: Sequence[Tensor], align_corne
     return torch.cat([x, *resized], dim=1)
 
 
+def pyramid_conv_reference(
+    parts: Sequence[Tensor],
+    weight: Tensor,
+    bias: Tensor | None = None,
+    size: Sequence[int] | None = None,
+    align_corners: bool = False,
+    relu: bool = False,
+) -> Tensor:
+    """The k×k conv (padding k//2) over ``cat(parts)`` with every part not at ``size`` (default:
+    ``parts[0]``'s H×W) resized to it bilinearly; then ReLU when ``relu``."""
+    size = tuple(parts[0].shape[2:]) if size is None else tuple(size)
+    resized = [
+        p if tuple(p.shape[2:]) == size else F.interpolate(p, size=size, mode="bilinear", align_corners=align_corners)
+        for p in parts
+    ]
+    out = F.conv2d(torch.cat(resized, dim=1), weight, bias, padding=weight.shape[-1] // 2)
+    return F.relu(out) if relu else out
+
+
 def pyramid_conv3x3_reference(
     x: Tensor, branches: Sequence[Tensor], weight: Tensor, bias: Tensor | None = None, align_corners: bool = False
 ) -> Tensor:
@@ -176,20 +195,37 @@ def _upsample_backward(ctx, grad):
 torch.library.register_autograd("slsdeep_kernels::upsample_concat", _upsample_backward, setup_context=_upsample_setup)
 _upsample_concat_backward_op.register_autograd(backends.no_double_backward("upsample_concat"))
 
-# --- pyramid_conv3x3
+# --- pyramid_conv
 
 
-def _split_weight(weight: Tensor, branches: list[Tensor], channels: int) -> tuple[Tensor, list[Tensor]]:
-    """The conv weight as the op uses it: x's slice (C_out, C, 3, 3), dense, for the conv over x, and
-    per branch its slice as (C_out·9, C_b), rows ordered (out channel, ky, kx), for the tap matmuls.
-    Computed once in forward and saved for backward; fresh tensors (custom-op outputs never alias inputs)."""
-    weight_x = weight[:, :channels].clone(memory_format=torch.contiguous_format)
-    slices, offset = [], channels
-    for y in branches:
-        cb = y.shape[1]
-        slices.append(weight[:, offset : offset + cb].permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format).view(-1, cb))
-        offset += cb
-    return weight_x, slices
+def _full_resolution(parts: list[Tensor], size: Sequence[int]) -> list[bool]:
+    """Which parts are at the output size (the others are resized to it)."""
+    return [tuple(p.shape[2:]) == tuple(size) for p in parts]
+
+
+def _full_input(parts: list[Tensor], full: list[bool]) -> tuple[Tensor, torch.memory_format]:
+    """The conv's full-resolution input (the one such part, or those parts concatenated in order) and
+    the output's memory format: the first full-resolution part's."""
+    chosen = [p for p, f in zip(parts, full) if f]
+    return chosen[0] if len(chosen) == 1 else torch.cat(chosen, dim=1), backends.preserved_format(chosen[0])
+
+
+def _split_weight(weight: Tensor, parts: list[Tensor], full: list[bool]) -> tuple[Tensor, list[Tensor]]:
+    """The conv weight as the op uses it: the full-resolution parts' slices (C_out, C_full, k, k),
+    dense, for the conv, and per resized part (a branch) its slice as (C_out·k·k, C_b), rows ordered
+    (out channel, ky, kx), for the tap matmuls. Computed once in forward and saved for backward;
+    fresh tensors (custom-op outputs never alias inputs)."""
+    full_slices, branch_weights, offset = [], [], 0
+    for p, is_full in zip(parts, full):
+        piece = weight[:, offset : offset + p.shape[1]]
+        if is_full:
+            full_slices.append(piece)
+        else:
+            branch_weights.append(piece.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format).view(-1, p.shape[1]))
+        offset += p.shape[1]
+    if len(full_slices) == 1:
+        return full_slices[0].clone(memory_format=torch.contiguous_format), branch_weights
+    return torch.cat(full_slices, dim=1).contiguous(), branch_weights
 
 
 def _by_channel(y: Tensor) -> Tensor:
@@ -197,132 +233,156 @@ def _by_channel(y: Tensor) -> Tensor:
     return y.transpose(0, 1).reshape(y.shape[1], -1)
 
 
-def _taps(branch_weights: list[Tensor], branches: list[Tensor]) -> list[Tensor]:
-    """z_t = W_t·y of every branch at its own size, one matmul each: (N, C_out, 3, 3, h, w) views
-    of the (C_out, 3, 3, N, h, w) product (the kernels read any strides)."""
+def _taps(branch_weights: list[Tensor], branches: list[Tensor], kernel_size: int) -> list[Tensor]:
+    """z_t = W_t·y of every branch at its own size, one matmul each: (N, C_out, k, k, h, w) views
+    of the (C_out, k, k, N, h, w) product (the kernels read any strides)."""
     taps = []
-    for y, w9 in zip(branches, branch_weights):
+    for y, weight in zip(branches, branch_weights):
         N, _, h, w = y.shape
-        z = w9 @ _by_channel(y)  # (C_out·9, N·h·w)
-        taps.append(z.view(-1, 3, 3, N, h, w).permute(3, 0, 1, 2, 4, 5))
+        z = weight @ _by_channel(y)  # (C_out·k·k, N·h·w)
+        taps.append(z.view(-1, kernel_size, kernel_size, N, h, w).permute(3, 0, 1, 2, 4, 5))
     return taps
 
 
-@torch.library.custom_op("slsdeep_kernels::pyramid_conv3x3", mutates_args=())
-def _pyramid_conv3x3_op(
-    x: Tensor, branches: list[Tensor], weight: Tensor, bias: Tensor | None, align_corners: bool, backend: str
+@torch.library.custom_op("slsdeep_kernels::pyramid_conv", mutates_args=())
+def _pyramid_conv_op(
+    parts: list[Tensor], weight: Tensor, bias: Tensor | None, size: list[int], align_corners: bool, relu: bool, backend: str
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """(out, x's weight slice, the branches' (C_out·9, C_b) weights): the last two are saved for backward."""
-    weight_x, branch_weights = _split_weight(weight, branches, x.shape[1])
-    out = F.conv2d(x, weight_x, bias, padding=1).contiguous(memory_format=backends.preserved_format(x))
-    taps = _taps(branch_weights, branches)
+    """(out, the full-resolution weight slices, the branches' (C_out·k·k, C_b) weights): the last two
+    are saved for backward."""
+    full = _full_resolution(parts, size)
+    (x, memory_format), kernel_size = _full_input(parts, full), weight.shape[-1]
+    weight_x, branch_weights = _split_weight(weight, parts, full)
+    out = F.conv2d(x, weight_x, bias, padding=kernel_size // 2).contiguous(memory_format=memory_format)
+    taps = _taps(branch_weights, [p for p, f in zip(parts, full) if not f], kernel_size)
     if backend == "triton":
         _triton().taps_add(out, taps, align_corners)
     else:
         backends.COMPILED.pyramid_taps_add_kernel(out, taps, align_corners)
+    if relu:
+        out.relu_()
     return out, weight_x, branch_weights
 
 
-@_pyramid_conv3x3_op.register_fake
-def _(x, branches, weight, bias, align_corners, backend):
-    out_channels = weight.shape[0]
+@_pyramid_conv_op.register_fake
+def _(parts, weight, bias, size, align_corners, relu, backend):
+    full = _full_resolution(parts, size)
+    x = next(p for p, f in zip(parts, full) if f)
+    out_channels, kernel_size = weight.shape[0], weight.shape[-1]
+    full_channels = sum(p.shape[1] for p, f in zip(parts, full) if f)
     return (
-        _empty((x.shape[0], out_channels, x.shape[2], x.shape[3]), x, backends.preserved_format(x)),
-        _empty((out_channels, x.shape[1], 3, 3), weight),
-        [_empty((out_channels * 9, y.shape[1]), weight) for y in branches],
+        _empty((x.shape[0], out_channels, *size), x, backends.preserved_format(x)),
+        _empty((out_channels, full_channels, kernel_size, kernel_size), weight),
+        [_empty((out_channels * kernel_size * kernel_size, p.shape[1]), weight) for p, f in zip(parts, full) if not f],
     )
 
 
-@torch.library.custom_op("slsdeep_kernels::pyramid_conv3x3_backward", mutates_args=())
-def _pyramid_conv3x3_backward_op(
+@torch.library.custom_op("slsdeep_kernels::pyramid_conv_backward", mutates_args=())
+def _pyramid_conv_backward_op(
     grad: Tensor,
-    x: Tensor,
-    branches: list[Tensor],
+    parts: list[Tensor],
     weight_x: Tensor,
     branch_weights: list[Tensor],
+    size: list[int],
     align_corners: bool,
     output_mask: list[bool],
     backend: str,
-) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
-    """Grads of (x, branches, weight, bias) where output_mask says so, else empty tensors / []."""
-    need_x, need_branches, need_weight, need_bias = output_mask
-    out_channels = weight_x.shape[0]
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Grads of (every part, weight, bias). output_mask = (full-resolution parts, branches, weight,
+    bias); a part or argument not asked for gets an empty tensor."""
+    need_full, need_branches, need_weight, need_bias = output_mask
+    full = _full_resolution(parts, size)
+    (x, _), kernel_size = _full_input(parts, full), weight_x.shape[-1]
+    out_channels, padding = weight_x.shape[0], kernel_size // 2
     grad_x, grad_weight_x, grad_bias = torch.ops.aten.convolution_backward(
-        grad, x, weight_x, [out_channels], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [need_x, need_weight, need_bias],
+        grad, x, weight_x, [out_channels], [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
+        [need_full, need_weight, need_bias],
     )  # fmt: skip
-    grad_branches, grad_weights = [], [grad_weight_x]
-    if need_branches or need_weight:
-        sizes = [size for y in branches for size in y.shape[2:]]
+    full_index = [i for i, f in enumerate(full) if f]
+    branch_index = [i for i, f in enumerate(full) if not f]
+    widths = [parts[i].shape[1] for i in full_index]
+    grad_parts = [grad.new_empty(0) for _ in parts]  # one tensor per slot: outputs never alias
+    grad_weights = [None] * len(parts)
+    if need_full:
+        for i, piece in zip(full_index, grad_x.split(widths, 1) if len(widths) > 1 else [grad_x]):
+            grad_parts[i] = piece.contiguous(memory_format=backends.preserved_format(parts[i]))
+    if need_weight:
+        for i, piece in zip(full_index, grad_weight_x.split(widths, 1)):
+            grad_weights[i] = piece
+    if branch_index and (need_branches or need_weight):
+        sizes = [s for i in branch_index for s in parts[i].shape[2:]]
         if backend == "triton":
-            grad_taps = _triton().taps_backward(grad, sizes, align_corners)
+            grad_taps = _triton().taps_backward(grad, sizes, kernel_size, align_corners)
         else:
-            grad_taps = backends.COMPILED.pyramid_taps_backward_kernel(grad, sizes, align_corners)
-        for y, w9, grad_z in zip(branches, branch_weights, grad_taps):
+            grad_taps = backends.COMPILED.pyramid_taps_backward_kernel(grad, sizes, kernel_size, align_corners)
+        for i, weight, grad_z in zip(branch_index, branch_weights, grad_taps):
+            y = parts[i]
             N, cb, h, w = y.shape
-            grad_z = grad_z.permute(1, 2, 3, 0, 4, 5).reshape(-1, N * h * w)  # (C_out·9, N·h·w)
+            grad_z = grad_z.permute(1, 2, 3, 0, 4, 5).reshape(-1, N * h * w)  # (C_out·k·k, N·h·w)
             if need_branches:
-                grad_branches.append((w9.t() @ grad_z).view(cb, N, h, w).transpose(0, 1).contiguous())
+                grad_parts[i] = (weight.t() @ grad_z).view(cb, N, h, w).transpose(0, 1).contiguous()
             if need_weight:
-                grad_w9 = grad_z @ _by_channel(y).t()  # (C_out·9, C_b)
-                grad_weights.append(grad_w9.view(out_channels, 3, 3, cb).permute(0, 3, 1, 2))
-    empty = x.new_empty(0)
+                grad_weight = grad_z @ _by_channel(y).t()  # (C_out·k·k, C_b)
+                grad_weights[i] = grad_weight.view(out_channels, kernel_size, kernel_size, cb).permute(0, 3, 1, 2)
     return (
-        grad_x.contiguous(memory_format=backends.preserved_format(x)) if need_x else empty,
-        grad_branches,
-        torch.cat(grad_weights, dim=1) if need_weight else empty.clone(),
-        grad_bias if need_bias else empty.clone(),
+        grad_parts,
+        torch.cat(grad_weights, dim=1) if need_weight else grad.new_empty(0),
+        grad_bias if need_bias else grad.new_empty(0),
     )
 
 
-@_pyramid_conv3x3_backward_op.register_fake
-def _(grad, x, branches, weight_x, branch_weights, align_corners, output_mask, backend):
-    need_x, need_branches, need_weight, need_bias = output_mask
-    out_channels, channels = weight_x.shape[0], x.shape[1] + sum(y.shape[1] for y in branches)
+@_pyramid_conv_backward_op.register_fake
+def _(grad, parts, weight_x, branch_weights, size, align_corners, output_mask, backend):
+    need_full, need_branches, need_weight, need_bias = output_mask
+    full = _full_resolution(parts, size)
+    grad_parts = []
+    for p, is_full in zip(parts, full):
+        wanted = need_full if is_full else need_branches
+        memory_format = backends.preserved_format(p) if is_full else torch.contiguous_format
+        grad_parts.append(_empty(p.shape, p, memory_format) if wanted else _empty((0,), grad))
+    out_channels, kernel_size = weight_x.shape[0], weight_x.shape[-1]
+    channels = sum(p.shape[1] for p in parts)
     return (
-        _empty(x.shape, x, backends.preserved_format(x)) if need_x else _empty((0,), x),
-        [_empty(y.shape, y) for y in branches] if need_branches else [],
-        _empty((out_channels, channels, 3, 3), weight_x) if need_weight else _empty((0,), x),
-        _empty((out_channels,), weight_x) if need_bias else _empty((0,), x),
+        grad_parts,
+        _empty((out_channels, channels, kernel_size, kernel_size), weight_x) if need_weight else _empty((0,), grad),
+        _empty((out_channels,), weight_x) if need_bias else _empty((0,), grad),
     )
 
 
 def _conv_setup(ctx, inputs, output):
-    x, branches, weight, bias, align_corners, backend = inputs
-    _, weight_x, branch_weights = output
+    parts, weight, bias, size, align_corners, relu, backend = inputs
+    out, weight_x, branch_weights = output
     ctx.mark_non_differentiable(weight_x, *branch_weights)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, weight_x, *branches, *branch_weights)
-    ctx.branch_count, ctx.align_corners, ctx.backend = len(branches), align_corners, backend
+    ctx.save_for_backward(out if relu else None, weight_x, *parts, *branch_weights)
+    ctx.part_count, ctx.size, ctx.align_corners, ctx.relu, ctx.backend = len(parts), size, align_corners, relu, backend
+    full = _full_resolution(parts, size)
     ctx.output_mask = [
-        x.requires_grad,
-        any(y.requires_grad for y in branches),
+        any(p.requires_grad for p, f in zip(parts, full) if f),
+        any(p.requires_grad for p, f in zip(parts, full) if not f),
         weight.requires_grad,
         bias is not None and bias.requires_grad,
     ]
 
 
 def _conv_backward(ctx, grad, _grad_weight_x, _grad_branch_weights):
-    x, weight_x, *rest = ctx.saved_tensors
-    branches, branch_weights = rest[: ctx.branch_count], rest[ctx.branch_count :]
-    none_for_branches = [None] * ctx.branch_count  # a list argument takes a list of gradients
+    out, weight_x, *rest = ctx.saved_tensors
+    parts, branch_weights = rest[: ctx.part_count], rest[ctx.part_count :]
     if grad is None:
-        return None, none_for_branches, None, None, None, None
-    grad_x, grad_branches, grad_weight, grad_bias = _pyramid_conv3x3_backward_op(
-        grad, x, branches, weight_x, branch_weights, ctx.align_corners, ctx.output_mask, ctx.backend
+        return [None] * ctx.part_count, None, None, None, None, None, None
+    if ctx.relu:
+        grad = torch.ops.aten.threshold_backward(grad, out, 0)
+    grad_parts, grad_weight, grad_bias = _pyramid_conv_backward_op(
+        grad, parts, weight_x, branch_weights, ctx.size, ctx.align_corners, ctx.output_mask, ctx.backend
     )
-    need_x, need_branches, need_weight, need_bias = ctx.output_mask
-    return (
-        grad_x if need_x else None,
-        grad_branches if need_branches else none_for_branches,
-        grad_weight if need_weight else None,
-        grad_bias if need_bias else None,
-        None,
-        None,
-    )
+    need_full, need_branches, need_weight, need_bias = ctx.output_mask
+    full = _full_resolution(parts, ctx.size)
+    grad_parts = [g if (need_full if f else need_branches) else None for g, f in zip(grad_parts, full)]
+    return grad_parts, grad_weight if need_weight else None, grad_bias if need_bias else None, None, None, None, None
 
 
-torch.library.register_autograd("slsdeep_kernels::pyramid_conv3x3", _conv_backward, setup_context=_conv_setup)
-_pyramid_conv3x3_backward_op.register_autograd(backends.no_double_backward("pyramid_conv3x3"))
+torch.library.register_autograd("slsdeep_kernels::pyramid_conv", _conv_backward, setup_context=_conv_setup)
+_pyramid_conv_backward_op.register_autograd(backends.no_double_backward("pyramid_conv"))
 
 # ---------------------------------------------------------------------------------------------
 # 3. Public functions: validation, the backend, then the reference or the custom op.
@@ -340,32 +400,41 @@ def _check_bins(op: str, bins) -> tuple[int, ...]:
     return tuple(bins)
 
 
-def _check_image(op: str, x) -> None:
+def _check_image(op: str, x, name: str = "x") -> None:
     if not isinstance(x, Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{op}: x must be a 4-D tensor (N, C, H, W); got {shape}")
+        raise ValueError(f"{op}: {name} must be a 4-D tensor (N, C, H, W); got {shape}")
     if not x.is_floating_point():
-        raise ValueError(f"{op}: x must be floating point; got {x.dtype}")
+        raise ValueError(f"{op}: {name} must be floating point; got {x.dtype}")
     if x.shape[2] == 0 or x.shape[3] == 0:
-        raise ValueError(f"{op}: x must have a non-empty image; got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: {name} must have a non-empty image; got shape {tuple(x.shape)}")
+
+
+def _tensor_list(op: str, name: str, tensors) -> list[Tensor]:
+    if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence):
+        raise ValueError(f"{op}: {name} must be a list of 4-D tensors; got {type(tensors).__name__}")
+    return list(tensors)
+
+
+def _check_alike(op: str, named: dict[str, Tensor]) -> None:
+    """Every tensor 4-D with a non-empty image, of the first one's batch size, dtype and device."""
+    first_name, first = next(iter(named.items()))
+    for name, y in named.items():
+        if not isinstance(y, Tensor) or y.dim() != 4:
+            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(f"{op}: {name} must be a 4-D tensor (N, C, h, w); got {shape}")
+        if y.shape[0] != first.shape[0]:
+            raise ValueError(f"{op}: {name} has batch size {y.shape[0]}, {first_name} has {first.shape[0]}")
+        if y.dtype != first.dtype:
+            raise ValueError(f"{op}: {name} has dtype {y.dtype}, {first_name} has {first.dtype}")
+        if y.shape[2] == 0 or y.shape[3] == 0:
+            raise ValueError(f"{op}: {name} must have a non-empty image; got shape {tuple(y.shape)}")
+    backends.common_device(op, **named)
 
 
 def _check_branches(op: str, x: Tensor, branches) -> list[Tensor]:
-    if isinstance(branches, Tensor) or not isinstance(branches, Sequence):
-        raise ValueError(f"{op}: branches must be a list of 4-D tensors; got {type(branches).__name__}")
-    branches = list(branches)
-    for i, y in enumerate(branches):
-        name = f"branches[{i}]"
-        if not isinstance(y, Tensor) or y.dim() != 4:
-            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-            raise ValueError(f"{op}: {name} must be a 4-D tensor (N, C_b, h, w); got {shape}")
-        if y.shape[0] != x.shape[0]:
-            raise ValueError(f"{op}: {name} has batch size {y.shape[0]}, x has {x.shape[0]}")
-        if y.dtype != x.dtype:
-            raise ValueError(f"{op}: {name} has dtype {y.dtype}, x has {x.dtype}")
-        if y.shape[2] == 0 or y.shape[3] == 0:
-            raise ValueError(f"{op}: {name} must have a non-empty image; got shape {tuple(y.shape)}")
-    backends.common_device(op, x=x, **{f"branches[{i}]": y for i, y in enumerate(branches)})
+    branches = _tensor_list(op, "branches", branches)
+    _check_alike(op, {"x": x, **{f"branches[{i}]": y for i, y in enumerate(branches)}})
     return branches
 
 
@@ -401,6 +470,75 @@ def upsample_concat(
     return _upsample_concat_op(x, branches, bool(align_corners), name)
 
 
+def _check_size(op: str, size, parts: list[Tensor]) -> tuple[int, int]:
+    if size is None:
+        return tuple(parts[0].shape[2:])
+    if isinstance(size, (int, Tensor)) or not isinstance(size, Sequence) or len(size) != 2:
+        raise ValueError(f"{op}: size must be None or (H, W); got {size!r}")
+    for s in size:
+        if isinstance(s, bool) or not isinstance(s, (int, torch.SymInt)) or s <= 0:
+            raise ValueError(f"{op}: size must be two positive ints; got {tuple(size)!r}")
+    return tuple(size)
+
+
+def _pyramid_conv(op, parts, names, weight, bias, size, align_corners, relu, backend) -> Tensor:
+    """pyramid_conv and its alias after their own argument checks: autocast, validation, the backend."""
+    device_type = parts[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        parts = [p.to(dtype) if isinstance(p, Tensor) else p for p in parts]
+        weight, bias = (t.to(dtype) if isinstance(t, Tensor) else t for t in (weight, bias))
+    _check_alike(op, dict(zip(names, parts)))
+    size = _check_size(op, size, parts)
+    if not any(_full_resolution(parts, size)):
+        raise ValueError(f"{op}: no part has the output size {size}; at least one must (the conv's full-resolution input)")
+    channels = sum(p.shape[1] for p in parts)
+    if not isinstance(weight, Tensor) or weight.dim() != 4 or weight.shape[2] != weight.shape[3] or weight.shape[2] not in (1, 3):
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"{op}: weight must be a 1×1 or 3×3 conv weight (C_out, {channels}, k, k); got {shape}")
+    if weight.shape[1] != channels:
+        raise ValueError(f"{op}: weight has {weight.shape[1]} input channels; the parts have {' + '.join(names)} = {channels}")
+    if weight.dtype != parts[0].dtype:
+        raise ValueError(f"{op}: weight has dtype {weight.dtype}, {names[0]} has {parts[0].dtype}")
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+        raise ValueError(f"{op}: bias must be None or of shape ({weight.shape[0]},); got {shape}")
+    if bias is not None and bias.dtype != parts[0].dtype:
+        raise ValueError(f"{op}: bias has dtype {bias.dtype}, {names[0]} has {parts[0].dtype}")
+    device = backends.common_device(op, **{names[0]: parts[0]}, weight=weight, bias=bias)
+    name = backends.resolve(op, device, parts[0].dtype, backend)
+    if name == "reference":
+        return pyramid_conv_reference(parts, weight, bias, size, align_corners, relu)
+    return _pyramid_conv_op(parts, weight, bias, list(size), bool(align_corners), bool(relu), name)[0]
+
+
+def pyramid_conv(
+    parts: Sequence[Tensor],
+    weight: Tensor,
+    bias: Tensor | None = None,
+    size: Sequence[int] | None = None,
+    align_corners: bool = False,
+    relu: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """:func:`pyramid_conv_reference` — the k×k conv (k = 1 or 3, stride 1, padding k//2) over the
+    concatenation of ``parts``, each resized bilinearly to ``size`` — without building it: the conv
+    runs over the full-resolution parts, the resized ones' share at their own size (module docstring).
+
+    ``parts``: ``(N, C_i, h_i, w_i)`` tensors of one batch size, dtype and device, in the
+    concatenation's order; those at ``size`` (default: ``parts[0]``'s H×W; at least one) are the
+    full-resolution input, every other one is a branch. ``weight``: ``(C_out, Σ C_i, k, k)``.
+    ``relu=True`` applies a ReLU to the output inside the op. The output has the first full-resolution
+    part's memory format. Under autocast it runs in the autocast dtype, as a conv does.
+    """
+    op = "pyramid_conv"
+    parts = _tensor_list(op, "parts", parts)
+    if not parts:
+        raise ValueError(f"{op}: parts must not be empty")
+    _check_image(op, parts[0], "parts[0]")
+    return _pyramid_conv(op, parts, [f"parts[{i}]" for i in range(len(parts))], weight, bias, size, align_corners, relu, backend)
+
+
 def pyramid_conv3x3(
     x: Tensor,
     branches: Sequence[Tensor],
@@ -409,39 +547,58 @@ def pyramid_conv3x3(
     align_corners: bool = False,
     backend: str | None = None,
 ) -> Tensor:
-    """``conv2d(upsample_concat(x, branches, align_corners), weight, bias, padding=1)``, never
-    building the concatenation: the conv runs over x's channels, the branches' share at their own
-    low resolution (see the module docstring). ``weight``: ``(C_out, C + Σ C_b, 3, 3)``.
-    Under autocast it runs in the autocast dtype, as a conv does.
-    """
+    """``conv2d(upsample_concat(x, branches, align_corners), weight, bias, padding=1)``: the 3×3 case
+    of :func:`pyramid_conv` with ``parts = [x, *branches]`` at x's size (its first form, kept)."""
     op = "pyramid_conv3x3"
     _check_image(op, x)
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype) if isinstance(weight, Tensor) else weight
-        branches = [y.to(dtype) if isinstance(y, Tensor) else y for y in branches]
-        bias = bias.to(dtype) if isinstance(bias, Tensor) else bias
-    branches = _check_branches(op, x, branches)
-    channels = x.shape[1] + sum(y.shape[1] for y in branches)
-    if not isinstance(weight, Tensor) or weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
-        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"{op}: weight must be a 3×3 conv weight (C_out, {channels}, 3, 3); got {shape}")
-    if weight.shape[1] != channels:
-        raise ValueError(
-            f"{op}: weight has {weight.shape[1]} input channels; x and the branches have C + Σ C_b = {channels}"
-        )
-    if weight.dtype != x.dtype:
-        raise ValueError(f"{op}: weight has dtype {weight.dtype}, x has {x.dtype}")
-    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],)):
-        shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
-        raise ValueError(f"{op}: bias must be None or of shape ({weight.shape[0]},); got {shape}")
-    if bias is not None and bias.dtype != x.dtype:
-        raise ValueError(f"{op}: bias has dtype {bias.dtype}, x has {x.dtype}")
-    backends.common_device(op, x=x, weight=weight, bias=bias)
-    name = backends.resolve(op, x.device, x.dtype, backend)
-    if name == "reference":
-        return pyramid_conv3x3_reference(x, branches, weight, bias, align_corners)
-    return _pyramid_conv3x3_op(x, branches, weight, bias, bool(align_corners), name)[0]
+    branches = _tensor_list(op, "branches", branches)
+    if isinstance(weight, Tensor) and weight.dim() == 4 and tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"{op}: weight must be a 3×3 conv weight; got {tuple(weight.shape)} (pyramid_conv takes 1×1)")
+    names = ["x"] + [f"branches[{i}]" for i in range(len(branches))]
+    return _pyramid_conv(op, [x, *branches], names, weight, bias, tuple(x.shape[2:]), align_corners, False, backend)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pyramid_conv_modules(
+    parts: Sequence[Tensor],
+    conv: torch.nn.Conv2d,
+    bn: torch.nn.BatchNorm2d | None = None,
+    relu: bool = False,
+    size: Sequence[int] | None = None,
+    align_corners: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """``relu(bn(conv(cat(parts resized to size))))`` through :func:`pyramid_conv`, with the modules'
+    parameters (what ``fuse_pyramid_pooling`` calls; ``bn`` and ``relu`` optional). A BatchNorm in eval
+    mode folds into the conv's weight and bias (``W·γ/σ``, ``(b − μ)·γ/σ + β``, in fp32) and the ReLU
+    runs in the op; in training the BatchNorm runs after the op as itself (batch statistics, running
+    averages), then the ReLU."""
+    op = "pyramid_conv"
+    kernel = conv.kernel_size[0]
+    padding = conv.padding if conv.padding != "same" else (kernel // 2, kernel // 2)
+    if (
+        conv.kernel_size not in ((1, 1), (3, 3)) or tuple(conv.stride) != (1, 1) or tuple(padding) != (kernel // 2,) * 2
+        or (kernel > 1 and tuple(conv.dilation) != (1, 1)) or conv.groups != 1 or conv.padding_mode != "zeros"
+    ):  # fmt: skip
+        raise ValueError(f"{op}: conv must be a 1×1 or 3×3 Conv2d, stride 1, padding k//2 (zeros), dilation 1, groups 1; got {conv}")
+    weight, bias = conv.weight, conv.bias
+    folds = bn is not None and not bn.training and bn.running_mean is not None
+    if folds:
+        acc = _accumulation_dtype(weight.dtype)
+        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(acc)
+        shift = -bn.running_mean.to(acc) if bias is None else bias.to(acc) - bn.running_mean.to(acc)
+        shift = shift * scale if bn.bias is None else shift * scale + bn.bias.to(acc)
+        weight, bias = (weight.to(acc) * scale.view(-1, 1, 1, 1)).to(weight.dtype), shift.to(weight.dtype)
+    out = pyramid_conv(parts, weight, bias, size, align_corners, relu and (bn is None or folds), backend)
+    if bn is None or folds:
+        return out
+    out = bn(out)
+    return F.relu(out) if relu else out
 
 
 __getattr__ = backends.deprecated_aliases(  # until 0.2: the modules live in slsdeep_kernels.nn

@@ -6,7 +6,7 @@ Every op here is a sum of separable per-cell weights, so two kernels do all::
     reduce: out[n, c, k] = scale[k] · Σ_p x[n, c, p] · rows[k, h(p)] · cols[k, w(p)]
     expand: out[n, c, p] (+)= Σ_k v[n, c, k] · scale[k] · rows[k, h(p)] · cols[k, w(p)]
 
-with k a cell (pooling window, branch cell, or branch cell and 3×3 tap) and the per-axis weight
+with k a cell (pooling window, branch cell, or branch cell and kernel tap) and the per-axis weight
 tables built once per shape from PyTorch's own index rules. Both are tl.dot GEMMs over channel tiles:
 coalesced in NCHW and channels_last, fp32 accumulation.
 
@@ -212,14 +212,17 @@ def _upsample_tables(height: int, width: int, size: tuple[int, int], align_corne
 
 
 @functools.lru_cache(maxsize=64)
-def _tap_tables(height: int, width: int, sizes: tuple[tuple[int, int], ...], align_corners: bool, device: torch.device):
-    """Per-axis weights of every (branch, ky, kx, i, j): the bilinear stencil read at p + (ky, kx) - 1."""
-    rows, cols = [], []
+def _tap_tables(
+    height: int, width: int, sizes: tuple[tuple[int, int], ...], kernel_size: int, align_corners: bool, device: torch.device
+):
+    """Per-axis weights of every (branch, ky, kx, i, j) of a k×k kernel: the bilinear stencil read at
+    p + (ky, kx) - k//2."""
+    rows, cols, half = [], [], kernel_size // 2
     for h, w in sizes:
-        for ky in range(3):
-            for kx in range(3):
-                rows.append(_linear_matrix(height, h, align_corners, ky - 1, device).repeat_interleave(w, dim=0))
-                cols.append(_linear_matrix(width, w, align_corners, kx - 1, device).repeat(h, 1))
+        for ky in range(kernel_size):
+            for kx in range(kernel_size):
+                rows.append(_linear_matrix(height, h, align_corners, ky - half, device).repeat_interleave(w, dim=0))
+                cols.append(_linear_matrix(width, w, align_corners, kx - half, device).repeat(h, 1))
     rows, cols = torch.cat(rows), torch.cat(cols)
     return rows.contiguous(), cols.contiguous(), torch.ones(rows.shape[0], device=device)
 
@@ -267,17 +270,18 @@ def taps_add(out: Tensor, taps: list[Tensor], align_corners: bool) -> None:
     if not taps:
         return
     N, Co, H, W = out.shape
-    sizes = tuple(tuple(z.shape[4:]) for z in taps)
+    sizes, kernel_size = tuple(tuple(z.shape[4:]) for z in taps), taps[0].shape[2]
     values = torch.cat([z.reshape(N, Co, -1) for z in taps], dim=2)
-    _expand(values, _tap_tables(H, W, sizes, align_corners, out.device), out, accumulate=True, convolution=True)
+    tables = _tap_tables(H, W, sizes, kernel_size, align_corners, out.device)
+    _expand(values, tables, out, accumulate=True, convolution=True)
 
 
-def taps_backward(grad: Tensor, sizes: list[int], align_corners: bool) -> list[Tensor]:
+def taps_backward(grad: Tensor, sizes: list[int], kernel_size: int, align_corners: bool) -> list[Tensor]:
     N, Co, H, W = grad.shape
-    pairs = tuple(zip(sizes[0::2], sizes[1::2]))
+    pairs, k = tuple(zip(sizes[0::2], sizes[1::2])), kernel_size
     if not pairs:
         return []
-    tables = _tap_tables(H, W, pairs, align_corners, grad.device)
+    tables = _tap_tables(H, W, pairs, k, align_corners, grad.device)
     out = backends.new_output((N, Co, tables[0].shape[0]), dtype=grad.dtype, device=grad.device)
     _reduce(grad, tables, out, convolution=True)
-    return [z.reshape(N, Co, 3, 3, h, w) for z, (h, w) in zip(out.split([9 * h * w for h, w in pairs], dim=2), pairs)]
+    return [z.reshape(N, Co, k, k, h, w) for z, (h, w) in zip(out.split([k * k * h * w for h, w in pairs], dim=2), pairs)]
