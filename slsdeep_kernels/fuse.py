@@ -327,8 +327,12 @@ def _fuse_pyramid_heads(model: nn.Module, graph: fx.Graph) -> list[str]:
                 "bn": bn, "relu": consumer["relu"], "size": upsampled[0][1], "align_corners": upsampled[0][2],
             })  # fmt: skip
         user.replace_all_uses_with(node)
+        old_attributes = [a for a in user.all_input_nodes if a.op == "get_attr"]  # a fused conv_bn_relu's modules
         graph.erase_node(user)
         graph.erase_node(cat)
+        for a in old_attributes:
+            if not a.users:
+                graph.erase_node(a)
         for t, r in zip(tensors, resizes):
             if r is not None and not t.users:
                 graph.erase_node(t)
