@@ -156,3 +156,30 @@ def test_models_without_a_pyramid_head_come_back_unchanged(caplog):
         for model in (plain, ConcatNoResize(), StridedAfterConcat()):
             assert slsdeep_kernels.fuse_pyramid_pooling(model) is model
     assert "no pyramid head found" in caplog.text
+
+
+class SpellingsHead(nn.Module):
+    """The other spellings: ``F.adaptive_avg_pool2d``, ``nn.Upsample`` with a size, ``F.interpolate``
+    with ``align_corners`` left at None, a 1×1 conv with a bias and no BatchNorm after it."""
+
+    def __init__(self, channels=6, size=(11, 10)):
+        super().__init__()
+        self.stages = nn.ModuleList(nn.Conv2d(channels, 2, 1) for _ in range(3))
+        self.upsample = nn.Upsample(size=size, mode="bilinear")
+        self.conv = nn.Conv2d(channels + 6, 4, 1)
+
+    def forward(self, x):
+        a, b, c = (stage(nn.functional.adaptive_avg_pool2d(x, bin_)) for stage, bin_ in zip(self.stages, (1, 2, 4)))
+        size = x.shape[-2:]
+        b = nn.functional.interpolate(b, size=size, mode="bilinear")
+        return self.conv(torch.cat([self.upsample(a), x, b, self.upsample(c)], dim=1))
+
+
+@needs_cpu
+def test_other_spellings_fuse(counted):
+    head = SpellingsHead()
+    fused = slsdeep_kernels.fuse_pyramid_pooling(head)
+    x = torch.randn(2, 6, 11, 10)
+    for train in (False, True):
+        assert_same_step(copy.deepcopy(head), fused, (x,), train)
+    assert counted == {"pyramid_conv": 2, "pyramid_pool": 2}
