@@ -94,6 +94,30 @@ def _graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     return result
 
 
+def _rewrite(model: nn.Module, rewrite_graph, untraced=None) -> tuple[nn.Module, list[str], Exception | None]:
+    """(result, names, error): ``model`` rewritten by ``rewrite_graph(model, graph) -> names`` where it
+    traces with torch.fx; where it does not (``error`` says why), its children, recursively, then
+    ``untraced(model, children) -> (replacement or None, names)``. ``model`` itself where nothing
+    changed, else a module sharing every leaf module."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as error:  # noqa: BLE001 - whatever stops the trace, try the parts
+        children, names = {}, []
+        for name, child in model.named_children():
+            children[name], inner, _ = _rewrite(child, rewrite_graph, untraced)
+            names += [f"{name}.{n}" for n in inner]
+        replacement, own = untraced(model, children) if untraced is not None else (None, [])
+        if replacement is not None:
+            return replacement, names + own, error
+        if not names:
+            return model, [], error
+        copied = copy.copy(model)
+        copied._modules = dict(children)
+        return copied, names, error
+    names = rewrite_graph(model, graph)
+    return (_graph_module(model, graph) if names else model), names, None
+
+
 def _call_arguments(node: fx.Node, function: Callable) -> dict:
     """The call's arguments by parameter name (defaults filled in)."""
     bound = inspect.signature(function).bind(*node.args, **node.kwargs)
@@ -128,14 +152,15 @@ def _absorb_into_pyramid_conv(graph: fx.Graph, bn_node: fx.Node, modules: dict[s
     return True
 
 
-def _fuse_graph(model: nn.Module, graph: fx.Graph, memory_efficient: bool) -> nn.Module:
+def _fuse_chains(model: nn.Module, graph: fx.Graph, memory_efficient: bool) -> list[str]:
+    """Rewrites every Conv2d → BatchNorm2d (→ ReLU) chain of ``graph`` in place; returns the BNs' names."""
     modules = dict(model.named_modules())
-    fused = 0
+    fused = []
     for bn_node in list(graph.nodes):
         if bn_node.op != "call_module" or len(bn_node.args) != 1 or bn_node.kwargs:
             continue
         if _absorb_into_pyramid_conv(graph, bn_node, modules):
-            fused += 1
+            fused.append(bn_node.target)
             continue
         conv_node = bn_node.args[0]
         if not isinstance(conv_node, fx.Node) or conv_node.op != "call_module" or len(conv_node.users) != 1:
@@ -154,8 +179,8 @@ def _fuse_graph(model: nn.Module, graph: fx.Graph, memory_efficient: bool) -> nn
         last.replace_all_uses_with(node)
         for dead in (relu_node, bn_node, conv_node) if relu else (bn_node, conv_node):
             graph.erase_node(dead)
-        fused += 1
-    return _graph_module(model, graph) if fused else model
+        fused.append(bn_node.target)
+    return fused
 
 
 class _FusedSequential(nn.Sequential):
@@ -178,56 +203,47 @@ class _FusedSequential(nn.Sequential):
         return x
 
 
-def _sequential_steps(children: dict[str, nn.Module]) -> tuple[list[tuple[str, ...]], int]:
+def _sequential_steps(children: dict[str, nn.Module]) -> list[tuple[str, ...]]:
     """Plan of a Sequential: ("name",) runs a child, (conv, bn, relu or None) runs a fused chain."""
-    names, steps, fused, i = list(children), [], 0, 0
+    names, steps, i = list(children), [], 0
     while i < len(names):
         if i + 1 < len(names) and _fusable(children[names[i]], children[names[i + 1]]):
             relu = names[i + 2] if i + 2 < len(names) and type(children[names[i + 2]]) is nn.ReLU else None
             steps.append((names[i], names[i + 1], relu))
-            fused += 1
             i += 3 if relu else 2
         else:
             steps.append((names[i],))
             i += 1
-    return steps, fused
-
-
-def _fuse_sequentials(module: nn.Module, memory_efficient: bool) -> tuple[nn.Module, int]:
-    """``module`` itself where nothing inside fuses, else a shallow copy sharing every leaf module."""
-    children, fused = {}, 0
-    for name, child in module.named_children():
-        children[name], count = _fuse_sequentials(child, memory_efficient)
-        fused += count
-    if type(module) is nn.Sequential:
-        steps, count = _sequential_steps(children)
-        if count:
-            return _FusedSequential(children, steps, memory_efficient), fused + count
-    if not fused:
-        return module, 0
-    copied = copy.copy(module)
-    copied._modules = dict(children)
-    return copied, fused
+    return steps
 
 
 def fuse_conv_bn_relu(model: nn.Module, memory_efficient: bool = False) -> nn.Module:
     """A model computing the same as ``model`` with every Conv2d → BatchNorm2d (→ ReLU) chain fused.
 
-    The returned model shares ``model``'s modules and parameters (``model`` itself is left as it
-    was) and has the same state-dict keys. ``memory_efficient=True``: the fused convs recompute their
-    output in backward instead of keeping it (about half the activation memory for one extra conv).
+    Where ``model`` does not trace, its submodules that trace are fused and the chains of untraceable
+    ``nn.Sequential`` s (consecutive children), with a warning. The returned model shares ``model``'s
+    modules and parameters (``model`` itself is left as it was) and has the same state-dict keys.
+    ``memory_efficient=True``: the fused convs recompute their output in backward instead of keeping
+    it (about half the activation memory for one extra conv).
     """
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as error:  # noqa: BLE001 - whatever stops the trace, fall back to what needs none
+
+    def fused_sequential(module: nn.Module, children: dict[str, nn.Module]):
+        if type(module) is not nn.Sequential:
+            return None, []
+        steps = _sequential_steps(children)
+        bns = [step[1] for step in steps if len(step) > 1]
+        return (_FusedSequential(children, steps, memory_efficient), bns) if bns else (None, [])
+
+    result, names, error = _rewrite(model, lambda m, graph: _fuse_chains(m, graph, memory_efficient), fused_sequential)
+    if error is not None:
         warnings.warn(
             f"fuse_conv_bn_relu: {type(model).__name__} does not trace with torch.fx ({type(error).__name__}: {error}); "
-            "fusing nn.Sequential chains only",
+            "fusing its submodules that trace and the chains of nn.Sequential ones",
             RuntimeWarning,
             stacklevel=2,
         )
-        return _fuse_sequentials(model, memory_efficient)[0]
-    return _fuse_graph(model, graph, memory_efficient)
+    _LOG.info("fuse_conv_bn_relu: %d chain(s) of %s fused", len(names), type(model).__name__)
+    return result
 
 
 # ---------------------------------------------------------------- fuse_pyramid_pooling
@@ -364,25 +380,6 @@ def _pool_in_one_pass(graph: fx.Graph, modules: dict[str, nn.Module], sources: s
             offset += b * b
 
 
-def _rewrite(model: nn.Module, rewrite_graph) -> tuple[nn.Module, list[str]]:
-    """``model`` rewritten by ``rewrite_graph(model, graph) -> names`` where it traces, else its children
-    (recursively); ``model`` itself where nothing was rewritten, else a module sharing every leaf."""
-    try:
-        graph = _Tracer().trace(model)
-    except Exception:  # noqa: BLE001 - whatever stops the trace, try the children
-        children, names = {}, []
-        for name, child in model.named_children():
-            children[name], inner = _rewrite(child, rewrite_graph)
-            names += [f"{name}.{n}" for n in inner]
-        if not names:
-            return model, []
-        copied = copy.copy(model)
-        copied._modules = dict(children)
-        return copied, names
-    names = rewrite_graph(model, graph)
-    return (_graph_module(model, graph), names) if names else (model, [])
-
-
 def fuse_pyramid_pooling(model: nn.Module) -> nn.Module:
     """A model computing the same as ``model`` with every pyramid head through the pyramid ops.
 
@@ -395,7 +392,7 @@ def fuse_pyramid_pooling(model: nn.Module) -> nn.Module:
     ``model``'s modules and parameters (same state-dict keys); what is not recognised stays as it
     was. Logs (``logging``, INFO) what it fused.
     """
-    result, names = _rewrite(model, _fuse_pyramid_heads)
+    result, names, _ = _rewrite(model, _fuse_pyramid_heads)
     if names:
         _LOG.info("fuse_pyramid_pooling: %d pyramid head(s) of %s fused: %s", len(names), type(model).__name__, ", ".join(names))
     else:

@@ -194,13 +194,31 @@ class DataDependent(nn.Module):
         return self.extra_bn(self.extra_conv(x))
 
 
-def test_untraceable_model_fuses_sequential_chains_only():
+class DataDependentBlock(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x
+
+
+def test_untraceable_model_fuses_its_traceable_submodules():
     model = DataDependent()
     randomise_statistics(model)
     with pytest.warns(RuntimeWarning, match="does not trace"):
         fused = fuse_conv_bn_relu(copy.deepcopy(model))
-    assert fused.features.steps == [("0", "1", "2"), ("3", "4", None)]
-    assert fused.extra_conv is not None and type(fused) is DataDependent
+    assert fused_chains(fused.features) == {"1": True, "4": False}  # features traces: fused by data flow
+    assert fused.extra_conv is not None and type(fused) is DataDependent  # the root's own chain cannot fuse
+    assert list(fused.state_dict()) == list(model.state_dict())
+    x = torch.randn(2, 3, 9, 8)
+    for train in (False, True):
+        assert_same(model, fused, x, train)
+
+
+def test_untraceable_sequential_fuses_consecutive_chains():
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), DataDependentBlock(),
+                          nn.Conv2d(5, 6, 1), nn.BatchNorm2d(6))  # fmt: skip
+    randomise_statistics(model)
+    with pytest.warns(RuntimeWarning, match="does not trace"):
+        fused = fuse_conv_bn_relu(copy.deepcopy(model))
+    assert fused.steps == [("0", "1", "2"), ("3",), ("4", "5", None)]
     assert list(fused.state_dict()) == list(model.state_dict())
     x = torch.randn(2, 3, 9, 8)
     for train in (False, True):

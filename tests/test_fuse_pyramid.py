@@ -118,6 +118,7 @@ def test_optimize_folds_the_bn_after_a_pyramid_conv_in_eval():
 
 
 @needs_cpu
+@pytest.mark.filterwarnings("ignore:fuse_conv_bn_relu. SLSDeep does not trace")
 def test_slsdeep_decoder_built_unfused_fuses(counted, caplog):
     torch.manual_seed(0)
     model = randomise(slsdeep_unfused())
@@ -126,6 +127,9 @@ def test_slsdeep_decoder_built_unfused_fuses(counted, caplog):
         fused = slsdeep_kernels.optimize(model)
     assert "decoder.head.conv" in caplog.text
     assert list(fused.state_dict()) == list(model.state_dict())
+    # SLSDeep itself does not trace: its decoder and encoder do; the head's BN + ReLU join the pyramid conv
+    (call,) = [n for n in fused.decoder.graph.nodes if n.target is slsdeep_kernels.pyramid_conv_modules]
+    assert call.kwargs["bn"].target == "head.bn" and call.kwargs["relu"]
     x = torch.randn(2, 3, 64, 64)
     for train in (False, True):
         assert_same_step(reference, fused, (x,), train)
