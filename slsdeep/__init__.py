@@ -3,8 +3,6 @@
 from slsdeep.data import ISICDataset, synthesize
 from slsdeep.evaluate import isic_scores
 
-__all__ = ["ISICDataset", "isic_scores", "synthesize"]
-
 from slsdeep.model import SLSDeep, load_imagenet_weights
 
-__all__ = ["SLSDeep", "load_imagenet_weights"]
+__all__ = ["ISICDataset", "SLSDeep", "isic_scores", "load_imagenet_weights", "synthesize"]

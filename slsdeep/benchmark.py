@@ -47,6 +47,16 @@ def _models(device: torch.device, train: bool) -> tuple[SLSDeep, SLSDeep]:
     return fused, eager
 
 
+def _autocast(model, dtype: torch.dtype):
+    """``model`` called under ``dtype`` autocast, as ``slsdeep predict --precision bf16`` runs it."""
+
+    def run(x):
+        with torch.autocast(x.device.type, dtype=dtype):
+            return model(x)
+
+    return run
+
+
 def _forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -56,25 +66,34 @@ def _forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def model_cases(device: torch.device | str, quick: bool = False) -> list[Case]:
-    """Inference at each batch size and one training step of the paper-preset SLSDeep."""
+def model_cases(device: torch.device | str, quick: bool = False, precision: str | None = None) -> list[Case]:
+    """Inference at each batch size and one training step of the paper-preset SLSDeep. Inference runs
+    bf16 channels_last models on CUDA and fp32 on CPU; ``precision="bf16"``: fp32 models under bf16
+    autocast on channels_last images instead (what ``slsdeep predict --precision bf16`` runs)."""
+    from slsdeep.predict import autocast_dtype  # checks precision and the device's bf16, warns as predict does
+
     device = torch.device(device)
     size = IMAGE_SIZE[device.type]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cases = []
     fused, eager = _models(device, train=False)
+    autocast = precision is not None and autocast_dtype(fused, precision, device) is not None
+    dtype = torch.bfloat16 if device.type == "cuda" and not autocast else torch.float32
+    cases = []
+    if autocast:
+        fused, eager = (_autocast(m.float(), torch.bfloat16) for m in (fused, eager))
     batches = INFERENCE_BATCHES[device.type][-1:] if quick else INFERENCE_BATCHES[device.type]
     for batch in batches:
         shape = (batch, 3, size, size)
 
         def inputs(device, shape=shape):
             x = torch.randn(shape, device=device, dtype=dtype)
-            return [x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x]
+            return [x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" or autocast else x]
 
         flops = _forward_flops(eager, *inputs(device))
-        cases.append(Case("slsdeep inference", shape, dtype, inputs, fused, eager, flops={"forward": flops}, passes=("forward",)))
+        name = "slsdeep inference (bf16 autocast)" if autocast else "slsdeep inference"
+        cases.append(Case(name, shape, torch.bfloat16 if autocast else dtype, inputs, fused, eager, flops={"forward": flops},
+                          passes=("forward",)))  # fmt: skip
 
-    if device.type == "cpu" and not quick and _onnxruntime_installed():
+    if device.type == "cpu" and not quick and not autocast and _onnxruntime_installed():
         cases.append(_onnxruntime_case(fused, eager))
 
     fused_train, eager_train = _models(device, train=True)
@@ -134,11 +153,13 @@ def _onnxruntime_case(fused: SLSDeep, eager: SLSDeep) -> Case:
                 passes=("forward",), extra_ways={"onnxruntime": _OnnxRuntime(fused, shape)})
 
 
-def run(device: torch.device | str, quick: bool = False, out: str | os.PathLike | None = None, log=print) -> list[dict]:
-    """Measure every op and the whole model three ways; print one table; write JSON and a bar chart."""
+def run(device: torch.device | str, quick: bool = False, out: str | os.PathLike | None = None, log=print,
+        precision: str | None = None) -> list[dict]:  # fmt: skip
+    """Measure every op and the whole model three ways; print one table; write JSON and a bar chart.
+    ``precision``: the whole model's inference cases (:func:`model_cases`)."""
     device = torch.device(device)
     repeat = 3 if quick else 10
-    cases = op_cases(device, quick=quick) + model_cases(device, quick=quick)
+    cases = op_cases(device, quick=quick) + model_cases(device, quick=quick, precision=precision)
     records = []
     log(f"device: {slsdeep_kernels.benchmark.device_name(device)}")
     log(f"{'case':<52} {'pass':<9} {'eager ms':>10} {'compile ms':>11} {'fused ms':>10} {'× eager':>8} {'× compile':>10}")

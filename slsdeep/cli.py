@@ -23,7 +23,10 @@ from pathlib import Path
 
 import torch
 
+from slsdeep.model import PRECISIONS
+
 EXIT_ERROR = 2
+PRECISION_HELP = "bf16: autocast on channels_last images where the device supports bf16 (else fp32, with a warning)"
 EXIT_MISMATCH = 1
 
 
@@ -86,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--image-size", type=int, default=None, help="input size (default: the training size)")
     evaluate.add_argument("--tta", action="store_true", help="average scales 0.5–1.5 and flips")
     evaluate.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    evaluate.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
 
     predict = commands.add_parser("predict", help="segment images")
     predict.add_argument("--checkpoint", required=True, help="a .pt checkpoint or an .onnx export")
@@ -94,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--image-size", type=int, default=None)
     predict.add_argument("--tta", action="store_true")
     predict.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    predict.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
 
     export = commands.add_parser("export", help="export a checkpoint to ONNX or torch.export, checked against PyTorch")
     export.add_argument("--checkpoint", required=True)
@@ -107,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=("cpu", "cuda"), default=None)
     bench.add_argument("--quick", action="store_true", help="forward+backward only, the largest shapes, fewer repeats")
     bench.add_argument("--out", default=None, help="JSON file for the figures (a PNG bar chart is written beside it)")
+    bench.add_argument("--precision", choices=PRECISIONS, default=None,
+                       help="the whole model's inference cases: fp32 or bf16 (default: fp32 on CPU, bf16 on CUDA)")
     return parser
 
 
@@ -162,7 +169,7 @@ def cmd_evaluate(args) -> int:
     model, image_size = _inference_model(args)
     dataset = ISICDataset(args.data, args.split)
     masks = Path(args.out) / "masks" if args.out else None
-    scores = evaluate_model(model, dataset, image_size=image_size, tta=args.tta, masks_dir=masks)
+    scores = evaluate_model(model, dataset, image_size=image_size, tta=args.tta, masks_dir=masks, precision=args.precision)
     print(format_scores(scores))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -189,7 +196,7 @@ def cmd_predict(args) -> int:
             print(f"slsdeep predict: {path}: cannot read image: {error}", file=sys.stderr)
             failures += 1
             continue
-        mask = predict_probability(model, image, image_size=image_size, tta=args.tta) > 0.5
+        mask = predict_probability(model, image, image_size=image_size, tta=args.tta, precision=args.precision) > 0.5
         Image.fromarray(mask.astype(np.uint8) * 255).save(out / f"{path.stem}_segmentation.png")
         overlay(image, mask).save(out / f"{path.stem}_overlay.png")
         print(f"{path} -> {out / (path.stem + '_segmentation.png')}")
@@ -223,7 +230,7 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from slsdeep.benchmark import run
 
-    run(_device(args.device), quick=args.quick, out=args.out)
+    run(_device(args.device), quick=args.quick, out=args.out, precision=args.precision)
     return 0
 
 

@@ -115,6 +115,7 @@ def evaluate_model(
     image_size: int = 384,
     tta: bool = False,
     masks_dir: str | os.PathLike | None = None,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """ISIC scores of ``model`` (an ``nn.Module`` or an :class:`slsdeep.export.OnnxModel`) on an
     ``ISICDataset``, at each image's original size.
@@ -122,7 +123,8 @@ def evaluate_model(
     Each image is predicted as :func:`slsdeep.predict.predict_probability` does (resize to
     ``image_size``, probability resized back, > 0.5; ``tta``: scales and flips averaged). Only
     confusion counts are kept, so full-size ISIC test sets fit in memory. ``masks_dir``: also
-    write every predicted mask there as ``<id>_segmentation.png`` (0/255).
+    write every predicted mask there as ``<id>_segmentation.png`` (0/255). ``precision``: "fp32" or
+    "bf16" (see :func:`slsdeep.predict.predict_probability`).
     """
     from slsdeep.predict import predict_probability  # here: predict imports data, which imports this module
 
@@ -137,7 +139,7 @@ def evaluate_model(
     try:
         for index, image_id in enumerate(dataset.ids):
             image, truth = dataset.load_original(index)
-            prediction = predict_probability(model, image, image_size=image_size, tta=tta) > 0.5
+            prediction = predict_probability(model, image, image_size=image_size, tta=tta, precision=precision) > 0.5
             counts.append(confusion_counts(prediction, truth, index))
             if masks_dir is not None:
                 Image.fromarray(prediction.astype(np.uint8) * 255).save(masks_dir / f"{image_id}_segmentation.png")

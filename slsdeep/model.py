@@ -25,6 +25,7 @@ import slsdeep_kernels
 
 VARIANTS = ("slsdeep", "slsdeep-epe", "slsdeep+asc")
 STEMS = ("deep", "torchvision")
+PRECISIONS = ("fp32", "bf16")  # inference precisions (slsdeep.predict.predict_probability)
 BINS = slsdeep_kernels.PYRAMID_BINS  # the paper's (PSPNet's) bins
 # EPE weight of each variant's loss: SLSDeep-EPE is the same network trained with NLL only.
 LOSS_ALPHA = {"slsdeep": 0.5, "slsdeep-epe": 0.0, "slsdeep+asc": 0.5}

@@ -21,7 +21,7 @@ def tiny_cases(device, quick=False):
 
 def test_bench_command_prints_a_table_and_writes_json_and_a_chart(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "op_cases", tiny_cases)
-    monkeypatch.setattr(bench, "model_cases", lambda device, quick=False: [])
+    monkeypatch.setattr(bench, "model_cases", lambda device, quick=False, precision=None: [])
     out = tmp_path / "bench.json"
     assert main(["bench", "--device", "cpu", "--quick", "--out", str(out)]) == 0
     table = capsys.readouterr().out

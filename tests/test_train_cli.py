@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from slsdeep import checkpoint
 from slsdeep.cli import main
-from slsdeep.data import synthesize
+from slsdeep.data import ISICDataset, synthesize
+from slsdeep.predict import predict_probability, supports_bf16
 from slsdeep.train import TrainConfig, train
 
 SIZE = 64
@@ -153,6 +155,60 @@ def test_evaluate_prints_and_writes_the_scores(trained, data, tmp_path, capsys):
     assert 0 <= scores["jaccard"] <= 1
     assert "jaccard" in capsys.readouterr().out
     assert len(list((tmp_path / "masks").glob("*_segmentation.png"))) == scores["n_images"]
+
+
+class ConvDtypes(TorchDispatchMode):
+    """The dtypes of every convolution ATen runs (whatever path: oneDNN, the fused ops' ATen conv)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "conv" in func.__name__ and isinstance(args[0], torch.Tensor):
+            self.dtypes.add(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(not supports_bf16(torch.device("cpu")), reason="this CPU has no native bf16")
+def test_bf16_inference_runs_the_convs_in_bf16_and_keeps_the_masks(trained, data):
+    model = checkpoint.load_model(trained, torch.device("cpu"))
+    image, _ = ISICDataset(data, "test").load_original(0)
+    exact = predict_probability(model, image, image_size=SIZE)
+    with ConvDtypes() as seen:
+        low = predict_probability(model, image, image_size=SIZE, precision="bf16")
+    assert seen.dtypes == {torch.bfloat16}
+    assert low.dtype == np.float32 and low.shape == exact.shape
+    assert np.abs(low - exact).max() < 0.05  # bf16's 8 bits of mantissa through the tiny network
+    assert ((low > 0.5) == (exact > 0.5)).mean() >= 0.99
+
+
+def test_bf16_without_native_support_warns_and_runs_fp32(trained, data, monkeypatch):
+    import slsdeep.predict
+
+    monkeypatch.setattr(slsdeep.predict, "supports_bf16", lambda device: False)
+    model = checkpoint.load_model(trained, torch.device("cpu"))
+    image, _ = ISICDataset(data, "test").load_original(0)
+    with pytest.warns(RuntimeWarning, match="no native bf16 support; running fp32"):
+        low = predict_probability(model, image, image_size=SIZE, precision="bf16")
+    np.testing.assert_array_equal(low, predict_probability(model, image, image_size=SIZE))
+
+
+def test_precision_is_checked(trained, data):
+    model = checkpoint.load_model(trained, torch.device("cpu"))
+    image, _ = ISICDataset(data, "test").load_original(0)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        predict_probability(model, image, image_size=SIZE, precision="fp16")
+
+
+def test_predict_and_evaluate_take_precision(trained, data, tmp_path):
+    image = tmp_path / "lesion.png"
+    Image.fromarray((np.random.default_rng(1).random((40, 31, 3)) * 255).astype(np.uint8)).save(image)
+    assert main(["predict", "--checkpoint", str(trained), str(image), "--out", str(tmp_path / "p"), "--precision", "bf16"]) == 0
+    assert np.asarray(Image.open(tmp_path / "p" / "lesion_segmentation.png")).shape == (40, 31)
+    assert main(["evaluate", "--data", str(data), "--checkpoint", str(trained), "--out", str(tmp_path / "e"),
+                 "--precision", "bf16"]) == 0  # fmt: skip
+    assert 0 <= json.loads((tmp_path / "e" / "scores.json").read_text())["jaccard"] <= 1
 
 
 @pytest.mark.parametrize(
