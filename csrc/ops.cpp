@@ -38,6 +38,10 @@ TORCH_LIBRARY(slsdeep_kernels, m) {
       "conv_bn_relu_eval_kernel(Tensor input, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
       "Tensor running_mean, Tensor running_var, int[2] stride, int[2] padding, int[2] dilation, int groups, float eps, "
       "bool relu) -> Tensor");
+  // eval with BN folded by the caller (CPU): conv + bias (accumulation type) + ReLU.
+  m.def(
+      "conv_bias_act_kernel(Tensor input, Tensor weight, Tensor bias, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, bool relu) -> Tensor");
   // train: (out, conv_out, batch mean, biased batch var); mean/var in the accumulation type.
   m.def(
       "conv_bn_relu_train_kernel(Tensor input, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "

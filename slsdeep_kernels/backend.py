@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import os
 import warnings
+import weakref
 
 import torch
 
@@ -227,6 +228,47 @@ def preserved_format(tensor: torch.Tensor) -> torch.memory_format:
     if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+# Derived weights (a BatchNorm folded into a conv's weight and bias) cached per module for eager
+# inference: {module: {key: (signature of the sources, value)}}, dropped with the module.
+_DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(source) -> tuple:
+    """What must not change for a derivation from ``source`` to stay valid: a tensor's identity,
+    storage, dtype, device and version counter (bumped by every in-place write, e.g.
+    ``load_state_dict``, ``p.data = …`` and ``.to()`` replace the storage); any other value itself."""
+    if isinstance(source, torch.Tensor):
+        return (weakref.ref(source), source.data_ptr(), source.dtype, source.device, source._version)
+    return (source,)
+
+
+def _same(signature: tuple, sources) -> bool:
+    for entry, source in zip(signature, sources, strict=True):
+        if isinstance(source, torch.Tensor):
+            if entry[0]() is not source or entry[1:] != _signature(source)[1:]:
+                return False
+        elif entry != (source,):
+            return False
+    return True
+
+
+def derived(owner: torch.nn.Module, key: str, sources: tuple, derive):
+    """``derive()``, cached on ``owner`` under ``key`` while no tensor of ``sources`` changes (the one
+    helper for every derived-weight cache of the library). Not cached, but derived on every call,
+    under ``torch.compile`` (which folds by itself) and where autograd needs the derivation (grad
+    enabled and a source requires grad)."""
+    tensors = [t for t in sources if isinstance(t, torch.Tensor)]
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return derive()
+    entries = _DERIVED.setdefault(owner, {})
+    hit = entries.get(key)
+    if hit is not None and _same(hit[0], sources):
+        return hit[1]
+    value = derive()
+    entries[key] = (tuple(_signature(source) for source in sources), value)
+    return value
 
 
 # Test hook (tests/guard_pages.py places outputs next to unreadable pages): within

@@ -346,6 +346,23 @@ Tensor onednn_conv_act(const Tensor& x, const Tensor& weight, const Tensor& bias
   return stack[0].toTensor();
 }
 
+// ATen's conv of x, then out = act(scale·out + shift) per channel in one pass (dtypes oneDNN's post-ops
+// do not take).
+Tensor conv_scale_shift_act(const Tensor& x, const Tensor& weight, const Tensor& scale, const Tensor& shift,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                            bool relu, at::MemoryFormat format) {
+  Tensor out = cbr::convolution(x, weight, c10::nullopt, stride, padding, dilation, groups, format);
+  const Layout l = layout_of(out, format);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_bn_relu_eval", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_relu(relu, [&](auto relu_tag) {
+      apply_bn_act<scalar_t, acc_t, decltype(relu_tag)::value>(out, out, l, scale.const_data_ptr<acc_t>(),
+                                                               shift.const_data_ptr<acc_t>());
+    });
+  });
+  return out;
+}
+
 Tensor conv_bn_relu_eval_kernel(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
                                 const c10::optional<Tensor>& bn_weight, const c10::optional<Tensor>& bn_bias,
                                 const Tensor& running_mean, const Tensor& running_var, at::IntArrayRef stride,
@@ -370,16 +387,24 @@ Tensor conv_bn_relu_eval_kernel(const Tensor& input, const Tensor& weight, const
     const Tensor folded = (weight.to(acc) * scale.view({C, 1, 1, 1})).to(x.scalar_type());
     return onednn_conv_act(x, folded, shift, stride, padding, dilation, groups, relu).contiguous(format);
   }
-  Tensor out = cbr::convolution(x, weight, c10::nullopt, stride, padding, dilation, groups, format);
-  const Layout l = layout_of(out, format);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_bn_relu_eval", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    with_relu(relu, [&](auto relu_tag) {
-      apply_bn_act<scalar_t, acc_t, decltype(relu_tag)::value>(out, out, l, scale.const_data_ptr<acc_t>(),
-                                                               shift.const_data_ptr<acc_t>());
-    });
-  });
-  return out;
+  return conv_scale_shift_act(x, weight, scale, shift, stride, padding, dilation, groups, relu, format);
+}
+
+// The eval conv with BatchNorm already folded into weight and bias (the fold cached by the caller,
+// slsdeep_kernels.backend.derived): oneDNN's conv + bias + ReLU, or ATen's conv and one bias+ReLU pass.
+Tensor conv_bias_act_kernel(const Tensor& input, const Tensor& weight, const Tensor& bias, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
+  const auto format = slsdeep::preserved_format(input);
+  const Tensor x = input.contiguous(format);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && bias.scalar_type() == acc && bias.dim() == 1 &&
+                  bias.size(0) == weight.size(0),
+              "conv_bias_act_kernel: weight of the input's dtype and a (C_out,) bias in its accumulation type");
+  if (onednn_post_op_supported(x)) {
+    return onednn_conv_act(x, weight, bias, stride, padding, dilation, groups, relu).contiguous(format);
+  }
+  const Tensor ones = at::ones({weight.size(0)}, at::TensorOptions().dtype(acc));
+  return conv_scale_shift_act(x, weight, ones, bias.contiguous(), stride, padding, dilation, groups, relu, format);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_kernel(
@@ -459,6 +484,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_backward_k
 
 TORCH_LIBRARY_IMPL(slsdeep_kernels, CPU, m) {
   m.impl("conv_bn_relu_eval_kernel", &conv_bn_relu_eval_kernel);
+  m.impl("conv_bias_act_kernel", &conv_bias_act_kernel);
   m.impl("conv_bn_relu_train_kernel", &conv_bn_relu_train_kernel);
   m.impl("conv_bn_relu_train_backward_kernel", &conv_bn_relu_train_backward_kernel);
 }

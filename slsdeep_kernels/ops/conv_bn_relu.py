@@ -493,12 +493,56 @@ def _conv_padding(conv: torch.nn.Conv2d):
     return list(conv.padding)
 
 
+def fold_batch_norm(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval BatchNorm folded into the conv before it: ``(W·γ/σ`` in ``dtype``, ``(b − μ)·γ/σ + β`` in
+    the accumulation type``)``, computed in the accumulation type (differentiable)."""
+    acc = _accumulation_dtype(dtype)
+    scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(acc)
+    centre = -bn.running_mean.to(acc) if conv.bias is None else conv.bias.to(acc) - bn.running_mean.to(acc)
+    shift = centre * scale if bn.bias is None else centre * scale + bn.bias.to(acc)
+    return (conv.weight.to(acc) * scale.view(-1, 1, 1, 1)).to(dtype), shift
+
+
+def _folded_parameters(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, dtype: torch.dtype):
+    """:func:`fold_batch_norm`, cached on ``conv`` for eager inference (``backend.derived``)."""
+    sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, dtype)
+    return backends.derived(conv, "conv_bn_relu eval fold", sources, lambda: fold_batch_norm(conv, bn, dtype))
+
+
+def _cached_eval(x, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: bool) -> torch.Tensor | None:
+    """Eager inference on the ``cpu`` backend with the fold cached: the conv + bias + ReLU alone. None
+    where it does not apply (training statistics, autograd, torch.compile, another backend)."""
+    if bn.training or bn.running_mean is None or torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
+        return None
+    parameters = (x, conv.weight, conv.bias, bn.weight, bn.bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in parameters):
+        return None
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point() and x.dtype != torch.float64:
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    if backends.resolve(OP, x.device, x.dtype, None) != "cpu":
+        return None
+    options = ConvBNOptions(stride=_pair("stride", conv.stride, 1), padding=_pair("padding", _conv_padding(conv), 0),
+                            dilation=_pair("dilation", conv.dilation, 1), groups=conv.groups, eps=bn.eps, relu=relu)  # fmt: skip
+    per_channel = dict(bias=None, bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean, running_var=bn.running_var)
+    _validate(x, torch.empty_like(conv.weight, dtype=x.dtype, device="meta"), per_channel, options, training=False)
+    weight, shift = _folded_parameters(conv, bn, x.dtype)
+    return backends.COMPILED.conv_bias_act_kernel(x, weight, shift, options.stride, options.padding, options.dilation,
+                                                  options.groups, relu)  # fmt: skip
+
+
 def conv_bn_relu_modules(x, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: bool = True, memory_efficient: bool = False):
     """``relu(bn(conv(x)))`` (``bn(conv(x))`` with ``relu=False``), fused: the modules' parameters and
     BatchNorm's mode and state (running statistics, ``num_batches_tracked``, momentum) exactly as
-    calling the modules in turn would use and update them."""
+    calling the modules in turn would use and update them. In eager inference on the ``cpu`` backend
+    the folded weight and bias are cached on ``conv`` (recomputed whenever a parameter or statistic
+    changes)."""
     if conv.padding_mode != "zeros":
         raise ValueError(f"{OP}: only padding_mode='zeros' convolutions fuse; got {conv.padding_mode!r}")
+    cached = _cached_eval(x, conv, bn, relu)
+    if cached is not None:
+        return cached
     tracking = bn.training and bn.track_running_stats
     use_running = not bn.training or bn.track_running_stats
     return conv_bn_relu(

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from slsdeep_kernels import backend as backends
+from slsdeep_kernels.ops.conv_bn_relu import fold_batch_norm
 
 PYRAMID_BINS = (1, 2, 3, 6)  # PSPNet's bins, the default everywhere
 
@@ -563,10 +564,6 @@ def pyramid_conv3x3(
     return _pyramid_conv(op, [x, *branches], names, weight, bias, tuple(x.shape[2:]), align_corners, False, backend)
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def pyramid_conv_modules(
     parts: Sequence[Tensor],
     conv: torch.nn.Conv2d,
@@ -578,9 +575,9 @@ def pyramid_conv_modules(
 ) -> Tensor:
     """``relu(bn(conv(cat(parts resized to size))))`` through :func:`pyramid_conv`, with the modules'
     parameters (what ``fuse_pyramid_pooling`` calls; ``bn`` and ``relu`` optional). A BatchNorm in eval
-    mode folds into the conv's weight and bias (``W·γ/σ``, ``(b − μ)·γ/σ + β``, in fp32) and the ReLU
-    runs in the op; in training the BatchNorm runs after the op as itself (batch statistics, running
-    averages), then the ReLU."""
+    mode folds into the conv's weight and bias (``fold_batch_norm``, cached on ``conv`` in eager
+    inference) and the ReLU runs in the op; in training the BatchNorm runs after the op as itself
+    (batch statistics, running averages), then the ReLU."""
     op = "pyramid_conv"
     kernel = conv.kernel_size[0]
     padding = conv.padding if conv.padding != "same" else (kernel // 2, kernel // 2)
@@ -591,14 +588,10 @@ def pyramid_conv_modules(
         raise ValueError(f"{op}: conv must be a 1×1 or 3×3 Conv2d, stride 1, padding k//2 (zeros), dilation 1, groups 1; got {conv}")
     weight, bias = conv.weight, conv.bias
     folds = bn is not None and not bn.training and bn.running_mean is not None
-    if folds:
-        acc = _accumulation_dtype(weight.dtype)
-        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.to(acc)
-        shift = -bn.running_mean.to(acc) if bias is None else bias.to(acc) - bn.running_mean.to(acc)
-        shift = shift * scale if bn.bias is None else shift * scale + bn.bias.to(acc)
-        weight, bias = (weight.to(acc) * scale.view(-1, 1, 1, 1)).to(weight.dtype), shift.to(weight.dtype)
+    if folds:  # cached on conv for eager inference (backend.derived)
+        sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+        weight, shift = backends.derived(conv, "pyramid_conv eval fold", sources, lambda: fold_batch_norm(conv, bn, conv.weight.dtype))
+        bias = shift.to(weight.dtype)
     out = pyramid_conv(parts, weight, bias, size, align_corners, relu and (bn is None or folds), backend)
     if bn is None or folds:
         return out

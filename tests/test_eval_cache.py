@@ -1,0 +1,115 @@
+"""The derived-weight cache (backend.derived): the BatchNorm folds of conv_bn_relu_modules and
+pyramid_conv_modules are computed once in eager inference and never stale."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import slsdeep_kernels
+from slsdeep_kernels import backend as backends
+from slsdeep_kernels.ops import conv_bn_relu as CBR
+from slsdeep_kernels.ops import pyramid as P
+from slsdeep_kernels.testing import TOLERANCE, relative_error
+
+needs_cpu = pytest.mark.skipif("cpu" not in slsdeep_kernels.available_backends(), reason="the C++ CPU extension is not built")
+
+
+def randomised(conv, bn):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.3), bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(0, 0.5)
+    return conv.eval(), bn.eval()
+
+
+@pytest.fixture
+def folds(monkeypatch):
+    """The number of folds computed while the test runs."""
+    calls = []
+    original = CBR.fold_batch_norm
+    monkeypatch.setattr(CBR, "fold_batch_norm", lambda *args: calls.append(1) or original(*args))
+    monkeypatch.setattr(P, "fold_batch_norm", CBR.fold_batch_norm)
+    return calls
+
+
+def eager(x, conv, bn):
+    return torch.relu(bn(conv(x)))
+
+
+def assert_matches_eager(x, conv, bn):
+    with torch.no_grad():
+        fused = slsdeep_kernels.conv_bn_relu_modules(x, conv, bn, True)
+        assert relative_error(fused, eager(x, conv, bn)) < TOLERANCE[x.dtype]
+
+
+@needs_cpu
+def test_the_fold_is_computed_once_in_inference(folds):
+    conv, bn = randomised(nn.Conv2d(6, 5, 3, padding=2, dilation=2, bias=True), nn.BatchNorm2d(5))
+    x = torch.randn(2, 6, 9, 8)
+    for _ in range(3):
+        assert_matches_eager(x, conv, bn)
+    assert len(folds) == 1
+
+
+@needs_cpu
+@pytest.mark.parametrize("change", ["train step", "load_state_dict", "to float64", "p.data =", "in-place write", "eps"])
+def test_the_fold_is_never_stale(change, folds):
+    conv, bn = randomised(nn.Conv2d(6, 5, 1, bias=False), nn.BatchNorm2d(5))
+    x = torch.randn(2, 6, 7, 5)
+    assert_matches_eager(x, conv, bn)
+    if change == "train step":  # the running statistics move
+        bn.train(), conv.train()
+        slsdeep_kernels.conv_bn_relu_modules(torch.randn(4, 6, 7, 5) * 3 + 1, conv, bn, True)
+        bn.eval(), conv.eval()
+    elif change == "load_state_dict":
+        other_conv, other_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+        with torch.no_grad():
+            other_conv.weight.normal_(), other_bn.running_var.uniform_(2, 3)
+        conv.load_state_dict(other_conv.state_dict()), bn.load_state_dict(other_bn.state_dict())
+    elif change == "to float64":
+        conv.double(), bn.double()
+        x = x.double()
+    elif change == "p.data =":
+        conv.weight.data = torch.randn_like(conv.weight)
+    elif change == "in-place write":
+        with torch.no_grad():
+            bn.weight.mul_(-1)
+    else:
+        bn.eps = 0.5
+    assert_matches_eager(x, conv, bn)
+    assert len(folds) == 2
+
+
+@needs_cpu
+def test_no_cache_where_autograd_or_torch_compile_needs_the_fold(folds):
+    conv, bn = randomised(nn.Conv2d(4, 3, 3, padding=1), nn.BatchNorm2d(3))
+    x = torch.randn(2, 4, 6, 6)
+    out = slsdeep_kernels.conv_bn_relu_modules(x, conv, bn, True)  # grad enabled, parameters require grad
+    out.square().sum().backward()
+    assert conv.weight.grad is not None and bn.weight.grad is not None
+    compiled = torch.compile(lambda x: slsdeep_kernels.conv_bn_relu_modules(x, conv, bn, True), fullgraph=True)
+    with torch.no_grad():
+        compiled(x)
+    assert conv not in backends._DERIVED
+    assert len(folds) == 0  # neither path used the cached fold (both fold inside the custom op)
+
+
+@needs_cpu
+def test_the_pyramid_conv_fold_is_cached_and_refreshed(folds):
+    conv, bn = randomised(nn.Conv2d(5, 4, 3, padding=1), nn.BatchNorm2d(4))
+    parts = [torch.randn(2, 3, 7, 6), torch.randn(2, 2, 2, 2)]
+
+    def check():
+        with torch.no_grad():
+            fused = slsdeep_kernels.pyramid_conv_modules(parts, conv, bn, relu=True)
+            cat = torch.cat([parts[0], nn.functional.interpolate(parts[1], (7, 6), mode="bilinear")], 1)
+            assert relative_error(fused, eager(cat, conv, bn)) < TOLERANCE[torch.float32]
+
+    check(), check()
+    assert len(folds) == 1
+    with torch.no_grad():
+        bn.running_mean.add_(1)
+    check()
+    assert len(folds) == 2
