@@ -152,8 +152,9 @@ class Decoder(nn.Module):
 
     Concatenation order at 1/8: [layer4, (layer2, layer3 for ASC), pyramid branches 1, 2, 3, 6]
     (the dense encoder channels first, then the upsampled low-resolution branches). Fused, the
-    pyramid's part of the concatenation is never built (``slsdeep_kernels.pyramid_conv3x3``); the
-    ASC dense part (layer4, layer2, layer3) is, being the conv's ordinary input.
+    pyramid's part of the concatenation is never built (``slsdeep_kernels.pyramid_conv_modules``, the
+    head's BN folded into it in eval); the ASC dense part (layer4, layer2, layer3) is, being the conv's
+    ordinary input.
     """
 
     def __init__(self, encoder_channels: Sequence[int], branch_channels: int, decoder_channels: int,
@@ -189,16 +190,16 @@ class Decoder(nn.Module):
 
     def _fused_head(self, top: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """Pyramid pooling + head conv + BN + ReLU without the concatenation: every bin pooled in one
-        read of ``top``, the branches' 1×1 conv+BN+ReLU fused at b×b, and the head's 3×3 conv
-        split into a conv over ``dense`` plus low-resolution taps of the branches."""
+        read of ``top``, the branches' 1×1 conv+BN+ReLU fused at b×b, and the head's 3×3 conv (+ BN +
+        ReLU) split into a conv over ``dense`` plus low-resolution taps of the branches."""
         pooled = slsdeep_kernels.pyramid_pool(top, BINS)
         branches, offset = [], 0
         for b, stage in zip(BINS, self.branches):
             cells = pooled[:, :, offset : offset + b * b].unflatten(2, (b, b))
             branches.append(conv_bn(cells, stage.conv, stage.bn, True, True).to(dense.dtype))
             offset += b * b
-        y = slsdeep_kernels.pyramid_conv3x3(dense, branches, self.head.conv.weight, self.head.conv.bias, self.align_corners)
-        return F.relu(self.head.bn(y))
+        return slsdeep_kernels.pyramid_conv_modules([dense, *branches], self.head.conv, self.head.bn, relu=True,
+                                                    size=dense.shape[-2:], align_corners=self.align_corners)  # fmt: skip
 
 
 class SLSDeep(nn.Module):

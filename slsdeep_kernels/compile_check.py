@@ -438,11 +438,14 @@ def _model_calls(channels_last: bool, training: bool) -> ModelCalls:
         calls.pools.append((Geometry.of(x), tuple(bins)))
         return torch.empty((x.shape[0], x.shape[1], sum(b * b for b in bins)), device="meta")
 
-    def pyramid_conv3x3(x, branches, weight, bias=None, align_corners=False, backend_=None):
+    def pyramid_conv_modules(parts, conv, bn=None, relu=False, size=None, align_corners=False, backend_=None):
+        x, *branches = parts  # the model's order: its dense input, then the branches
+        weight = conv.weight
         calls.pyramid_convs.append((Geometry.of(x), [Geometry.of(y) for y in branches], Geometry.of(weight), bool(align_corners)))
         return torch.empty((x.shape[0], weight.shape[0], *x.shape[2:]), device="meta", memory_format=backend.preserved_format(x))
 
-    recorders = {"conv_bn_relu_modules": conv_bn_relu_modules, "pyramid_pool": pyramid_pool, "pyramid_conv3x3": pyramid_conv3x3}
+    recorders = {"conv_bn_relu_modules": conv_bn_relu_modules, "pyramid_pool": pyramid_pool,
+                 "pyramid_conv_modules": pyramid_conv_modules}  # fmt: skip
     saved = {name: getattr(slsdeep_kernels, name) for name in recorders}
     try:
         for name, fn in recorders.items():
@@ -455,7 +458,7 @@ def _model_calls(channels_last: bool, training: bool) -> ModelCalls:
             setattr(slsdeep_kernels, name, fn)
     if not (calls.convs and calls.pools and calls.pyramid_convs):
         raise CompileCheckError(
-            "the SLSDeep model no longer calls slsdeep_kernels.conv_bn_relu_modules, pyramid_pool and pyramid_conv3x3 "
+            "the SLSDeep model no longer calls slsdeep_kernels.conv_bn_relu_modules, pyramid_pool and pyramid_conv_modules "
             "(as compile_check's model cases expect): update _model_calls"
         )
     return calls

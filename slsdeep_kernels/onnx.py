@@ -16,15 +16,14 @@ become constants). Every one is shape-generic: the batch, and also H and W, may 
   ``half_pixel`` or ``align_corners``). PyTorch's bilinear rule is ``half_pixel`` with the source
   coordinate clamped at 0, which ``Resize`` does too; ``pytorch_half_pixel`` differs where an output side is 1.
 * ``pyramid_conv`` -> the low-resolution form (see :mod:`slsdeep_kernels.ops.pyramid`): ``Conv`` over
-  the full-resolution parts (``Concat`` of them where there are several), and per branch one 1×1
-  ``Conv`` to ``k²·C_out`` channels at the branch's own size (``z_t = W_t·y`` for the k×k taps),
-  ``Resize`` to H×W (a per-channel linear map, so it commutes with the 1×1 conv), summed over branches,
-  zero-padded by k//2, and the taps' shifted ``Slice`` s added to the conv:
-  ``conv(up(y))(p) = Σ_t up(W_t·y)(p + t − k//2)``, zero outside the image; then ``Relu`` when the op
-  has it. The graph's convolutions stay those of the fused op. The op's other two outputs (the
-  full-resolution weight slices, the branches' (C_out·k², C_b) weights) are ``Slice``/``Transpose``/
-  ``Reshape`` of the weight, dropped by the exporter when unused. A part is full-resolution where its
-  H×W is the op's size or dynamic (the bins' sizes are constants).
+  the full-resolution parts (``Concat`` of them where there are several) with their weight slice,
+  and per branch its ``(C_out·k², C_b)`` matrix as one 1×1 ``Conv`` to ``k²·C_out`` channels at the
+  branch's own size (``z_t = W_t·y`` for the k×k taps), ``Resize`` to H×W (a per-channel linear map,
+  so it commutes with the 1×1 conv), summed over branches, zero-padded by k//2, and the taps' shifted
+  ``Slice`` s added to the conv: ``conv(up(y))(p) = Σ_t up(W_t·y)(p + t − k//2)``, zero outside the
+  image; then ``Relu`` when the op has it. The weight's split comes before the op as ordinary ops
+  on the parameters (folded to constants by :func:`fold_constants`). A part is full-resolution where
+  its H×W is the op's size or dynamic (the bins' sizes are constants).
 
 A training-mode ``conv_bn_relu`` (batch statistics) raises: export in eval mode. The loss has no
 translation: it is not part of an inference graph.
@@ -35,16 +34,6 @@ from __future__ import annotations
 import torch
 
 MIN_OPSET = 18
-
-
-class _ValueList(list):
-    """A list-of-tensors output (``pyramid_conv``'s third): the exporter names every output of a
-    node and asks for its producer, which a plain list cannot answer."""
-
-    name = None
-
-    def producer(self):
-        return None
 
 
 def _ops(opset: int):
@@ -104,28 +93,21 @@ def _ops(opset: int):
             return True
         return all(isinstance(s, int) for s in size) and dims == tuple(size)
 
-    def pyramid_conv(parts, weight, bias, size, align_corners, relu, backend):
-        k, out_channels = weight.shape[-1], weight.shape[0]
+    def pyramid_conv(parts, weight_x, branch_weights, bias, size, align_corners, relu, backend):
+        k, out_channels = weight_x.shape[-1], weight_x.shape[0]
         half = k // 2
         full = [is_full_resolution(p, size) for p in parts]
-        full_slices, branch_weights, offset = [], _ValueList(), 0
-        taps, spatial = None, spatial_size(next(p for p, f in zip(parts, full) if f))
-        for p, is_full in zip(parts, full):
-            c = p.shape[1]
-            piece = op.Slice(weight, [offset], [offset + c], [1])  # (C_out, C_p, k, k)
-            offset += c
-            if is_full:
-                full_slices.append(piece)
-                continue
-            branch_weights.append(op.Reshape(op.Transpose(piece, perm=[0, 2, 3, 1]), [-1, c]))
-            # 1×1 conv to channels ordered (ky, kx, out channel): tap t is the block [t·C_out, (t+1)·C_out).
-            wk = op.Reshape(op.Transpose(piece, perm=[2, 3, 0, 1]), [k * k * out_channels, c, 1, 1])
-            z = resize(op.Conv(p, wk), spatial, align_corners)
-            taps = z if taps is None else op.Add(taps, z)
         inputs = [p for p, f in zip(parts, full) if f]
+        spatial = spatial_size(inputs[0])
         x = inputs[0] if len(inputs) == 1 else op.Concat(*inputs, axis=1)
-        weight_x = full_slices[0] if len(full_slices) == 1 else op.Concat(*full_slices, axis=1)
         out = op.Conv(x, weight_x, bias, pads=[half] * 4)
+        taps = None
+        for y, weight in zip((p for p, f in zip(parts, full) if not f), branch_weights):
+            # (C_out·k², C_b), rows (out channel, ky, kx), as a 1×1 conv to channels ordered (ky, kx, out
+            # channel): tap t is the block [t·C_out, (t+1)·C_out).
+            by_tap = op.Reshape(op.Transpose(op.Reshape(weight, [out_channels, k * k, -1]), perm=[1, 0, 2]), [k * k * out_channels, -1, 1, 1])
+            z = resize(op.Conv(y, by_tap), spatial, align_corners)
+            taps = z if taps is None else op.Add(taps, z)
         if taps is not None and k == 1:
             out = op.Add(out, taps)
         elif taps is not None:
@@ -135,7 +117,7 @@ def _ops(opset: int):
                     t = k * ky + kx
                     ends = op.Concat(op.Constant(value_ints=[(t + 1) * out_channels]), op.Add(spatial, [ky, kx]), axis=0)
                     out = op.Add(out, op.Slice(padded, [t * out_channels, ky, kx], ends, [1, 2, 3]))
-        return op.Relu(out) if relu else out, weight_x, branch_weights
+        return op.Relu(out) if relu else out
 
     def conv_bn_relu_train(*args):
         raise ValueError("slsdeep_kernels: conv_bn_relu in training mode (batch statistics) has no ONNX form; "

@@ -305,24 +305,30 @@ def test_opcheck(backend):
     torch.library.opcheck(ops.pyramid_pool_backward, (torch.randn(2, 3, 50), [1, 2, 3, 6], 5, 7, True, backend))
     torch.library.opcheck(ops.upsample_concat, (x, branches, False, backend))
     torch.library.opcheck(ops.upsample_concat_backward, (torch.randn(2, 11, 5, 7), 3, [2, 1, 1, 3, 2, 2, 1, 3, 3, 2, 6, 6], True, backend))
-    torch.library.opcheck(ops.pyramid_conv, ([x, *branches], weight, bias, [5, 7], True, False, backend))
-    torch.library.opcheck(ops.pyramid_conv, ([x, *branches], weight, None, [5, 7], False, True, backend))
+    def split(weight, parts):  # the op's weight inputs, as leaves
+        pieces = P._split_weight(weight.detach(), parts, P._full_resolution(parts, [5, 7]))
+        return pieces[0].requires_grad_(), [w.requires_grad_() for w in pieces[1]]
+
+    parts = [x, *branches]
+    torch.library.opcheck(ops.pyramid_conv, (parts, *split(weight, parts), bias, [5, 7], True, False, backend))
+    torch.library.opcheck(ops.pyramid_conv, (parts, *split(weight, parts), None, [5, 7], False, True, backend))
     x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
     torch.library.opcheck(ops.pyramid_pool, (x_cl, [2, 5], backend))
     torch.library.opcheck(ops.upsample_concat, (x_cl, branches, True, backend))
-    torch.library.opcheck(ops.pyramid_conv, ([x_cl, *branches], weight, bias, [5, 7], False, False, backend))
+    parts = [x_cl, *branches]
+    torch.library.opcheck(ops.pyramid_conv, (parts, *split(weight, parts), bias, [5, 7], False, False, backend))
     # 1×1, branches first, two full-resolution parts, ReLU
     other = image((2, 2, 5, 7)).requires_grad_()
     parts = [branches[1], x, branches[0], other]
-    weight_1x1 = torch.randn(4, sum(p.shape[1] for p in parts), 1, 1, requires_grad=True)
-    torch.library.opcheck(ops.pyramid_conv, (parts, weight_1x1, bias, [5, 7], True, True, backend))
+    weight_1x1 = torch.randn(4, sum(p.shape[1] for p in parts), 1, 1)
+    torch.library.opcheck(ops.pyramid_conv, (parts, *split(weight_1x1, parts), bias, [5, 7], True, True, backend))
     grad = torch.randn(2, 4, 5, 7)
     detached = [p.detach() for p in parts]
-    full = P._full_resolution(detached, [5, 7])
-    weight_x, branch_weights = P._split_weight(weight_1x1.detach(), detached, full)
+    weight_x, branch_weights = split(weight_1x1, detached)
+    weight_x, branch_weights = weight_x.detach(), [w.detach() for w in branch_weights]
     torch.library.opcheck(
         ops.pyramid_conv_backward,
-        (grad, detached, weight_x, branch_weights, [5, 7], False, [True, True, True, False], backend),
+        (grad, detached, weight_x, branch_weights, [5, 7], False, [True, True, True, True, False], backend),
     )
 
 

@@ -217,10 +217,10 @@ def _full_input(parts: list[Tensor], full: list[bool]) -> tuple[Tensor, torch.me
 
 
 def _split_weight(weight: Tensor, parts: list[Tensor], full: list[bool]) -> tuple[Tensor, list[Tensor]]:
-    """The conv weight as the op uses it: the full-resolution parts' slices (C_out, C_full, k, k),
+    """The conv weight as the op takes it: the full-resolution parts' slices (C_out, C_full, k, k),
     dense, for the conv, and per resized part (a branch) its slice as (C_out·k·k, C_b), rows ordered
-    (out channel, ky, kx), for the tap matmuls. Computed once in forward and saved for backward;
-    fresh tensors (custom-op outputs never alias inputs)."""
+    (out channel, ky, kx), for the tap matmuls. Differentiable ATen: autograd turns the pieces'
+    gradients into the weight's."""
     full_slices, branch_weights, offset = [], [], 0
     for p, is_full in zip(parts, full):
         piece = weight[:, offset : offset + p.shape[1]]
@@ -252,13 +252,20 @@ def _taps(branch_weights: list[Tensor], branches: list[Tensor], kernel_size: int
 
 @torch.library.custom_op("slsdeep_kernels::pyramid_conv", mutates_args=())
 def _pyramid_conv_op(
-    parts: list[Tensor], weight: Tensor, bias: Tensor | None, size: list[int], align_corners: bool, relu: bool, backend: str
-) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """(out, the full-resolution weight slices, the branches' (C_out·k·k, C_b) weights): the last two
-    are saved for backward."""
+    parts: list[Tensor],
+    weight_x: Tensor,
+    branch_weights: list[Tensor],
+    bias: Tensor | None,
+    size: list[int],
+    align_corners: bool,
+    relu: bool,
+    backend: str,
+) -> Tensor:
+    """The pyramid conv on the weight as :func:`_split_weight` gives it: ``weight_x`` for the
+    full-resolution parts, one ``(C_out·k·k, C_b)`` matrix per branch (the split is ordinary
+    differentiable ATen outside the op, so autograd assembles the weight's gradient)."""
     full = _full_resolution(parts, size)
-    (x, memory_format), kernel_size = _full_input(parts, full), weight.shape[-1]
-    weight_x, branch_weights = _split_weight(weight, parts, full)
+    (x, memory_format), kernel_size = _full_input(parts, full), weight_x.shape[-1]
     out = F.conv2d(x, weight_x, bias, padding=kernel_size // 2).contiguous(memory_format=memory_format)
     taps = _taps(branch_weights, [p for p, f in zip(parts, full) if not f], kernel_size)
     if backend == "triton":
@@ -267,20 +274,13 @@ def _pyramid_conv_op(
         backends.COMPILED.pyramid_taps_add_kernel(out, taps, align_corners)
     if relu:
         out.relu_()
-    return out, weight_x, branch_weights
+    return out
 
 
 @_pyramid_conv_op.register_fake
-def _(parts, weight, bias, size, align_corners, relu, backend):
-    full = _full_resolution(parts, size)
-    x = next(p for p, f in zip(parts, full) if f)
-    out_channels, kernel_size = weight.shape[0], weight.shape[-1]
-    full_channels = sum(p.shape[1] for p, f in zip(parts, full) if f)
-    return (
-        _empty((x.shape[0], out_channels, *size), x, backends.preserved_format(x)),
-        _empty((out_channels, full_channels, kernel_size, kernel_size), weight),
-        [_empty((out_channels * kernel_size * kernel_size, p.shape[1]), weight) for p, f in zip(parts, full) if not f],
-    )
+def _(parts, weight_x, branch_weights, bias, size, align_corners, relu, backend):
+    x = next(p for p, f in zip(parts, _full_resolution(parts, size)) if f)
+    return _empty((x.shape[0], weight_x.shape[0], *size), x, backends.preserved_format(x))
 
 
 @torch.library.custom_op("slsdeep_kernels::pyramid_conv_backward", mutates_args=())
@@ -293,98 +293,100 @@ def _pyramid_conv_backward_op(
     align_corners: bool,
     output_mask: list[bool],
     backend: str,
-) -> tuple[list[Tensor], Tensor, Tensor]:
-    """Grads of (every part, weight, bias). output_mask = (full-resolution parts, branches, weight,
-    bias); a part or argument not asked for gets an empty tensor."""
-    need_full, need_branches, need_weight, need_bias = output_mask
+) -> tuple[list[Tensor], Tensor, list[Tensor], Tensor]:
+    """Grads of (every part, weight_x, every branch weight, bias). output_mask = (full-resolution
+    parts, branches, weight_x, branch weights, bias); what is not asked for gets empty tensors."""
+    need_full, need_branches, need_weight_x, need_branch_weights, need_bias = output_mask
     full = _full_resolution(parts, size)
     (x, _), kernel_size = _full_input(parts, full), weight_x.shape[-1]
     out_channels, padding = weight_x.shape[0], kernel_size // 2
     grad_x, grad_weight_x, grad_bias = torch.ops.aten.convolution_backward(
         grad, x, weight_x, [out_channels], [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
-        [need_full, need_weight, need_bias],
+        [need_full, need_weight_x, need_bias],
     )  # fmt: skip
     full_index = [i for i, f in enumerate(full) if f]
     branch_index = [i for i, f in enumerate(full) if not f]
-    widths = [parts[i].shape[1] for i in full_index]
     grad_parts = [grad.new_empty(0) for _ in parts]  # one tensor per slot: outputs never alias
-    grad_weights = [None] * len(parts)
+    grad_branch_weights = [grad.new_empty(0) for _ in branch_index]
     if need_full:
+        widths = [parts[i].shape[1] for i in full_index]
         for i, piece in zip(full_index, grad_x.split(widths, 1) if len(widths) > 1 else [grad_x]):
             grad_parts[i] = piece.contiguous(memory_format=backends.preserved_format(parts[i]))
-    if need_weight:
-        for i, piece in zip(full_index, grad_weight_x.split(widths, 1)):
-            grad_weights[i] = piece
-    if branch_index and (need_branches or need_weight):
+    if branch_index and (need_branches or need_branch_weights):
         sizes = [s for i in branch_index for s in parts[i].shape[2:]]
         if backend == "triton":
             grad_taps = _triton().taps_backward(grad, sizes, kernel_size, align_corners)
         else:
             grad_taps = backends.COMPILED.pyramid_taps_backward_kernel(grad, sizes, kernel_size, align_corners)
-        for i, weight, grad_z in zip(branch_index, branch_weights, grad_taps):
+        for b, (i, weight, grad_z) in enumerate(zip(branch_index, branch_weights, grad_taps)):
             y = parts[i]
             N, cb, h, w = y.shape
             grad_z = grad_z.permute(1, 2, 3, 0, 4, 5).reshape(-1, N * h * w)  # (C_out·k·k, N·h·w)
             if need_branches:
                 grad_parts[i] = (weight.t() @ grad_z).view(cb, N, h, w).transpose(0, 1).contiguous()
-            if need_weight:
-                grad_weight = grad_z @ _by_channel(y).t()  # (C_out·k·k, C_b)
-                grad_weights[i] = grad_weight.view(out_channels, kernel_size, kernel_size, cb).permute(0, 3, 1, 2)
+            if need_branch_weights:
+                grad_branch_weights[b] = grad_z @ _by_channel(y).t()  # (C_out·k·k, C_b)
     return (
         grad_parts,
-        torch.cat(grad_weights, dim=1) if need_weight else grad.new_empty(0),
+        grad_weight_x if need_weight_x else grad.new_empty(0),
+        grad_branch_weights,
         grad_bias if need_bias else grad.new_empty(0),
     )
 
 
 @_pyramid_conv_backward_op.register_fake
 def _(grad, parts, weight_x, branch_weights, size, align_corners, output_mask, backend):
-    need_full, need_branches, need_weight, need_bias = output_mask
-    full = _full_resolution(parts, size)
+    need_full, need_branches, need_weight_x, need_branch_weights, need_bias = output_mask
     grad_parts = []
-    for p, is_full in zip(parts, full):
+    for p, is_full in zip(parts, _full_resolution(parts, size)):
         wanted = need_full if is_full else need_branches
         memory_format = backends.preserved_format(p) if is_full else torch.contiguous_format
         grad_parts.append(_empty(p.shape, p, memory_format) if wanted else _empty((0,), grad))
-    out_channels, kernel_size = weight_x.shape[0], weight_x.shape[-1]
-    channels = sum(p.shape[1] for p in parts)
     return (
         grad_parts,
-        _empty((out_channels, channels, kernel_size, kernel_size), weight_x) if need_weight else _empty((0,), grad),
-        _empty((out_channels,), weight_x) if need_bias else _empty((0,), grad),
+        _empty(weight_x.shape, weight_x) if need_weight_x else _empty((0,), grad),
+        [_empty(w.shape, w) if need_branch_weights else _empty((0,), grad) for w in branch_weights],
+        _empty((weight_x.shape[0],), weight_x) if need_bias else _empty((0,), grad),
     )
 
 
 def _conv_setup(ctx, inputs, output):
-    parts, weight, bias, size, align_corners, relu, backend = inputs
-    out, weight_x, branch_weights = output
-    ctx.mark_non_differentiable(weight_x, *branch_weights)
+    parts, weight_x, branch_weights, bias, size, align_corners, relu, backend = inputs
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(out if relu else None, weight_x, *parts, *branch_weights)
+    ctx.save_for_backward(output if relu else None, weight_x, *parts, *branch_weights)
     ctx.part_count, ctx.size, ctx.align_corners, ctx.relu, ctx.backend = len(parts), size, align_corners, relu, backend
     full = _full_resolution(parts, size)
     ctx.output_mask = [
         any(p.requires_grad for p, f in zip(parts, full) if f),
         any(p.requires_grad for p, f in zip(parts, full) if not f),
-        weight.requires_grad,
+        weight_x.requires_grad,
+        any(w.requires_grad for w in branch_weights),
         bias is not None and bias.requires_grad,
     ]
 
 
-def _conv_backward(ctx, grad, _grad_weight_x, _grad_branch_weights):
+def _conv_backward(ctx, grad):
     out, weight_x, *rest = ctx.saved_tensors
     parts, branch_weights = rest[: ctx.part_count], rest[ctx.part_count :]
     if grad is None:
-        return [None] * ctx.part_count, None, None, None, None, None, None
+        return [None] * len(parts), None, [None] * len(branch_weights), None, None, None, None, None
     if ctx.relu:
         grad = torch.ops.aten.threshold_backward(grad, out, 0)
-    grad_parts, grad_weight, grad_bias = _pyramid_conv_backward_op(
+    grad_parts, grad_weight_x, grad_branch_weights, grad_bias = _pyramid_conv_backward_op(
         grad, parts, weight_x, branch_weights, ctx.size, ctx.align_corners, ctx.output_mask, ctx.backend
     )
-    need_full, need_branches, need_weight, need_bias = ctx.output_mask
+    need_full, need_branches, need_weight_x, need_branch_weights, need_bias = ctx.output_mask
     full = _full_resolution(parts, ctx.size)
-    grad_parts = [g if (need_full if f else need_branches) else None for g, f in zip(grad_parts, full)]
-    return grad_parts, grad_weight if need_weight else None, grad_bias if need_bias else None, None, None, None, None
+    return (
+        [g if (need_full if f else need_branches) else None for g, f in zip(grad_parts, full)],
+        grad_weight_x if need_weight_x else None,
+        grad_branch_weights if need_branch_weights else [None] * len(branch_weights),
+        grad_bias if need_bias else None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 torch.library.register_autograd("slsdeep_kernels::pyramid_conv", _conv_backward, setup_context=_conv_setup)
@@ -487,8 +489,9 @@ def _check_size(op: str, size, parts: list[Tensor]) -> tuple[int, int]:
     return tuple(size)
 
 
-def _pyramid_conv(op, parts, names, weight, bias, size, align_corners, relu, backend) -> Tensor:
-    """pyramid_conv and its alias after their own argument checks: autocast, validation, the backend."""
+def _pyramid_conv(op, parts, names, weight, bias, size, align_corners, relu, backend, cache_owner=None) -> Tensor:
+    """pyramid_conv and its alias after their own argument checks: autocast, validation, the backend,
+    the weight's split (cached on ``cache_owner``, a module, in eager inference)."""
     device_type = parts[0].device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -515,7 +518,15 @@ def _pyramid_conv(op, parts, names, weight, bias, size, align_corners, relu, bac
     name = backends.resolve(op, device, parts[0].dtype, backend)
     if name == "reference":
         return pyramid_conv_reference(parts, weight, bias, size, align_corners, relu)
-    return _pyramid_conv_op(parts, weight, bias, list(size), bool(align_corners), bool(relu), name)[0]
+    full = _full_resolution(parts, size)
+    if cache_owner is None:
+        weight_x, branch_weights = _split_weight(weight, parts, full)
+    else:  # eager inference through a module: the pieces cached on it (backend.derived)
+        widths = tuple(p.shape[1] for p in parts)
+        weight_x, branch_weights = backends.derived(
+            cache_owner, "pyramid_conv weight split", (weight, widths, tuple(full)), lambda: _split_weight(weight, parts, full)
+        )
+    return _pyramid_conv_op(parts, weight_x, branch_weights, bias, list(size), bool(align_corners), bool(relu), name)
 
 
 def pyramid_conv(
@@ -537,12 +548,17 @@ def pyramid_conv(
     ``relu=True`` applies a ReLU to the output inside the op. The output has the first full-resolution
     part's memory format. Under autocast it runs in the autocast dtype, as a conv does.
     """
+    return _pyramid_conv_of_parts(parts, weight, bias, size, align_corners, relu, backend)
+
+
+def _pyramid_conv_of_parts(parts, weight, bias, size, align_corners, relu, backend, cache_owner=None) -> Tensor:
     op = "pyramid_conv"
     parts = _tensor_list(op, "parts", parts)
     if not parts:
         raise ValueError(f"{op}: parts must not be empty")
     _check_image(op, parts[0], "parts[0]")
-    return _pyramid_conv(op, parts, [f"parts[{i}]" for i in range(len(parts))], weight, bias, size, align_corners, relu, backend)
+    names = [f"parts[{i}]" for i in range(len(parts))]
+    return _pyramid_conv(op, parts, names, weight, bias, size, align_corners, relu, backend, cache_owner)
 
 
 def pyramid_conv3x3(
@@ -592,7 +608,7 @@ def pyramid_conv_modules(
         sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
         weight, shift = backends.derived(conv, "pyramid_conv eval fold", sources, lambda: fold_batch_norm(conv, bn, conv.weight.dtype))
         bias = shift.to(weight.dtype)
-    out = pyramid_conv(parts, weight, bias, size, align_corners, relu and (bn is None or folds), backend)
+    out = _pyramid_conv_of_parts(parts, weight, bias, size, align_corners, relu and (bn is None or folds), backend, conv)
     if bn is None or folds:
         return out
     out = bn(out)
