@@ -77,7 +77,14 @@ def device_info() -> dict:
         if line:
             name, _, driver = line.splitlines()[0].partition(",")
             return {"device": name.strip(), "driver": driver.strip() or None}
-    return {"device": f"cpu ({os.cpu_count()} cores)", "driver": None}
+    return {"device": f"cpu ({os.cpu_count()} cores, {_cpu_capability()})", "driver": None}
+
+
+def _cpu_capability() -> str:
+    """ATen's CPU capability (``AVX2``, ``AVX512``, ...): what tells two CPUs' figures apart."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def _package_version(name: str) -> str | None:
