@@ -68,18 +68,21 @@ def _forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 def model_cases(device: torch.device | str, quick: bool = False, precision: str | None = None) -> list[Case]:
     """Inference at each batch size and one training step of the paper-preset SLSDeep. Inference runs
-    bf16 channels_last models on CUDA and fp32 on CPU; ``precision="bf16"``: fp32 models under bf16
-    autocast on channels_last images instead (what ``slsdeep predict --precision bf16`` runs)."""
+    bf16 channels_last models on CUDA and fp32 on CPU by default; ``precision="fp32"``: fp32 models;
+    ``"bf16"``: fp32 models under bf16 autocast on channels_last images (what
+    ``slsdeep predict --precision bf16`` runs)."""
     from slsdeep.predict import autocast_dtype  # checks precision and the device's bf16, warns as predict does
 
     device = torch.device(device)
     size = IMAGE_SIZE[device.type]
     fused, eager = _models(device, train=False)
     autocast = precision is not None and autocast_dtype(fused, precision, device) is not None
-    dtype = torch.bfloat16 if device.type == "cuda" and not autocast else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" and precision is None else torch.float32
+    if device.type == "cuda" and precision is not None:
+        fused, eager = fused.float(), eager.float()  # an explicit precision: fp32 models (under autocast for bf16)
     cases = []
     if autocast:
-        fused, eager = (_autocast(m.float(), torch.bfloat16) for m in (fused, eager))
+        fused, eager = (_autocast(m, torch.bfloat16) for m in (fused, eager))
     batches = INFERENCE_BATCHES[device.type][-1:] if quick else INFERENCE_BATCHES[device.type]
     for batch in batches:
         shape = (batch, 3, size, size)

@@ -257,10 +257,18 @@ def _same(signature: tuple, sources) -> bool:
 def derived(owner: torch.nn.Module, key: str, sources: tuple, derive):
     """``derive()``, cached on ``owner`` under ``key`` while no tensor of ``sources`` changes (the one
     helper for every derived-weight cache of the library). Not cached, but derived on every call,
-    under ``torch.compile`` (which folds by itself) and where autograd needs the derivation (grad
-    enabled and a source requires grad)."""
+    under ``torch.compile`` (which folds by itself), where autograd needs the derivation (grad
+    enabled and a source requires grad) and in inference mode (its tensors have no version counter).
+
+    A write through ``p.data`` (``p.data.mul_(…)``) bumps the version of that alias only and is not
+    seen: write parameters in place under ``torch.no_grad()`` (as optimisers do), assign ``p.data =``
+    a new tensor, or call :func:`clear_derived`.
+    """
     tensors = [t for t in sources if isinstance(t, torch.Tensor)]
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    if (
+        torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or any(t.is_inference() for t in tensors)
+        or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    ):  # fmt: skip
         return derive()
     entries = _DERIVED.setdefault(owner, {})
     hit = entries.get(key)
@@ -269,6 +277,15 @@ def derived(owner: torch.nn.Module, key: str, sources: tuple, derive):
     value = derive()
     entries[key] = (tuple(_signature(source) for source in sources), value)
     return value
+
+
+def clear_derived(owner: torch.nn.Module | None = None) -> None:
+    """Drop the derived weights cached for ``owner`` and its submodules (every module: None)."""
+    if owner is None:
+        _DERIVED.clear()
+        return
+    for module in owner.modules():
+        _DERIVED.pop(module, None)
 
 
 # Test hook (tests/guard_pages.py places outputs next to unreadable pages): within

@@ -270,7 +270,8 @@ def _bilinear_resize(node: fx.Node, modules: dict[str, nn.Module]) -> tuple | No
         a = _call_arguments(node, F.interpolate)
         if a["mode"] != "bilinear" or a["size"] is None or a["scale_factor"] is not None or a["antialias"]:
             return None
-        return a["input"], a["size"], bool(a["align_corners"])
+        size = a["size"]
+        return a["input"], (size, size) if isinstance(size, int) else size, bool(a["align_corners"])
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return None
     module = modules[node.target]
@@ -349,8 +350,8 @@ def _fuse_pyramid_heads(model: nn.Module, graph: fx.Graph) -> list[str]:
         for a in old_attributes:
             if not a.users:
                 graph.erase_node(a)
-        for t, r in zip(tensors, resizes):
-            if r is not None and not t.users:
+        for t in {t: None for t, r in zip(tensors, resizes) if r is not None}:  # each resize once, in order
+            if not t.users:
                 graph.erase_node(t)
         pooled_sources.update(t for t, r in zip(tensors, resizes) if r is None)
         fused.append(consumer["conv"])

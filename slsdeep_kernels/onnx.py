@@ -22,8 +22,8 @@ become constants). Every one is shape-generic: the batch, and also H and W, may 
   so it commutes with the 1×1 conv), summed over branches, zero-padded by k//2, and the taps' shifted
   ``Slice`` s added to the conv: ``conv(up(y))(p) = Σ_t up(W_t·y)(p + t − k//2)``, zero outside the
   image; then ``Relu`` when the op has it. The weight's split comes before the op as ordinary ops
-  on the parameters (folded to constants by :func:`fold_constants`). A part is full-resolution where
-  its H×W is the op's size or dynamic (the bins' sizes are constants).
+  on the parameters (folded to constants by :func:`fold_constants`); which parts are at full
+  resolution is the op's own argument, decided when the call was traced.
 
 A training-mode ``conv_bn_relu`` (batch statistics) raises: export in eval mode. The loss has no
 translation: it is not part of an inference graph.
@@ -85,18 +85,9 @@ def _ops(opset: int):
         size = spatial_size(x)
         return op.Concat(x, *(resize(y, size, align_corners) for y in branches), axis=1)
 
-    def is_full_resolution(part, size):
-        """Whether a part is at the output size: its static H×W equals ``size``, or its H×W is dynamic
-        (only the input-sized parts of a pyramid head have dynamic sizes; the bins' are constants)."""
-        dims = tuple(part.shape[2:4])
-        if not all(isinstance(d, int) for d in dims):
-            return True
-        return all(isinstance(s, int) for s in size) and dims == tuple(size)
-
-    def pyramid_conv(parts, weight_x, branch_weights, bias, size, align_corners, relu, backend):
+    def pyramid_conv(parts, weight_x, branch_weights, bias, full, align_corners, relu, backend):
         k, out_channels = weight_x.shape[-1], weight_x.shape[0]
         half = k // 2
-        full = [is_full_resolution(p, size) for p in parts]
         inputs = [p for p, f in zip(parts, full) if f]
         spatial = spatial_size(inputs[0])
         x = inputs[0] if len(inputs) == 1 else op.Concat(*inputs, axis=1)

@@ -54,7 +54,7 @@ def test_the_fold_is_computed_once_in_inference(folds):
 
 
 @needs_cpu
-@pytest.mark.parametrize("change", ["train step", "load_state_dict", "to float64", "p.data =", "in-place write", "eps"])
+@pytest.mark.parametrize("change", ["train step", "load_state_dict", ".to() and back", "p.data =", "in-place write", "eps"])
 def test_the_fold_is_never_stale(change, folds):
     conv, bn = randomised(nn.Conv2d(6, 5, 1, bias=False), nn.BatchNorm2d(5))
     x = torch.randn(2, 6, 7, 5)
@@ -68,9 +68,8 @@ def test_the_fold_is_never_stale(change, folds):
         with torch.no_grad():
             other_conv.weight.normal_(), other_bn.running_var.uniform_(2, 3)
         conv.load_state_dict(other_conv.state_dict()), bn.load_state_dict(other_bn.state_dict())
-    elif change == "to float64":
-        conv.double(), bn.double()
-        x = x.double()
+    elif change == ".to() and back":  # new storages of the same dtype
+        conv.double().float(), bn.double().float()
     elif change == "p.data =":
         conv.weight.data = torch.randn_like(conv.weight)
     elif change == "in-place write":
@@ -78,6 +77,26 @@ def test_the_fold_is_never_stale(change, folds):
             bn.weight.mul_(-1)
     else:
         bn.eps = 0.5
+    assert_matches_eager(x, conv, bn)
+    assert len(folds) == 2
+
+
+@needs_cpu
+def test_no_cache_in_inference_mode_or_for_dtypes_without_a_weight_fold(folds):
+    conv, bn = randomised(nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3))
+    with torch.inference_mode():
+        assert_matches_eager(torch.randn(2, 4, 5, 5), conv, bn)
+    assert_matches_eager(torch.randn(2, 4, 5, 5).double(), conv.double(), bn.double())  # fp64 scales after the conv
+    assert len(folds) == 1 and conv not in backends._DERIVED  # folded in inference mode, nothing kept
+
+
+@needs_cpu
+def test_clear_derived_drops_the_cache(folds):
+    conv, bn = randomised(nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3))
+    x = torch.randn(2, 4, 5, 5)
+    assert_matches_eager(x, conv, bn)
+    conv.weight.data.mul_(2)  # through .data: a separate version counter, not seen by the cache
+    backends.clear_derived(nn.Sequential(conv, bn))
     assert_matches_eager(x, conv, bn)
     assert len(folds) == 2
 

@@ -187,3 +187,36 @@ def test_other_spellings_fuse(counted):
     for train in (False, True):
         assert_same_step(copy.deepcopy(head), fused, (x,), train)
     assert counted == {"pyramid_conv": 2, "pyramid_pool": 2}
+
+
+class IntSizeHead(nn.Module):
+    """``F.interpolate(size=<int>)`` to a square map, the same branch twice, a 1×1 conv with padding="valid"."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage, self.conv = nn.Conv2d(4, 2, 1), nn.Conv2d(4 + 4, 3, 1, padding="valid")
+
+    def forward(self, x):
+        y = nn.functional.interpolate(self.stage(nn.functional.adaptive_avg_pool2d(x, 3)), size=9, mode="bilinear")
+        return self.conv(torch.cat([x, y, y], dim=1))
+
+
+@needs_cpu
+def test_int_sizes_repeated_branches_and_valid_padding_fuse(counted):
+    head = IntSizeHead()
+    fused = slsdeep_kernels.fuse_pyramid_pooling(head)
+    for train in (False, True):
+        assert_same_step(copy.deepcopy(head), fused, (torch.randn(2, 4, 9, 9),), train)
+    assert counted["pyramid_conv"] == 2
+
+
+@needs_cpu
+def test_fused_slsdeep_runs_in_inference_mode():
+    from slsdeep.model import SLSDeep
+
+    model = SLSDeep(preset="tiny", fused=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    with torch.inference_mode():
+        assert relative_error(model(x), expected) < TOLERANCE[torch.float32]

@@ -224,6 +224,18 @@ def test_pyramid_conv(backend, shape, dtype, kernel, order, align_corners, relu)
     )
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pyramid_conv_batch_1_with_two_full_resolution_parts(backend):
+    """Batch 1: the channel slices of one gradient are contiguous, yet the parts' gradients must not alias."""
+    parts = conv_parts(("x", "y1", "f"), n=1)
+    weight = (torch.randn(3, 6, 3, 3) / 3).requires_grad_()
+    assert_matches_reference(
+        lambda w, *ps: slsdeep_kernels.pyramid_conv(list(ps), w, backend=backend),
+        lambda w, *ps: P.pyramid_conv_reference(list(ps), w),
+        [weight, *parts],
+    )
+
+
 @pytest.mark.parametrize("backend", backends_to_test("pyramid", dtype=torch.float64))
 def test_pyramid_conv_gradcheck_fp64(backend):
     for kernel, order in LAYOUTS[:2]:
@@ -309,26 +321,37 @@ def test_opcheck(backend):
         pieces = P._split_weight(weight.detach(), parts, P._full_resolution(parts, [5, 7]))
         return pieces[0].requires_grad_(), [w.requires_grad_() for w in pieces[1]]
 
+    def full(parts):
+        return P._full_resolution(parts, [5, 7])
+
     parts = [x, *branches]
-    torch.library.opcheck(ops.pyramid_conv, (parts, *split(weight, parts), bias, [5, 7], True, False, backend))
-    torch.library.opcheck(ops.pyramid_conv, (parts, *split(weight, parts), None, [5, 7], False, True, backend))
+    torch.library.opcheck(ops.pyramid_conv, (parts, *split(weight, parts), bias, full(parts), True, False, backend))
+    torch.library.opcheck(ops.pyramid_conv, (parts, *split(weight, parts), None, full(parts), False, True, backend))
     x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
     torch.library.opcheck(ops.pyramid_pool, (x_cl, [2, 5], backend))
     torch.library.opcheck(ops.upsample_concat, (x_cl, branches, True, backend))
     parts = [x_cl, *branches]
-    torch.library.opcheck(ops.pyramid_conv, (parts, *split(weight, parts), bias, [5, 7], False, False, backend))
+    torch.library.opcheck(ops.pyramid_conv, (parts, *split(weight, parts), bias, full(parts), False, False, backend))
     # 1×1, branches first, two full-resolution parts, ReLU
     other = image((2, 2, 5, 7)).requires_grad_()
     parts = [branches[1], x, branches[0], other]
     weight_1x1 = torch.randn(4, sum(p.shape[1] for p in parts), 1, 1)
-    torch.library.opcheck(ops.pyramid_conv, (parts, *split(weight_1x1, parts), bias, [5, 7], True, True, backend))
+    torch.library.opcheck(ops.pyramid_conv, (parts, *split(weight_1x1, parts), bias, full(parts), True, True, backend))
     grad = torch.randn(2, 4, 5, 7)
+    for layout in (torch.contiguous_format, torch.channels_last):  # oneDNN's weight gradient follows the layout
+        detached = [p.detach().contiguous(memory_format=layout) for p in parts]
+        weight_x, branch_weights = split(weight_1x1, detached)
+        torch.library.opcheck(
+            ops.pyramid_conv_backward,
+            (grad.contiguous(memory_format=layout), detached, weight_x.detach(), [w.detach() for w in branch_weights],
+             full(detached), False, [True, True, True, True, True], backend),
+        )  # fmt: skip
     detached = [p.detach() for p in parts]
     weight_x, branch_weights = split(weight_1x1, detached)
     weight_x, branch_weights = weight_x.detach(), [w.detach() for w in branch_weights]
     torch.library.opcheck(
         ops.pyramid_conv_backward,
-        (grad, detached, weight_x, branch_weights, [5, 7], False, [True, True, True, True, False], backend),
+        (grad, detached, weight_x, branch_weights, full(detached), False, [True, True, True, True, False], backend),
     )
 
 

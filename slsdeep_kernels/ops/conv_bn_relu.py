@@ -511,6 +511,14 @@ def _folded_parameters(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, dtype: t
     return backends.derived(conv, "conv_bn_relu eval fold", sources, lambda: fold_batch_norm(conv, bn, dtype))
 
 
+def _onednn_folds(dtype: torch.dtype) -> bool:
+    """Whether the cpu eval kernel folds BN into the weight for ``dtype`` (oneDNN's conv + post-ops:
+    fp32, and bf16 where the CPU has it); for other dtypes it scales after the conv, nothing to cache."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _cached_eval(x, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: bool) -> torch.Tensor | None:
     """Eager inference on the ``cpu`` backend with the fold cached: the conv + bias + ReLU alone. None
     where it does not apply (training statistics, autograd, torch.compile, another backend)."""
@@ -521,7 +529,9 @@ def _cached_eval(x, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: bool)
         return None
     if torch.is_autocast_enabled(x.device.type) and x.is_floating_point() and x.dtype != torch.float64:
         x = x.to(torch.get_autocast_dtype(x.device.type))
-    if backends.resolve(OP, x.device, x.dtype, None) != "cpu":
+    elif conv.weight.dtype != x.dtype:
+        return None  # the custom op's path raises the dtype error
+    if conv.weight.device != x.device or not _onednn_folds(x.dtype) or backends.resolve(OP, x.device, x.dtype, None) != "cpu":
         return None
     options = ConvBNOptions(stride=_pair("stride", conv.stride, 1), padding=_pair("padding", _conv_padding(conv), 0),
                             dilation=_pair("dilation", conv.dilation, 1), groups=conv.groups, eps=bn.eps, relu=relu)  # fmt: skip

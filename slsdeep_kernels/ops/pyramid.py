@@ -256,15 +256,15 @@ def _pyramid_conv_op(
     weight_x: Tensor,
     branch_weights: list[Tensor],
     bias: Tensor | None,
-    size: list[int],
+    full: list[bool],
     align_corners: bool,
     relu: bool,
     backend: str,
 ) -> Tensor:
     """The pyramid conv on the weight as :func:`_split_weight` gives it: ``weight_x`` for the
-    full-resolution parts, one ``(C_out·k·k, C_b)`` matrix per branch (the split is ordinary
+    full-resolution parts (``full``: which parts are, decided when the call is traced, so an
+    exported graph keeps it), one ``(C_out·k·k, C_b)`` matrix per branch (the split is ordinary
     differentiable ATen outside the op, so autograd assembles the weight's gradient)."""
-    full = _full_resolution(parts, size)
     (x, memory_format), kernel_size = _full_input(parts, full), weight_x.shape[-1]
     out = F.conv2d(x, weight_x, bias, padding=kernel_size // 2).contiguous(memory_format=memory_format)
     taps = _taps(branch_weights, [p for p, f in zip(parts, full) if not f], kernel_size)
@@ -278,9 +278,9 @@ def _pyramid_conv_op(
 
 
 @_pyramid_conv_op.register_fake
-def _(parts, weight_x, branch_weights, bias, size, align_corners, relu, backend):
-    x = next(p for p, f in zip(parts, _full_resolution(parts, size)) if f)
-    return _empty((x.shape[0], weight_x.shape[0], *size), x, backends.preserved_format(x))
+def _(parts, weight_x, branch_weights, bias, full, align_corners, relu, backend):
+    x = next(p for p, f in zip(parts, full) if f)
+    return _empty((x.shape[0], weight_x.shape[0], *x.shape[2:]), x, backends.preserved_format(x))
 
 
 @torch.library.custom_op("slsdeep_kernels::pyramid_conv_backward", mutates_args=())
@@ -289,7 +289,7 @@ def _pyramid_conv_backward_op(
     parts: list[Tensor],
     weight_x: Tensor,
     branch_weights: list[Tensor],
-    size: list[int],
+    full: list[bool],
     align_corners: bool,
     output_mask: list[bool],
     backend: str,
@@ -297,7 +297,6 @@ def _pyramid_conv_backward_op(
     """Grads of (every part, weight_x, every branch weight, bias). output_mask = (full-resolution
     parts, branches, weight_x, branch weights, bias); what is not asked for gets empty tensors."""
     need_full, need_branches, need_weight_x, need_branch_weights, need_bias = output_mask
-    full = _full_resolution(parts, size)
     (x, _), kernel_size = _full_input(parts, full), weight_x.shape[-1]
     out_channels, padding = weight_x.shape[0], kernel_size // 2
     grad_x, grad_weight_x, grad_bias = torch.ops.aten.convolution_backward(
@@ -308,10 +307,11 @@ def _pyramid_conv_backward_op(
     branch_index = [i for i, f in enumerate(full) if not f]
     grad_parts = [grad.new_empty(0) for _ in parts]  # one tensor per slot: outputs never alias
     grad_branch_weights = [grad.new_empty(0) for _ in branch_index]
-    if need_full:
-        widths = [parts[i].shape[1] for i in full_index]
-        for i, piece in zip(full_index, grad_x.split(widths, 1) if len(widths) > 1 else [grad_x]):
-            grad_parts[i] = piece.contiguous(memory_format=backends.preserved_format(parts[i]))
+    if need_full and len(full_index) == 1:
+        grad_parts[full_index[0]] = grad_x.contiguous(memory_format=backends.preserved_format(parts[full_index[0]]))
+    elif need_full:  # copies: the channel slices of one tensor would alias each other (always for N = 1)
+        for i, piece in zip(full_index, grad_x.split([parts[i].shape[1] for i in full_index], 1)):
+            grad_parts[i] = piece.clone(memory_format=backends.preserved_format(parts[i]))
     if branch_index and (need_branches or need_branch_weights):
         sizes = [s for i in branch_index for s in parts[i].shape[2:]]
         if backend == "triton":
@@ -328,17 +328,17 @@ def _pyramid_conv_backward_op(
                 grad_branch_weights[b] = grad_z @ _by_channel(y).t()  # (C_out·k·k, C_b)
     return (
         grad_parts,
-        grad_weight_x if need_weight_x else grad.new_empty(0),
+        grad_weight_x.contiguous() if need_weight_x else grad.new_empty(0),  # oneDNN may give channels_last
         grad_branch_weights,
         grad_bias if need_bias else grad.new_empty(0),
     )
 
 
 @_pyramid_conv_backward_op.register_fake
-def _(grad, parts, weight_x, branch_weights, size, align_corners, output_mask, backend):
+def _(grad, parts, weight_x, branch_weights, full, align_corners, output_mask, backend):
     need_full, need_branches, need_weight_x, need_branch_weights, need_bias = output_mask
     grad_parts = []
-    for p, is_full in zip(parts, _full_resolution(parts, size)):
+    for p, is_full in zip(parts, full):
         wanted = need_full if is_full else need_branches
         memory_format = backends.preserved_format(p) if is_full else torch.contiguous_format
         grad_parts.append(_empty(p.shape, p, memory_format) if wanted else _empty((0,), grad))
@@ -351,11 +351,10 @@ def _(grad, parts, weight_x, branch_weights, size, align_corners, output_mask, b
 
 
 def _conv_setup(ctx, inputs, output):
-    parts, weight_x, branch_weights, bias, size, align_corners, relu, backend = inputs
+    parts, weight_x, branch_weights, bias, full, align_corners, relu, backend = inputs
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(output if relu else None, weight_x, *parts, *branch_weights)
-    ctx.part_count, ctx.size, ctx.align_corners, ctx.relu, ctx.backend = len(parts), size, align_corners, relu, backend
-    full = _full_resolution(parts, size)
+    ctx.part_count, ctx.full, ctx.align_corners, ctx.relu, ctx.backend = len(parts), full, align_corners, relu, backend
     ctx.output_mask = [
         any(p.requires_grad for p, f in zip(parts, full) if f),
         any(p.requires_grad for p, f in zip(parts, full) if not f),
@@ -373,12 +372,11 @@ def _conv_backward(ctx, grad):
     if ctx.relu:
         grad = torch.ops.aten.threshold_backward(grad, out, 0)
     grad_parts, grad_weight_x, grad_branch_weights, grad_bias = _pyramid_conv_backward_op(
-        grad, parts, weight_x, branch_weights, ctx.size, ctx.align_corners, ctx.output_mask, ctx.backend
+        grad, parts, weight_x, branch_weights, ctx.full, ctx.align_corners, ctx.output_mask, ctx.backend
     )
     need_full, need_branches, need_weight_x, need_branch_weights, need_bias = ctx.output_mask
-    full = _full_resolution(parts, ctx.size)
     return (
-        [g if (need_full if f else need_branches) else None for g, f in zip(grad_parts, full)],
+        [g if (need_full if f else need_branches) else None for g, f in zip(grad_parts, ctx.full)],
         grad_weight_x if need_weight_x else None,
         grad_branch_weights if need_branch_weights else [None] * len(branch_weights),
         grad_bias if need_bias else None,
@@ -495,8 +493,9 @@ def _pyramid_conv(op, parts, names, weight, bias, size, align_corners, relu, bac
     device_type = parts[0].device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        parts = [p.to(dtype) if isinstance(p, Tensor) else p for p in parts]
-        weight, bias = (t.to(dtype) if isinstance(t, Tensor) else t for t in (weight, bias))
+        cast = [p.to(dtype) if isinstance(p, Tensor) and p.is_floating_point() and p.dtype != torch.float64 else p
+                for p in (*parts, weight, bias)]  # fmt: skip
+        parts, weight, bias = cast[: len(parts)], cast[-2], cast[-1]
     _check_alike(op, dict(zip(names, parts)))
     size = _check_size(op, size, parts)
     if not any(_full_resolution(parts, size)):
@@ -526,7 +525,7 @@ def _pyramid_conv(op, parts, names, weight, bias, size, align_corners, relu, bac
         weight_x, branch_weights = backends.derived(
             cache_owner, "pyramid_conv weight split", (weight, widths, tuple(full)), lambda: _split_weight(weight, parts, full)
         )
-    return _pyramid_conv_op(parts, weight_x, branch_weights, bias, list(size), bool(align_corners), bool(relu), name)
+    return _pyramid_conv_op(parts, weight_x, branch_weights, bias, full, bool(align_corners), bool(relu), name)
 
 
 def pyramid_conv(
@@ -596,7 +595,7 @@ def pyramid_conv_modules(
     (batch statistics, running averages), then the ReLU."""
     op = "pyramid_conv"
     kernel = conv.kernel_size[0]
-    padding = conv.padding if conv.padding != "same" else (kernel // 2, kernel // 2)
+    padding = {"same": (kernel // 2, kernel // 2), "valid": (0, 0)}.get(conv.padding, conv.padding)
     if (
         conv.kernel_size not in ((1, 1), (3, 3)) or tuple(conv.stride) != (1, 1) or tuple(padding) != (kernel // 2,) * 2
         or (kernel > 1 and tuple(conv.dilation) != (1, 1)) or conv.groups != 1 or conv.padding_mode != "zeros"
