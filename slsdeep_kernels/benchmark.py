@@ -8,6 +8,7 @@ time is taken with CUDA events.
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -20,12 +21,20 @@ from slsdeep_kernels.ops.pyramid import PYRAMID_BINS
 WAYS = ("fused", "eager", "compile")
 PASSES = ("forward", "backward", "both")
 
-# Roofs used for "share of the roof" figures: (memory bandwidth B/s, dense bf16 FLOP/s).
-KNOWN_ROOFS = {
-    "H100": (3.35e12, 989e12),
-    "H200": (4.8e12, 989e12),
-    "A100": (2.0e12, 312e12),
-}
+# Roofs used for "share of the roof" figures: (memory bandwidth B/s, dense bf16 FLOP/s), NVIDIA's
+# datasheet figures per form factor. Keyed by what torch.cuda.get_device_name() reports, matched in
+# order (an H100 "80GB HBM3" is the SXM part); a GPU matching none gets no shares rather than
+# another part's roof.
+KNOWN_ROOFS = (
+    (r"H100.*NVL", "H100 NVL", (3.9e12, 835e12)),
+    (r"H100.*PCIe", "H100 PCIe", (2.0e12, 756e12)),
+    (r"H100.*(SXM|HBM3)", "H100 SXM", (3.35e12, 989e12)),
+    (r"H200.*NVL", "H200 NVL", (4.8e12, 835e12)),
+    (r"H200", "H200 SXM", (4.8e12, 989e12)),
+    (r"A100.*80GB.*PCIe", "A100 80GB PCIe", (1.935e12, 312e12)),
+    (r"A100-SXM4-80GB", "A100 80GB SXM", (2.039e12, 312e12)),
+    (r"A100.*40GB", "A100 40GB", (1.555e12, 312e12)),
+)
 
 
 def device_name(device: torch.device | str) -> str:
@@ -36,10 +45,15 @@ def device_name(device: torch.device | str) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def roof_of(name: str) -> tuple[str, tuple[float, float]] | None:
+    """(the part, (bandwidth B/s, peak FLOP/s)) of a GPU by its device name, else None."""
+    return next(((part, roof) for pattern, part, roof in KNOWN_ROOFS if re.search(pattern, name, re.IGNORECASE)), None)
+
+
 def roofs(device: torch.device | str) -> tuple[float, float] | None:
     """(bandwidth B/s, peak FLOP/s) of a known GPU, else None."""
-    name = device_name(device)
-    return next((roof for key, roof in KNOWN_ROOFS.items() if key in name), None)
+    known = roof_of(device_name(device)) if torch.device(device).type == "cuda" else None
+    return None if known is None else known[1]
 
 
 def synchronize(device: torch.device | str) -> None:

@@ -1,5 +1,6 @@
 """The measuring harness shared by bench/ and `slsdeep bench`: passes, peak memory, one measurement."""
 
+import pytest
 import torch
 
 from slsdeep_kernels import benchmark
@@ -39,3 +40,25 @@ def test_measure_reports_all_three_ways_and_the_floors():
         record = benchmark.measure(case, way, "forward", "cpu", repeat=2)
         assert record["way"] == way and record["median_s"] > 0
         assert record["gbytes_per_s"] == record["bytes_moved"] / record["median_s"] / 1e9
+
+
+@pytest.mark.parametrize(
+    "name, part",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+        ("NVIDIA H100 SXM5 80GB", "H100 SXM"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H100 NVL", "H100 NVL"),
+        ("NVIDIA H200", "H200 SXM"),
+        ("NVIDIA H200 NVL", "H200 NVL"),
+        ("NVIDIA A100-SXM4-80GB", "A100 80GB SXM"),
+        ("NVIDIA A100 80GB PCIe", "A100 80GB PCIe"),
+        ("NVIDIA A100-PCIE-40GB", "A100 40GB"),
+        ("NVIDIA A100-SXM4-40GB", "A100 40GB"),
+        ("NVIDIA GeForce RTX 4090", None),
+        ("NVIDIA H20", None),
+    ],
+)
+def test_roofs_key_each_form_factor(name, part):
+    found = benchmark.roof_of(name)
+    assert (found and found[0]) == part
