@@ -10,7 +10,8 @@ Chains are found by DATA FLOW, never by registration order: the model is traced 
 and a chain is a conv whose only consumer is a BatchNorm2d, optionally followed by a ReLU that is the
 BatchNorm's only consumer (torchvision's Bottleneck registers ``relu`` after ``bn3`` but applies it
 after the residual add, so ``bn3`` fuses without it). Where a model does not trace (data-dependent
-control flow), only ``nn.Sequential`` chains are fused: there, consecutive children are the data flow.
+control flow), its submodules that trace are rewritten, and in an untraceable ``nn.Sequential``
+consecutive children are the data flow.
 
 The result shares the original Conv2d and BatchNorm2d modules: they keep their names and own the
 parameters and buffers, so state-dict keys are unchanged and fused and unfused models load each
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from slsdeep_kernels.ops.conv_bn_relu import conv_bn_relu_modules
-from slsdeep_kernels.ops.pyramid import pyramid_conv_modules, pyramid_pool
+from slsdeep_kernels.ops.pyramid import pyramid_conv_modules, pyramid_conv_takes, pyramid_pool
 
 _LOG = logging.getLogger(__name__)
 
@@ -289,7 +290,8 @@ def _adaptive_average_pool(node: fx.Node, modules: dict[str, nn.Module]) -> tupl
             return None
         source, size = node.args[0], module.output_size
     elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
-        source, size = node.args[0] if node.args else node.kwargs.get("input"), (list(node.args[1:]) or [node.kwargs.get("output_size")])[0]
+        a = _call_arguments(node, F.adaptive_avg_pool2d)
+        source, size = a["input"], a["output_size"]
     else:
         return None
     size = size if isinstance(size, (tuple, list)) else (size, size)
@@ -299,12 +301,8 @@ def _adaptive_average_pool(node: fx.Node, modules: dict[str, nn.Module]) -> tupl
 
 
 def _pyramid_fusable(conv: nn.Module) -> bool:
-    """An exact 1×1 or 3×3 Conv2d, stride 1, padding k//2 (zeros), dilation 1, groups 1."""
-    if type(conv) is not nn.Conv2d or conv.kernel_size not in ((1, 1), (3, 3)) or conv.padding_mode != "zeros":
-        return False
-    half = conv.kernel_size[0] // 2
-    padding_ok = conv.padding == "same" or tuple(conv.padding) == (half, half) or (half == 0 and conv.padding == "valid")
-    return padding_ok and tuple(conv.stride) == (1, 1) and conv.groups == 1 and (half == 0 or tuple(conv.dilation) == (1, 1))
+    """An exact Conv2d that pyramid_conv_modules takes."""
+    return type(conv) is nn.Conv2d and pyramid_conv_takes(conv)
 
 
 def _pyramid_consumer(cat: fx.Node, modules: dict[str, nn.Module]) -> dict | None:

@@ -185,14 +185,19 @@ def _eval_forward(a: dict):
     return backends.COMPILED.conv_bn_relu_eval_kernel(*tensors, **_options(a).as_arguments())
 
 
+def _eval_scale(running_var, bn_weight, eps: float, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1/σ, γ/σ) of an eval BatchNorm in ``acc``: the fold's per-channel scale."""
+    invstd = torch.rsqrt(running_var.to(acc) + eps)
+    return invstd, invstd * bn_weight.to(acc) if bn_weight is not None else invstd
+
+
 def _eval_backward(a: dict):
     """Backward of frozen BN: backward of the folded conv (W' = W·scale), chained to W, b, γ, β (ATen, any
     backend). ``out`` (the forward's output, the ReLU's mask) is needed only with the ReLU."""
     x, weight, bias, bn_weight, bn_bias = (a[name] for name in _DIFFERENTIABLE)
     running_mean, running_var, output_mask, options = a["running_mean"], a["running_var"], a["output_mask"], _options(a)
     acc = _accumulation_dtype(x.dtype)
-    invstd = torch.rsqrt(running_var.to(acc) + options.eps)
-    scale = invstd * bn_weight.to(acc) if bn_weight is not None else invstd
+    invstd, scale = _eval_scale(running_var, bn_weight, options.eps, acc)
     per_channel = (-1, 1, 1, 1)
     g = torch.ops.aten.threshold_backward(a["grad_out"], a["out"], 0) if options.relu else a["grad_out"]
     folded = (weight.to(acc) * scale.view(per_channel)).to(weight.dtype)
@@ -497,9 +502,7 @@ def fold_batch_norm(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, dtype: torc
     """An eval BatchNorm folded into the conv before it: ``(W·γ/σ`` in ``dtype``, ``(b − μ)·γ/σ + β`` in
     the accumulation type``)``, computed in the accumulation type (differentiable)."""
     acc = _accumulation_dtype(dtype)
-    scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(acc)
+    _, scale = _eval_scale(bn.running_var, bn.weight, bn.eps, acc)
     centre = -bn.running_mean.to(acc) if conv.bias is None else conv.bias.to(acc) - bn.running_mean.to(acc)
     shift = centre * scale if bn.bias is None else centre * scale + bn.bias.to(acc)
     return (conv.weight.to(acc) * scale.view(-1, 1, 1, 1)).to(dtype), shift

@@ -579,6 +579,17 @@ def pyramid_conv3x3(
     return _pyramid_conv(op, [x, *branches], names, weight, bias, tuple(x.shape[2:]), align_corners, False, backend)
 
 
+def pyramid_conv_takes(conv: torch.nn.Conv2d) -> bool:
+    """Whether ``conv`` is a convolution :func:`pyramid_conv` computes: 1×1 or 3×3, stride 1, zero
+    padding k//2 (also as "same", or "valid" for 1×1), dilation 1 (any for 1×1), groups 1."""
+    kernel = tuple(conv.kernel_size)
+    if kernel not in ((1, 1), (3, 3)) or conv.padding_mode != "zeros" or conv.groups != 1 or tuple(conv.stride) != (1, 1):
+        return False
+    half = kernel[0] // 2
+    padding = {"same": (half, half), "valid": (0, 0)}.get(conv.padding, conv.padding)
+    return tuple(padding) == (half, half) and (half == 0 or tuple(conv.dilation) == (1, 1))
+
+
 def pyramid_conv_modules(
     parts: Sequence[Tensor],
     conv: torch.nn.Conv2d,
@@ -593,14 +604,8 @@ def pyramid_conv_modules(
     mode folds into the conv's weight and bias (``fold_batch_norm``, cached on ``conv`` in eager
     inference) and the ReLU runs in the op; in training the BatchNorm runs after the op as itself
     (batch statistics, running averages), then the ReLU."""
-    op = "pyramid_conv"
-    kernel = conv.kernel_size[0]
-    padding = {"same": (kernel // 2, kernel // 2), "valid": (0, 0)}.get(conv.padding, conv.padding)
-    if (
-        conv.kernel_size not in ((1, 1), (3, 3)) or tuple(conv.stride) != (1, 1) or tuple(padding) != (kernel // 2,) * 2
-        or (kernel > 1 and tuple(conv.dilation) != (1, 1)) or conv.groups != 1 or conv.padding_mode != "zeros"
-    ):  # fmt: skip
-        raise ValueError(f"{op}: conv must be a 1×1 or 3×3 Conv2d, stride 1, padding k//2 (zeros), dilation 1, groups 1; got {conv}")
+    if not pyramid_conv_takes(conv):
+        raise ValueError(f"pyramid_conv: conv must be a 1×1 or 3×3 Conv2d, stride 1, padding k//2 (zeros), dilation 1, groups 1; got {conv}")
     weight, bias = conv.weight, conv.bias
     folds = bn is not None and not bn.training and bn.running_mean is not None
     if folds:  # cached on conv for eager inference (backend.derived)

@@ -270,7 +270,7 @@ def taps_add(out: Tensor, taps: list[Tensor], align_corners: bool) -> None:
     if not taps:
         return
     N, Co, H, W = out.shape
-    sizes, kernel_size = tuple(tuple(z.shape[4:]) for z in taps), taps[0].shape[2]
+    sizes, kernel_size = tuple(tuple(z.shape[4:]) for z in taps), taps[0].shape[2]  # one k: the op's
     values = torch.cat([z.reshape(N, Co, -1) for z in taps], dim=2)
     tables = _tap_tables(H, W, sizes, kernel_size, align_corners, out.device)
     _expand(values, tables, out, accumulate=True, convolution=True)
