@@ -1,6 +1,7 @@
 """Build of the compiled kernels.
 
-* ``slsdeep_kernels._C``: the CPU extension (``csrc/ops.cpp`` + ``csrc/cpu``), always built.
+* ``slsdeep_kernels._C``: the CPU extension (``csrc/ops.cpp`` + ``csrc/cpu``), always built; every
+  kernel file once per instruction-set variant (``csrc/cpu/variant.h``), picked at run time.
 * ``slsdeep_kernels._C_cuda``: the CUDA kernels (``csrc/cuda``) and their thin torch binding
   (``csrc/cuda_bind``), built only where torch is a CUDA build and nvcc is found.
 * ``slsdeep_kernels/_build_info.py`` (generated): the torch the extensions were built against, so a
@@ -158,7 +159,7 @@ def _extensions(torch):
     extensions = [
         cpp_extension.CppExtension(
             f"{PACKAGE}._C",
-            _sources("csrc/ops.cpp", "csrc/python_module.cpp", "csrc/cpu/*.cpp"),
+            _sources("csrc/ops.cpp", "csrc/python_module.cpp", "csrc/cpu/*.cpp", "csrc/cpu/variants/*.cpp"),
             include_dirs=include_dirs,
             # OpenMP flags are added by _BuildExtension once the compiler has been probed.
             extra_compile_args=["-O3", "-DSLSDEEP_MODULE=_C"],

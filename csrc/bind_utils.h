@@ -103,16 +103,14 @@ inline void check_backward(const at::Tensor& grad_loss, const at::Tensor& logits
 
 // ---------------------------------------------------------------- pyramid
 
-// The pyramid family's implementations for one device, registered in TORCH_LIBRARY_IMPL(…, m) by
-// csrc/cpu/pyramid.cpp and csrc/cuda_bind/pyramid.cpp, each with functions of these names in scope.
-#define SLSDEEP_PYRAMID_IMPLS(m)                                                    \
-  do {                                                                              \
-    (m).impl("pyramid_pool_kernel", &pyramid_pool_kernel);                          \
-    (m).impl("pyramid_pool_backward_kernel", &pyramid_pool_backward_kernel);        \
-    (m).impl("upsample_concat_kernel", &upsample_concat_kernel);                    \
-    (m).impl("upsample_concat_backward_kernel", &upsample_concat_backward_kernel);  \
-    (m).impl("pyramid_taps_add_kernel", &pyramid_taps_add_kernel);                  \
-    (m).impl("pyramid_taps_backward_kernel", &pyramid_taps_backward_kernel);        \
-  } while (false)
+// The pyramid family's kernels, X(name) for each: registered under these names by csrc/cpu/pyramid.cpp
+// and csrc/cuda_bind/pyramid.cpp, each with functions of these names in scope.
+#define SLSDEEP_PYRAMID_KERNELS(X) \
+  X(pyramid_pool_kernel)           \
+  X(pyramid_pool_backward_kernel)  \
+  X(upsample_concat_kernel)        \
+  X(upsample_concat_backward_kernel) \
+  X(pyramid_taps_add_kernel)       \
+  X(pyramid_taps_backward_kernel)
 
 }  // namespace slsdeep

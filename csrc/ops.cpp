@@ -1,8 +1,10 @@
 // Operator schemas of the compiled kernels, namespace slsdeep_kernels.
 //
-// This file is the contract between Python and the kernels: every compiled op is declared here
-// once. Implementations register per device next to their kernels:
-//   CPU  -> TORCH_LIBRARY_IMPL(slsdeep_kernels, CPU, m)  in csrc/cpu/<op>.cpp
+// This file is the contract between Python and the kernels: every compiled kernel op is declared
+// here once (the ops that report the CPU variant are in csrc/cpu/dispatch.cpp). Implementations
+// register per device next to their kernels:
+//   CPU  -> TORCH_LIBRARY_IMPL(slsdeep_kernels, CPU, m)  in csrc/cpu/<op>.cpp, dispatching to the
+//           instruction-set variant in use (csrc/cpu/dispatch.h)
 //   CUDA -> TORCH_LIBRARY_IMPL(slsdeep_kernels, CUDA, m) in csrc/cuda_bind/<op>.cpp
 // Fake (meta) kernels and autograd are registered from Python (slsdeep_kernels/ops/<op>.py),
 // where each public op is a torch.library custom op that calls these.

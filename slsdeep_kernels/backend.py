@@ -118,6 +118,18 @@ def load_extensions() -> None:
         cuda_extension_error()
 
 
+def cpu_variant() -> str | None:
+    """The instruction-set variant the C++ CPU kernels run: ``"DEFAULT"``, ``"AVX2"`` or ``"AVX512"``
+    (``csrc/cpu/variant.h``), or None without the CPU extension. Picked when the extension loads:
+    the best variant this CPU runs, lowered by ATen's capability (``ATEN_CPU_CAPABILITY``)."""
+    return None if cpu_extension_error() is not None else torch.ops.slsdeep_kernels.cpu_variant()
+
+
+def cpu_variants() -> list[str]:
+    """The variants this build has and this CPU can run, ``"DEFAULT"`` first ([] without the extension)."""
+    return [] if cpu_extension_error() is not None else list(torch.ops.slsdeep_kernels.cpu_variants())
+
+
 def triton_interpreted() -> bool:
     """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -4,7 +4,8 @@
   :func:`assert_matches_reference` compares an op's forward and EVERY gradient against its
   reference, norm-wise, against a float64 ground truth.
 * :func:`backends_to_test`: the backends a test runs an op on, for a device and dtype, as pytest
-  parameters; one that cannot run in this process is skipped with the reason.
+  parameters; one that cannot run in this process is skipped with the reason. ``cpu`` comes once
+  per instruction-set variant this machine runs (:class:`CpuVariant`, :func:`cpu_variant_override`).
 * Benchmarks: :data:`BENCH_DEVICE`, the ``SLSDEEP_BENCH_QUICK`` / ``SLSDEEP_BENCH_WAYS`` settings,
   :func:`keep_way` and :func:`case_parameters`.
 
@@ -100,6 +101,32 @@ def assert_matches_reference(fn, reference, inputs, *, dtype=None, names=None):
         assert error <= allowed, f"{label}: relative error {error:.3e} > allowed {allowed:.3e} ({dtype})"
 
 
+class CpuVariant(str):
+    """The backend name ``"cpu"`` that also names the instruction-set variant its test runs under
+    (``tests/conftest.py`` applies :func:`cpu_variant_override` for the test's duration)."""
+
+    def __new__(cls, variant: str):
+        self = super().__new__(cls, "cpu")
+        self.cpu_variant = variant
+        return self
+
+
+class cpu_variant_override:
+    """Test-only: the C++ CPU kernels of this process run ``variant`` (``"DEFAULT"``, ``"AVX2"``,
+    ``"AVX512"``) inside the ``with`` block, then the automatic choice again. ``ATEN_CPU_CAPABILITY``
+    cannot do this: it is read once per process. A variant this CPU cannot run raises."""
+
+    def __init__(self, variant: str):
+        self.variant = variant
+
+    def __enter__(self):
+        torch.ops.slsdeep_kernels._set_cpu_variant(self.variant)
+        return self
+
+    def __exit__(self, *exc):
+        torch.ops.slsdeep_kernels._set_cpu_variant(None)
+
+
 # The device types each backend takes tensors of (triton: CPU tensors only under the interpreter).
 _DEVICE_TYPES = {"reference": ("cpu", "cuda"), "cpu": ("cpu",), "triton": ("cpu", "cuda"), "cuda": ("cuda",)}
 
@@ -129,7 +156,8 @@ def backends_to_test(op: str, device: str | torch.device = "cpu", dtype: torch.d
     no CUDA device) is skipped with the reason :func:`~slsdeep_kernels.backend.resolve` gives.
     ``interpreter=True``: the test runs Triton under ``TRITON_INTERPRET=1`` in a subprocess, so
     ``triton`` on CPU needs only triton installed. The backend's name is ``param.values[0]``; a
-    skipped one has ``param.marks``.
+    skipped one has ``param.marks``. ``cpu`` is followed by one :class:`CpuVariant` param
+    (id ``cpu-DEFAULT``, ...) for every other variant this build and CPU run.
     """
     import pytest
 
@@ -143,6 +171,9 @@ def backends_to_test(op: str, device: str | torch.device = "cpu", dtype: torch.d
         reason = _why_not_here(op, name, device, dtype or torch.float32, interpreter)
         marks = () if reason is None else pytest.mark.skip(reason=reason)
         params.append(pytest.param(name, id=name, marks=marks))
+        if name == "cpu" and reason is None:
+            active = backends.cpu_variant()
+            params += [pytest.param(CpuVariant(v), id=f"cpu-{v}") for v in backends.cpu_variants() if v != active]
     return params
 
 

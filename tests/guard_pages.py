@@ -9,6 +9,9 @@ Usage (one process per (op, backend), each forking its children)::
     python -m tests.guard_pages OP BACKEND            # e.g. nll_epe_loss triton
     python -m tests.guard_pages OP:BACKEND ... [--json FILE] [--jobs N] [--case TEXT] [--verbose]
 
+BACKEND ``cpu-VARIANT`` (``cpu-DEFAULT``, ``cpu-AVX2``, ``cpu-AVX512``) runs the cpu backend under that
+instruction-set variant of the C++ kernels (``slsdeep_kernels.testing.cpu_variant_override``).
+
 ``TRITON_INTERPRET=1``, ``SLSDEEP_KERNELS_POISON=1`` and ``OMP_NUM_THREADS=1`` are set (unless set
 already) before torch, triton or the library is imported; anything else in the environment (a CPU
 ISA override, say) passes through. Exit status 0 when no placement faulted or failed.
@@ -1097,7 +1100,10 @@ def _run_pair(op: str, backend: str, jobs: int, verbose: bool, only_case: str | 
     started = time.monotonic()
     torch.set_num_threads(1)
     _PLACE_INTERMEDIATES = backend != "reference"
-    cases = [c for c in CASES[op](backend) if only_case is None or only_case in c.name]
+    name, _, variant = backend.partition("-")
+    if variant:  # this process and the children it forks run the C++ kernels' variant
+        torch.ops.slsdeep_kernels._set_cpu_variant(variant)
+    cases = [c for c in CASES[op](name) if only_case is None or only_case in c.name]
     queue = [(case, side, None) for case in cases for side in SIDES]
     running: dict[int, tuple] = {}
     timed_out: set[int] = set()
@@ -1192,8 +1198,8 @@ def main(argv=None) -> int:
     for op, backend in pairs:
         if op not in CASES:
             parser.error(f"unknown op {op!r}; one of {', '.join(CASES)}")
-        if backend not in ("reference", "cpu", "triton"):
-            parser.error(f"backend {backend!r} does not run on CPU here; one of reference, cpu, triton")
+        if ("cpu" if backend.startswith("cpu-") else backend) not in ("reference", "cpu", "triton"):
+            parser.error(f"backend {backend!r} does not run on CPU here; one of reference, cpu, cpu-VARIANT, triton")
     torch.set_num_threads(1)
     import slsdeep_kernels  # noqa: F401 - loads the extension before forking
 

@@ -403,7 +403,7 @@ FP16_SHAPES = {"cpu": ("paper-shape", (16, 384, 384)), "triton": ("interpreter",
 
 @pytest.mark.parametrize(
     "backend, shape",
-    [pytest.param(b, FP16_SHAPES[b][1], id=f"{b}-{FP16_SHAPES[b][0]}", marks=p.marks) for p in FUSED for b in p.values],
+    [pytest.param(b, FP16_SHAPES[b][1], id=f"{p.id}-{FP16_SHAPES[b][0]}", marks=p.marks) for p in FUSED for b in p.values],
 )
 def test_fp16_gradient_keeps_its_precision_under_a_loss_scale(backend, shape):
     pixels = shape[0] * shape[1] * shape[2]

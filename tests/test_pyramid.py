@@ -32,7 +32,7 @@ def dtypes_for(backend):
 
 def cases(shapes=SHAPES, backends_=CPU_BACKENDS):
     return [
-        pytest.param(b, s, d, id=f"{b}-{'x'.join(map(str, s))}-{str(d).removeprefix('torch.')}", marks=p.marks)
+        pytest.param(b, s, d, id=f"{p.id}-{'x'.join(map(str, s))}-{str(d).removeprefix('torch.')}", marks=p.marks)
         for p in backends_
         for b in p.values
         for s in shapes

@@ -23,7 +23,9 @@
 #include "alloc.h"
 #include "bind_utils.h"
 #include "common/conv_bn_relu.h"
+#include "cpu/dispatch.h"
 
+SLSDEEP_CPU_VARIANT_BEGIN
 namespace {
 
 using at::Tensor;
@@ -363,6 +365,8 @@ Tensor conv_scale_shift_act(const Tensor& x, const Tensor& weight, const Tensor&
   return out;
 }
 
+}  // namespace
+
 Tensor conv_bn_relu_eval_kernel(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
                                 const c10::optional<Tensor>& bn_weight, const c10::optional<Tensor>& bn_bias,
                                 const Tensor& running_mean, const Tensor& running_var, at::IntArrayRef stride,
@@ -480,11 +484,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_backward_k
                             grad_gamma, grad_beta);
 }
 
-}  // namespace
+SLSDEEP_CPU_VARIANT_END
 
-TORCH_LIBRARY_IMPL(slsdeep_kernels, CPU, m) {
-  m.impl("conv_bn_relu_eval_kernel", &conv_bn_relu_eval_kernel);
-  m.impl("conv_bias_act_kernel", &conv_bias_act_kernel);
-  m.impl("conv_bn_relu_train_kernel", &conv_bn_relu_train_kernel);
-  m.impl("conv_bn_relu_train_backward_kernel", &conv_bn_relu_train_backward_kernel);
-}
+#ifdef SLSDEEP_CPU_VARIANT_DEFAULT
+#define SLSDEEP_CONV_BN_RELU_KERNELS(X) \
+  X(conv_bn_relu_eval_kernel)           \
+  X(conv_bias_act_kernel)               \
+  X(conv_bn_relu_train_kernel)          \
+  X(conv_bn_relu_train_backward_kernel)
+SLSDEEP_CONV_BN_RELU_KERNELS(SLSDEEP_CPU_DECLARE_VARIANTS)
+TORCH_LIBRARY_IMPL(slsdeep_kernels, CPU, m) { SLSDEEP_CONV_BN_RELU_KERNELS(SLSDEEP_CPU_IMPL) }
+#endif

@@ -8,8 +8,8 @@
 //   3. the gradient on the band: the adjoint of the stencils applied to the direction field.
 // The loss is summed per band then over bands in a fixed order: deterministic for any thread count.
 // Inner loops run along a row without branches (the column borders come from one padding element on
-// each side of a row buffer) and, for float, without libm calls, so that they vectorise; the band
-// function is compiled for AVX2 and for the baseline ISA and picked at load time.
+// each side of a row buffer) and, for float, without libm calls, so that they vectorise for every
+// instruction-set variant (csrc/cpu/variant.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,14 +25,9 @@
 #include "alloc.h"
 #include "bind_utils.h"
 #include "common/nll_epe_loss.h"
+#include "cpu/dispatch.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SLSDEEP_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define SLSDEEP_MULTIVERSION
-#endif
-
-namespace slsdeep {
+SLSDEEP_CPU_VARIANT_BEGIN
 namespace {
 
 using namespace nll_epe;
@@ -226,7 +221,7 @@ void read_margin_row(const Problem<scalar_t>& pb, int64_t n, int64_t i, T* z, T*
 
 // Processes rows [r0, r1) of image n; the loss sums of the band go to index `band`.
 template <typename scalar_t>
-SLSDEEP_MULTIVERSION void process_band(const Problem<scalar_t>& pb, Buffers<at::opmath_type<scalar_t>>& buf, int64_t n,
+void process_band(const Problem<scalar_t>& pb, Buffers<at::opmath_type<scalar_t>>& buf, int64_t n,
                                        int64_t r0, int64_t r1, int64_t band) {
   using T = at::opmath_type<scalar_t>;
   const int64_t H = pb.H, W = pb.W;
@@ -410,9 +405,11 @@ void set_gradient(Problem<scalar_t>& pb, const at::Tensor& gradient) {
   for (int k = 0; k < 4; ++k) pb.gradient_stride[k] = gradient.stride(k);
 }
 
+}  // namespace
+
 // (loss, gradient): loss (N, H, W) for reduction none, else a scalar; gradient of the loss w.r.t. the
 // logits for mean/sum when compute_grad (else empty).
-std::tuple<at::Tensor, at::Tensor> nll_epe_loss_cpu(const at::Tensor& logits, const at::Tensor& target, double alpha,
+std::tuple<at::Tensor, at::Tensor> nll_epe_loss_kernel(const at::Tensor& logits, const at::Tensor& target, double alpha,
                                                     int64_t reduction, bool compute_grad) {
   check_forward(logits, target, reduction);
   const int64_t N = logits.size(0), H = logits.size(2), W = logits.size(3);
@@ -422,7 +419,7 @@ std::tuple<at::Tensor, at::Tensor> nll_epe_loss_cpu(const at::Tensor& logits, co
                                       : at::empty({0}, logits.options());
   const double scale = reduction == kMean ? 1.0 / static_cast<double>(N * H * W) : 1.0;
   std::vector<double> loss_sums(reduction == kNone ? 0 : band_count(logits));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "nll_epe_loss_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "nll_epe_loss_kernel", [&] {
     auto pb = make_problem<scalar_t>(logits, target, alpha);
     if (reduction == kNone) {
       pb.loss_map = loss.data_ptr<scalar_t>();
@@ -445,12 +442,12 @@ std::tuple<at::Tensor, at::Tensor> nll_epe_loss_cpu(const at::Tensor& logits, co
 }
 
 // Gradient of the per-pixel loss map (reduction none) for the upstream gradient grad_loss (N, H, W).
-at::Tensor nll_epe_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+at::Tensor nll_epe_loss_backward_kernel(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                                      double alpha) {
   check_backward(grad_loss, logits, target);
   const at::Tensor grad_map = grad_loss.to(logits.scalar_type());
   at::Tensor gradient = new_output(logits.sizes(), logits.options(), slsdeep::preserved_format(logits));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "nll_epe_loss_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "nll_epe_loss_backward_kernel", [&] {
     auto pb = make_problem<scalar_t>(logits, target, alpha);
     pb.grad_map = grad_map.data_ptr<scalar_t>();
     for (int k = 0; k < 3; ++k) pb.grad_map_stride[k] = grad_map.stride(k);
@@ -461,12 +458,12 @@ at::Tensor nll_epe_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tens
 }
 
 // gradient *= grad_loss (a scalar), in place; nothing to do where grad_loss == 1.
-void nll_epe_loss_scale_cpu(at::Tensor& gradient, const at::Tensor& grad_loss) {
+void nll_epe_loss_scale_kernel(at::Tensor& gradient, const at::Tensor& grad_loss) {
   TORCH_CHECK(grad_loss.numel() == 1, "nll_epe_loss: grad_loss must be a scalar; got ", grad_loss.sizes());
   const double factor = grad_loss.item<double>();
   if (factor == 1.0) return;
   TORCH_CHECK(gradient.is_non_overlapping_and_dense(), "nll_epe_loss: the saved gradient must be dense");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gradient.scalar_type(), "nll_epe_loss_scale_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gradient.scalar_type(), "nll_epe_loss_scale_kernel", [&] {
     using T = at::opmath_type<scalar_t>;
     scalar_t* data = gradient.data_ptr<scalar_t>();
     const T f = static_cast<T>(factor);
@@ -476,12 +473,13 @@ void nll_epe_loss_scale_cpu(at::Tensor& gradient, const at::Tensor& grad_loss) {
   });
 }
 
-}  // namespace
+SLSDEEP_CPU_VARIANT_END
 
-TORCH_LIBRARY_IMPL(slsdeep_kernels, CPU, m) {
-  m.impl("nll_epe_loss_kernel", &nll_epe_loss_cpu);
-  m.impl("nll_epe_loss_backward_kernel", &nll_epe_loss_backward_cpu);
-  m.impl("nll_epe_loss_scale_kernel", &nll_epe_loss_scale_cpu);
-}
-
-}  // namespace slsdeep
+#ifdef SLSDEEP_CPU_VARIANT_DEFAULT
+#define SLSDEEP_NLL_EPE_LOSS_KERNELS(X) \
+  X(nll_epe_loss_kernel)                \
+  X(nll_epe_loss_backward_kernel)       \
+  X(nll_epe_loss_scale_kernel)
+SLSDEEP_NLL_EPE_LOSS_KERNELS(SLSDEEP_CPU_DECLARE_VARIANTS)
+TORCH_LIBRARY_IMPL(slsdeep_kernels, CPU, m) { SLSDEEP_NLL_EPE_LOSS_KERNELS(SLSDEEP_CPU_IMPL) }
+#endif

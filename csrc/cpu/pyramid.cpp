@@ -21,8 +21,9 @@
 #include "alloc.h"
 #include "bind_utils.h"
 #include "common/pyramid.h"
+#include "cpu/dispatch.h"
 
-namespace slsdeep {
+SLSDEEP_CPU_VARIANT_BEGIN
 namespace {
 
 using pyramid::LinearTap;
@@ -436,6 +437,8 @@ int64_t cell_count(const std::vector<int64_t>& bins) {
   return cells;
 }
 
+}  // namespace
+
 at::Tensor pyramid_pool_kernel(const at::Tensor& x, at::IntArrayRef bins) {
   TORCH_CHECK(x.dim() == 4 && x.size(2) > 0 && x.size(3) > 0, "pyramid_pool_kernel: x must be (N, C, H, W), H, W > 0");
   const std::vector<int64_t> bin_list = checked_bins(bins);
@@ -526,8 +529,9 @@ std::vector<at::Tensor> pyramid_taps_backward_kernel(const at::Tensor& grad, at:
   return grads;
 }
 
-}  // namespace
+SLSDEEP_CPU_VARIANT_END
 
-TORCH_LIBRARY_IMPL(slsdeep_kernels, CPU, m) { SLSDEEP_PYRAMID_IMPLS(m); }
-
-}  // namespace slsdeep
+#ifdef SLSDEEP_CPU_VARIANT_DEFAULT
+SLSDEEP_PYRAMID_KERNELS(SLSDEEP_CPU_DECLARE_VARIANTS)
+TORCH_LIBRARY_IMPL(slsdeep_kernels, CPU, m) { SLSDEEP_PYRAMID_KERNELS(SLSDEEP_CPU_IMPL) }
+#endif

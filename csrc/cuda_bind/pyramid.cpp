@@ -154,6 +154,10 @@ std::vector<at::Tensor> pyramid_taps_backward_kernel(const at::Tensor& grad, at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(slsdeep_kernels, CUDA, m) { SLSDEEP_PYRAMID_IMPLS(m); }
+TORCH_LIBRARY_IMPL(slsdeep_kernels, CUDA, m) {
+#define SLSDEEP_IMPL(fn) m.impl(#fn, &fn);
+  SLSDEEP_PYRAMID_KERNELS(SLSDEEP_IMPL)
+#undef SLSDEEP_IMPL
+}
 
 }  // namespace slsdeep

@@ -1,0 +1,57 @@
+// The CPU kernels' instruction-set variants (run-time ISA dispatch, as ATen's native/cpu kernels).
+//
+// Every csrc/cpu/<op>.cpp is compiled once per variant: directly as DEFAULT (baseline x86-64, or
+// whatever the platform's baseline is), and through csrc/cpu/variants/<op>_<variant>.cpp, a wrapper
+// that defines SLSDEEP_CPU_VARIANT_<NAME> and includes the op's file, as AVX2 and AVX512. setuptools
+// has no per-file compile flags, so a variant's instruction set is not a flag but a
+// `#pragma GCC target` that SLSDEEP_CPU_VARIANT_BEGIN opens AFTER the file's #includes:
+//  * everything the pragma covers (the op's own code) is in namespace slsdeep::cpu::<NAME>, so no
+//    two variants share a symbol;
+//  * the inline ATen/c10/std code of the headers is defined before the pragma, so its out-of-line
+//    copies are baseline code in every variant: the copy the linker keeps can never be AVX-512
+//    (tests/test_cpu_variants.py disassembles _C to prove it). Baseline code still inlines into a
+//    variant's functions, where it is compiled for the variant's instructions.
+// The pragma names instruction sets only (no arch=/tune=), which keeps that inlining legal in GCC.
+// csrc/cpu/dispatch.h picks the variant at run time. Variants are built with GCC on x86-64; any
+// other compiler or platform builds DEFAULT only.
+//
+// The vectorisation style, one for every CPU file: plain loops over contiguous spans, in the
+// accumulation type (bf16 and fp16 converted to fp32 lanes in the loop), that the compiler
+// vectorises for each variant: `#pragma omp simd` on element loops, and for reductions a fixed
+// number of independent lane accumulators, which sum in the same order on every variant and
+// thread count (deterministic results).
+#pragma once
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SLSDEEP_CPU_HAS_VARIANTS 1
+#else
+#define SLSDEEP_CPU_HAS_VARIANTS 0
+#endif
+
+#if defined(SLSDEEP_CPU_VARIANT_AVX512)
+#define SLSDEEP_CPU_VARIANT AVX512
+#define SLSDEEP_CPU_VARIANT_TARGET \
+  _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512\")")
+#elif defined(SLSDEEP_CPU_VARIANT_AVX2)
+#define SLSDEEP_CPU_VARIANT AVX2
+#define SLSDEEP_CPU_VARIANT_TARGET _Pragma("GCC target(\"avx2,fma\")")
+#else
+#define SLSDEEP_CPU_VARIANT DEFAULT
+#define SLSDEEP_CPU_VARIANT_DEFAULT 1
+#define SLSDEEP_CPU_VARIANT_TARGET
+#endif
+
+// Whether this translation unit compiles a variant at all (a wrapper of AVX2/AVX512 compiles to
+// nothing where variants are not built).
+#if defined(SLSDEEP_CPU_VARIANT_DEFAULT) || SLSDEEP_CPU_HAS_VARIANTS
+#define SLSDEEP_CPU_VARIANT_BUILT 1
+#else
+#define SLSDEEP_CPU_VARIANT_BUILT 0
+#endif
+
+// Open and close the variant's code: after the file's #includes, around everything it defines.
+#define SLSDEEP_CPU_VARIANT_BEGIN \
+  _Pragma("GCC push_options") SLSDEEP_CPU_VARIANT_TARGET namespace slsdeep::cpu::SLSDEEP_CPU_VARIANT {
+#define SLSDEEP_CPU_VARIANT_END \
+  }                             \
+  _Pragma("GCC pop_options")

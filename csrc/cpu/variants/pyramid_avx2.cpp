@@ -1,0 +1,6 @@
+// The AVX2 variant of csrc/cpu/pyramid.cpp (csrc/cpu/variant.h).
+#define SLSDEEP_CPU_VARIANT_AVX2
+#include "cpu/variant.h"
+#if SLSDEEP_CPU_VARIANT_BUILT
+#include "cpu/pyramid.cpp"
+#endif
