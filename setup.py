@@ -161,8 +161,9 @@ def _extensions(torch):
             f"{PACKAGE}._C",
             _sources("csrc/ops.cpp", "csrc/python_module.cpp", "csrc/cpu/*.cpp", "csrc/cpu/variants/*.cpp"),
             include_dirs=include_dirs,
-            # OpenMP flags are added by _BuildExtension once the compiler has been probed.
-            extra_compile_args=["-O3", "-DSLSDEEP_MODULE=_C"],
+            # OpenMP flags are added by _BuildExtension once the compiler has been probed. No FMA
+            # contraction: every variant rounds a·b + c as ATen's unfused ops do (csrc/cpu/variant.h).
+            extra_compile_args=["-O3", "-ffp-contract=off", "-DSLSDEEP_MODULE=_C"],
         )
     ]
     reason = _cuda_build_reason(torch)

@@ -1,7 +1,8 @@
 """The C++ CPU kernels' instruction-set variants (csrc/cpu/variant.h, csrc/cpu/dispatch.h).
 
 * The variant in use, the ones this machine runs, and the test-only override with its errors.
-* The override reaches the kernels: DEFAULT and the best variant compute different last bits.
+* Every variant computes the same bits (no FMA contraction, fixed-lane reductions), for every CPU
+  kernel op; each op is registered as a function that dispatches on the variant.
 * Every other CPU op test runs under each variant (``backends_to_test``'s ``cpu-VARIANT`` params).
 * No function of ``_C`` outside a variant's namespace uses that variant's instructions: an AVX-512
   (EVEX) instruction anywhere but ``slsdeep::cpu::AVX512`` would kill an AVX2-only CPU with SIGILL,
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from slsdeep_kernels import backend
-from slsdeep_kernels.testing import TOLERANCE, backends_to_test, cpu_variant_override, relative_error
+from slsdeep_kernels.testing import backends_to_test, cpu_variant_override
 
 pytestmark = pytest.mark.skipif(backend.cpu_extension_error() is not None, reason="the C++ CPU extension is not built")
 VARIANTS = ("DEFAULT", "AVX2", "AVX512")
@@ -69,23 +70,80 @@ def test_every_cpu_param_runs_under_its_variant(cpu):
     assert backend.cpu_variant() == getattr(cpu, "cpu_variant", AUTOMATIC)
 
 
+def _kernel_calls():
+    """Every CPU kernel op on random inputs (odd sizes; fp32 and bf16), as (name, thunk) pairs."""
+    kernels = torch.ops.slsdeep_kernels
+    x, branches = torch.randn(2, 5, 13, 11), [torch.randn(2, 3, b, b) for b in (1, 2, 3, 6)]
+    taps = [torch.randn(2, 4, k, k, b, b) for k, b in ((3, 2), (1, 3), (3, 6))]
+    conv = (torch.randn(2, 8, 9, 10), torch.randn(6, 8, 3, 3), torch.randn(6), torch.rand(6) + 0.5, torch.randn(6))
+    geometry = ([1, 1], [2, 2], [2, 2], 1)
+    logits, target = 3 * torch.randn(2, 2, 37, 35), (torch.rand(2, 37, 35) < 0.3).to(torch.uint8)
+    grad_map = torch.randn(2, 37, 35)
+
+    def train_backward(dtype):
+        c = [t.to(dtype) for t in conv]
+        out, y, mean, var = kernels.conv_bn_relu_train_kernel(c[0], c[1], c[2], c[3], c[4], *geometry, 1e-5, True)
+        return kernels.conv_bn_relu_train_backward_kernel(
+            torch.randn_like(out), c[0], c[1], c[2], y, mean, var, c[3], c[4], *geometry, 1e-5, True, [True, True, True]
+        )
+
+    calls = []
+    for dtype in (torch.float32, torch.bfloat16):
+        xd, bd = x.to(dtype), [b.to(dtype) for b in branches]
+        c = [t.to(dtype) for t in conv]
+        calls += [
+            ("pyramid_pool_kernel", lambda xd=xd: kernels.pyramid_pool_kernel(xd, [1, 2, 3, 6])),
+            ("pyramid_pool_backward_kernel", lambda xd=xd: kernels.pyramid_pool_backward_kernel(
+                torch.randn(2, 5, 50).to(xd.dtype), [1, 2, 3, 6], 13, 11, True)),
+            ("upsample_concat_kernel", lambda xd=xd, bd=bd: kernels.upsample_concat_kernel(xd, bd, True, False)),
+            ("upsample_concat_backward_kernel", lambda dtype=dtype: kernels.upsample_concat_backward_kernel(
+                torch.randn(2, 17, 13, 11).to(dtype), 5, [3, 1, 1, 3, 2, 2, 3, 3, 3, 3, 6, 6], False)),
+            ("pyramid_taps_add_kernel", lambda xd=xd, dtype=dtype: _in_place(
+                kernels.pyramid_taps_add_kernel, torch.randn(2, 4, 13, 11).to(dtype), [t.to(dtype) for t in taps], False)),
+            ("pyramid_taps_backward_kernel", lambda dtype=dtype: kernels.pyramid_taps_backward_kernel(
+                torch.randn(2, 4, 13, 11).to(dtype), [2, 2, 3, 3, 6, 6], 3, True)),
+            ("conv_bn_relu_train_kernel", lambda c=c: kernels.conv_bn_relu_train_kernel(*c, *geometry, 1e-5, True)),
+            ("conv_bn_relu_train_backward_kernel", lambda dtype=dtype: train_backward(dtype)),
+            ("conv_bn_relu_eval_kernel", lambda c=c: kernels.conv_bn_relu_eval_kernel(
+                c[0], c[1], c[2], c[3], c[4], c[4].float(), c[3].float(), *geometry, 1e-5, True)),
+            ("conv_bias_act_kernel", lambda c=c: kernels.conv_bias_act_kernel(c[0], c[1], c[2].float(), *geometry, True)),
+            ("nll_epe_loss_kernel", lambda dtype=dtype: kernels.nll_epe_loss_kernel(logits.to(dtype), target, 0.7, 1, True)),
+            ("nll_epe_loss_backward_kernel", lambda dtype=dtype: kernels.nll_epe_loss_backward_kernel(
+                grad_map.to(dtype), logits.to(dtype), target, 0.7)),
+            ("nll_epe_loss_scale_kernel", lambda dtype=dtype: _in_place(
+                kernels.nll_epe_loss_scale_kernel, torch.randn(2, 2, 37, 35).to(dtype), torch.tensor(0.3))),
+        ]
+    return calls
+
+
+def _in_place(kernel, out, *args):
+    kernel(out, *args)
+    return out
+
+
+def _flat(result):
+    return [t for t in (result if isinstance(result, (tuple, list)) else [result]) if t.numel()]
+
+
+def test_calls_cover_every_cpu_kernel():
+    registered = {name.split("::")[1] for name in torch._C._dispatch_get_registrations_for_dispatch_key("CPU")
+                  if name.startswith("slsdeep_kernels::")}  # fmt: skip
+    assert {name for name, _ in _kernel_calls()} == registered
+
+
 @pytest.mark.skipif(len(backend.cpu_variants()) < 2, reason="this machine runs one variant only")
-def test_variants_run_their_own_code():
-    """BN's y·scale + shift contracts to an FMA in the AVX2/AVX512 variants and not in DEFAULT: the
-    last bits differ, so the override reaches the kernels; both stay within fp32's tolerance."""
-    x, weight = torch.randn(2, 8, 9, 10, dtype=torch.float64), torch.randn(6, 8, 3, 3, dtype=torch.float64)
-    gamma, beta = torch.rand(6, dtype=torch.float64) + 0.5, torch.randn(6, dtype=torch.float64)
-    args = ([1, 1], [1, 1], [1, 1], 1, 1e-5, True)
-    exact = torch.ops.slsdeep_kernels.conv_bn_relu_train_kernel(x, weight, None, gamma, beta, *args)[0]
-    outputs = {}
-    for variant in (backend.cpu_variants()[0], backend.cpu_variants()[-1]):
-        with cpu_variant_override(variant):
-            outputs[variant] = torch.ops.slsdeep_kernels.conv_bn_relu_train_kernel(
-                x.float(), weight.float(), None, gamma.float(), beta.float(), *args
-            )[0]
-        assert relative_error(outputs[variant], exact) < TOLERANCE[torch.float32]
-    first, last = outputs.values()
-    assert not torch.equal(first, last)
+def test_every_variant_computes_the_same_bits():
+    """No FMA contraction and fixed-lane reductions: a CPU's instruction set never changes a result,
+    so a mask computed on a clinic's AVX2 PC equals the AVX-512 CI box's, bit for bit."""
+    for name, call in _kernel_calls():
+        results = {}
+        for variant in backend.cpu_variants():
+            torch.manual_seed(0)
+            with cpu_variant_override(variant):
+                results[variant] = _flat(call())
+        first = results["DEFAULT"]
+        for variant, outputs in results.items():
+            assert all(torch.equal(a, b) for a, b in zip(first, outputs, strict=True)), f"{name}: {variant} != DEFAULT"
 
 
 # ---------------------------------------------------------------- the disassembly
@@ -94,8 +152,9 @@ LEGACY_PREFIXES = {"66", "67", "f2", "f3", "2e", "36", "3e", "26", "64", "65", "
 
 
 def _instruction_encodings(library: str) -> dict[str, set[str]]:
-    """Per function of ``library`` (demangled name), the encodings it uses beyond legacy SSE:
-    ``"VEX"`` (first opcode byte C4/C5: AVX, AVX2, FMA) and ``"EVEX"`` (62: AVX-512)."""
+    """Per function of ``library`` (demangled name), the encodings it uses beyond legacy SSE,
+    ``"VEX"`` (first opcode byte C4/C5: AVX, AVX2, FMA) and ``"EVEX"`` (62: AVX-512), and the
+    vector registers wider than SSE's it names (``"ymm"``, ``"zmm"``)."""
     text = subprocess.run(
         ["objdump", "-d", "--insn-width=15", "-C", "--no-addresses", library], capture_output=True, text=True, check=True
     ).stdout
@@ -115,6 +174,7 @@ def _instruction_encodings(library: str) -> dict[str, set[str]]:
             encodings[function].add("EVEX")
         elif opcode in ("c4", "c5"):
             encodings[function].add("VEX")
+        encodings[function].update(r for r in ("ymm", "zmm") if f"%{r}" in fields[-1])
     return encodings
 
 
@@ -130,9 +190,9 @@ def test_no_function_uses_instructions_beyond_its_variant():
     }
     assert not outside["EVEX"], f"AVX-512 instructions outside the AVX512 variant: {outside['EVEX'][:10]}"
     assert not outside["VEX"], f"AVX instructions outside the AVX2/AVX512 variants: {outside['VEX'][:10]}"
-    # And each variant was compiled for its instructions: a hot loop of every op file uses them.
+    # And each variant was compiled for its vectors: a hot loop of every op file uses them.
     hot_loops = ("upsample_concat_planes<", "channel_moments<", "::run<")  # pyramid, conv_bn_relu, nll_epe_loss
-    for variant, encoding in (("AVX2", "VEX"), ("AVX512", "EVEX")):
+    for variant, register in (("AVX2", "ymm"), ("AVX512", "zmm")):
         for loop in hot_loops:
             used = set().union(*(e for f, e in encodings.items() if f"slsdeep::cpu::{variant}::" in f and loop in f))
-            assert encoding in used, f"{variant} {loop}: no {encoding} instruction (is the variant built?)"
+            assert register in used, f"{variant} {loop}: no {register} register (is the variant built and vectorised?)"

@@ -19,7 +19,11 @@
 // accumulation type (bf16 and fp16 converted to fp32 lanes in the loop), that the compiler
 // vectorises for each variant: `#pragma omp simd` on element loops, and for reductions a fixed
 // number of independent lane accumulators, which sum in the same order on every variant and
-// thread count (deterministic results).
+// thread count (deterministic results). The extension is compiled with -ffp-contract=off: no
+// variant fuses a·b + c into an FMA, so a result does not depend on the CPU that computed it (and
+// equals ATen's unfused expressions, e.g. the Python side's eval fold). tests/test_cpu_variants.py
+// checks that every CPU kernel gives the same bits on every variant the machine runs; a new
+// reduction must keep that (fixed lanes, not a reassociation whose order follows the vector width).
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
