@@ -190,6 +190,10 @@ def test_no_function_uses_instructions_beyond_its_variant():
     }
     assert not outside["EVEX"], f"AVX-512 instructions outside the AVX512 variant: {outside['EVEX'][:10]}"
     assert not outside["VEX"], f"AVX instructions outside the AVX2/AVX512 variants: {outside['VEX'][:10]}"
+    # Every CPU kernel op has its dispatching function (what csrc/cpu/<op>.cpp registers).
+    for name in {n.split("::")[1] for n in torch._C._dispatch_get_registrations_for_dispatch_key("CPU")
+                 if n.startswith("slsdeep_kernels::")}:  # fmt: skip
+        assert any(f.startswith(f"slsdeep::cpu::Dispatch<&slsdeep::cpu::DEFAULT::{name},") for f in encodings), name
     # And each variant was compiled for its vectors: a hot loop of every op file uses them.
     hot_loops = ("upsample_concat_planes<", "channel_moments<", "::run<")  # pyramid, conv_bn_relu, nll_epe_loss
     for variant, register in (("AVX2", "ymm"), ("AVX512", "zmm")):

@@ -7,6 +7,8 @@
 //          by Chan's formula: never Σx² − (Σx)²), ONE pass for normalise + affine + ReLU;
 //   backward: one reduction pass (ReLU mask fused) and one elementwise pass, then
 //          at::convolution_backward.
+// Each BN pass is a profiler scope (bn_statistics, bn_apply, bn_backward_sums, bn_backward_apply),
+// so a profile (bench/test_bench_cpu_variants.py) times the passes apart from the convolution.
 // Activations are dense NCHW (planes of S = H·W values of one channel) or NHWC (rows of C values);
 // reductions use a fixed split that does not depend on the thread count, so results are deterministic.
 #include <ATen/ATen.h>
@@ -14,6 +16,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -427,10 +430,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_kernel(
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* m = mean.data_ptr<acc_t>();
     acc_t* v = var.data_ptr<acc_t>();
-    channel_moments<scalar_t, acc_t>(y, l, m, v);
+    {
+      RECORD_FUNCTION("bn_statistics", std::vector<c10::IValue>());
+      channel_moments<scalar_t, acc_t>(y, l, m, v);
+    }
     std::vector<acc_t> scale(l.C), shift(l.C);
     const acc_t *g = gamma.const_data_ptr<acc_t>(), *b = beta.const_data_ptr<acc_t>();
     for (int64_t c = 0; c < l.C; ++c) cbr::fold_train<acc_t>(g[c], b[c], m[c], v[c], static_cast<acc_t>(eps), scale[c], shift[c]);
+    RECORD_FUNCTION("bn_apply", std::vector<c10::IValue>());
     with_relu(relu, [&](auto relu_tag) {
       apply_bn_act<scalar_t, acc_t, decltype(relu_tag)::value>(y, out, l, scale.data(), shift.data());
     });
@@ -461,9 +468,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_backward_k
     BackwardChannels<acc_t> ch(l.C);
     std::vector<acc_t> sum_g(l.C), sum_gc(l.C);
     for (int64_t c = 0; c < l.C; ++c) cbr::fold_train<acc_t>(g[c], b[c], m[c], vv[c], static_cast<acc_t>(eps), ch.scale[c], ch.shift[c]);
-    with_relu(relu, [&](auto relu_tag) {
-      backward_sums<scalar_t, acc_t, decltype(relu_tag)::value>(grad, y, l, m, ch, sum_g.data(), sum_gc.data());
-    });
+    {
+      RECORD_FUNCTION("bn_backward_sums", std::vector<c10::IValue>());
+      with_relu(relu, [&](auto relu_tag) {
+        backward_sums<scalar_t, acc_t, decltype(relu_tag)::value>(grad, y, l, m, ch, sum_g.data(), sum_gc.data());
+      });
+    }
     acc_t* gg = grad_gamma.data_ptr<acc_t>();
     acc_t* gb = grad_beta.data_ptr<acc_t>();
     const acc_t count = static_cast<acc_t>(l.N * l.S);
@@ -476,6 +486,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_relu_train_backward_k
       ch.centered_coef[c] = k.centered_coef;
       ch.constant[c] = k.constant;
     }
+    RECORD_FUNCTION("bn_backward_apply", std::vector<c10::IValue>());
     with_relu(relu, [&](auto relu_tag) {
       apply_bn_backward<scalar_t, acc_t, decltype(relu_tag)::value>(grad, y, grad_y, l, m, ch);
     });

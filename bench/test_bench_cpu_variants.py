@@ -1,0 +1,150 @@
+"""The C++ CPU kernels under every instruction-set variant this machine runs (``csrc/cpu/variant.h``),
+beside ``clone`` of the same bytes: the copy bandwidth, measured in the same run.
+
+* Memory-bound kernels (pyramid pool and upsample_concat, forward and backward; the conv_bn_relu
+  BatchNorm passes): their GB/s against clone's. Target (issue 14): within 15% of it.
+* Compute-bound kernels (the pyramid conv's taps, forward and backward): each variant against
+  DEFAULT, the baseline x86-64 code every kernel ran before the variants. Target: >= 1.5x.
+* The BatchNorm passes run inside ``conv_bn_relu_train_kernel`` and its backward, around oneDNN's
+  convolution: each is a profiler scope (``bn_statistics``, ``bn_apply``, ``bn_backward_sums``,
+  ``bn_backward_apply``), timed from a profile of the whole kernel.
+
+Shapes: the CPU-sized decoder of ``benchmark.op_cases`` (4, 512, 48, 48), branches of 256 channels,
+128 conv outputs; the BatchNorm layer is layer3's 1×1 (8, 1024→256, 48²). fp32. Skipped on CUDA.
+"""
+
+import statistics
+import time
+
+import pytest
+import torch
+
+from slsdeep_kernels import PYRAMID_BINS
+from slsdeep_kernels import backend as backends
+from slsdeep_kernels.testing import BENCH_DEVICE, cpu_variant_override
+
+pytestmark = pytest.mark.skipif(
+    BENCH_DEVICE.type != "cpu" or backends.cpu_extension_error() is not None, reason="the C++ CPU kernels only"
+)
+KERNELS = torch.ops.slsdeep_kernels
+N, C, H, W, CB, CO = 4, 512, 48, 48, 256, 128
+CELLS = sum(b * b for b in PYRAMID_BINS)
+SIZE = 4  # fp32 bytes
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=generator)
+
+    return {
+        "x": rand(N, C, H, W),
+        "branches": [rand(N, CB, b, b) for b in PYRAMID_BINS],
+        "cells": rand(N, C, CELLS),
+        "grad_concat": rand(N, C + len(PYRAMID_BINS) * CB, H, W),
+        "out": rand(N, CO, H, W),
+        "taps": [rand(N, CO, 3, 3, b, b) for b in PYRAMID_BINS],
+        "grad_out": rand(N, CO, H, W),
+    }
+
+
+_BRANCH_SIZES = [v for b in PYRAMID_BINS for v in (CB, b, b)]
+_TAP_SIZES = [v for b in PYRAMID_BINS for v in (b, b)]
+_IMAGE, _CONCAT, _SMALL = N * C * H * W, N * (C + len(PYRAMID_BINS) * CB) * H * W, N * (C + CB) * CELLS
+# name: (kernel on the inputs, bytes moved: one read of every input and one write of every output, bound)
+CASES = {
+    "pyramid_pool": (lambda t: KERNELS.pyramid_pool_kernel(t["x"], PYRAMID_BINS), (_IMAGE + N * C * CELLS) * SIZE, "memory"),
+    "pyramid_pool_backward": (
+        lambda t: KERNELS.pyramid_pool_backward_kernel(t["cells"], PYRAMID_BINS, H, W, False),
+        (N * C * CELLS + _IMAGE) * SIZE, "memory",
+    ),
+    "upsample_concat": (
+        lambda t: KERNELS.upsample_concat_kernel(t["x"], t["branches"], False, False), (_IMAGE + _CONCAT + _SMALL) * SIZE, "memory",
+    ),
+    "upsample_concat_backward": (
+        lambda t: KERNELS.upsample_concat_backward_kernel(t["grad_concat"], C, _BRANCH_SIZES, False),
+        (_CONCAT - _IMAGE + _SMALL) * SIZE, "memory",
+    ),
+    "pyramid_taps_add": (
+        lambda t: KERNELS.pyramid_taps_add_kernel(t["out"], t["taps"], False), 2 * N * CO * H * W * SIZE, "compute",
+    ),
+    "pyramid_taps_backward": (
+        lambda t: KERNELS.pyramid_taps_backward_kernel(t["grad_out"], _TAP_SIZES, 3, False), N * CO * H * W * SIZE, "compute",
+    ),
+}  # fmt: skip
+VARIANTS = backends.cpu_variants()
+
+
+def _record(benchmark, op, way, bytes_moved, kind):
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(op=op, way=way, which="forward", device=f"cpu ({backends.cpu_variant()} automatic)",
+                                dtype="float32", bytes_moved=bytes_moved, bound=kind,
+                                gbytes_per_s=bytes_moved / median / 1e9)  # fmt: skip
+
+
+@pytest.mark.parametrize("way", [*VARIANTS, "clone"])
+@pytest.mark.parametrize("op", CASES)
+def test_kernel(benchmark, op, way):
+    kernel, bytes_moved, kind = CASES[op]
+    tensors = _inputs()
+    benchmark.group = f"cpu kernel {op}"
+    if way == "clone":
+        source = torch.randn(bytes_moved // (2 * SIZE))  # clone reads and writes it: bytes_moved in all
+        benchmark.pedantic(source.clone, rounds=7, iterations=1, warmup_rounds=2)
+    else:
+        with cpu_variant_override(way):
+            benchmark.pedantic(kernel, args=(tensors,), rounds=7, iterations=1, warmup_rounds=2)
+    _record(benchmark, op, way, bytes_moved, kind)
+
+
+# ---------------------------------------------------------------- the BatchNorm passes
+
+BN_SHAPE = (8, 1024, 256, 48)  # batch, C_in, C_out, side
+BN_PASSES = {"bn_statistics": 1, "bn_apply": 2, "bn_backward_sums": 2, "bn_backward_apply": 3}  # reads + writes of y's size
+
+
+def _bn_step():
+    batch, c_in, c_out, side = BN_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, c_in, side, side, generator=generator).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(c_out, c_in, 1, 1, generator=generator) / c_in**0.5).contiguous(memory_format=torch.channels_last)
+    gamma, beta = torch.rand(c_out, generator=generator) + 0.5, torch.randn(c_out, generator=generator)
+    geometry = ([1, 1], [0, 0], [1, 1], 1)
+    grad = torch.randn(batch, c_out, side, side, generator=generator).contiguous(memory_format=torch.channels_last)
+
+    def step():
+        out, y, mean, var = KERNELS.conv_bn_relu_train_kernel(x, weight, None, gamma, beta, *geometry, 1e-5, True)
+        KERNELS.conv_bn_relu_train_backward_kernel(
+            grad, x, weight, None, y, mean, var, gamma, beta, *geometry, 1e-5, True, [True, True, False]
+        )
+
+    return step, batch * c_out * side * side * SIZE
+
+
+@pytest.mark.parametrize("way", VARIANTS)
+def test_bn_passes(benchmark, way):
+    """conv_bn_relu training forward + backward at layer3's 1×1, timed whole; ``extra_info`` holds each
+    BN pass's median from a profile of 5 steps, its GB/s and clone's GB/s for the same bytes."""
+    step, y_bytes = _bn_step()
+    benchmark.group = "cpu conv_bn_relu train 1x1 passes"
+    with cpu_variant_override(way):
+        benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            for _ in range(5):
+                step()
+    _record(benchmark, "conv_bn_relu train passes", way, 0, "memory")
+    clone_source = torch.randn(y_bytes // SIZE)
+    for name, sizes in BN_PASSES.items():
+        times = [e.cpu_time_total / 1e6 for e in profile.events() if e.name == name]
+        assert len(times) == 5, f"{name}: {len(times)} profiled calls (is the profiler scope in the kernel?)"
+        clones = []
+        for _ in range(5):  # a clone of y moves 2 y-sizes
+            start = time.perf_counter()
+            clone_source.clone()
+            clones.append(time.perf_counter() - start)
+        pass_gbps = sizes * y_bytes / statistics.median(times) / 1e9
+        clone_gbps = 2 * y_bytes / statistics.median(clones) / 1e9
+        benchmark.extra_info[f"{name}_gbytes_per_s"] = pass_gbps
+        benchmark.extra_info[f"{name}_clone_gbytes_per_s"] = clone_gbps
+        benchmark.extra_info[f"{name}_share_of_clone"] = pass_gbps / clone_gbps
