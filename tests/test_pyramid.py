@@ -372,9 +372,11 @@ def test_torch_compile_fullgraph():
     expected_grads = torch.autograd.grad(expected, inputs)
     actual = compiled(*inputs)
     actual_grads = torch.autograd.grad(actual, inputs)
+    # Inductor computes the upstream gradients its own way (the mean's and the square's backward), so
+    # the kernels' gradients differ by fp32 rounding: compared norm-wise, as every op test (§7).
     torch.testing.assert_close(actual, expected)
     for a, e in zip(actual_grads, expected_grads):
-        torch.testing.assert_close(a, e)
+        assert relative_error(a, e) <= TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("backend", COMPILED)

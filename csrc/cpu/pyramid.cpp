@@ -84,6 +84,33 @@ AxisReaders<acc_t> axis_readers(int64_t in_size, int64_t out_size, bool align_co
   return readers;
 }
 
+// Row i of an axis adjoint: sum over i's readers of weight * values[index] (a contiguous row of
+// accumulators: values are read in place, no stride).
+template <typename acc_t>
+inline acc_t gather(const AxisReaders<acc_t>& readers, int64_t i, const acc_t* values) {
+  acc_t sum = 0;
+  for (int64_t k = readers.begin[i]; k < readers.begin[i + 1]; ++k) sum += readers.weight[k] * values[readers.index[k]];
+  return sum;
+}
+
+// acc[0, W) = sum over the readers of row i of weight * the image row it names (row r at
+// image + r * row_stride, its W values column_stride apart): whole-row multiply-adds.
+template <typename acc_t, typename scalar_t>
+inline void gather_rows(acc_t* acc, const AxisReaders<acc_t>& readers, int64_t i, const scalar_t* image,
+                        int64_t row_stride, int64_t column_stride, int64_t W) {
+  std::fill(acc, acc + W, acc_t(0));
+  for (int64_t k = readers.begin[i]; k < readers.begin[i + 1]; ++k) {
+    const acc_t weight = readers.weight[k];
+    const scalar_t* row = image + readers.index[k] * row_stride;
+    if (column_stride == 1) {
+#pragma omp simd
+      for (int64_t q = 0; q < W; ++q) acc[q] += weight * static_cast<acc_t>(row[q]);
+    } else {
+      for (int64_t q = 0; q < W; ++q) acc[q] += weight * static_cast<acc_t>(row[q * column_stride]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- pyramid_pool
 
 template <typename scalar_t, typename acc_t>
@@ -240,7 +267,8 @@ void upsample_concat_planes(const at::Tensor& x, const std::vector<at::Tensor>& 
 }
 
 // grad_z (N, Cb, h, w) contiguous = adjoint of the resize of one branch, on channels [offset, offset + Cb) of
-// grad: gathered along the width into an (H, w) buffer, then along the height.
+// grad: gathered along the height first, whole rows at a time (contiguous multiply-adds that vectorise),
+// into an (h, W) buffer, then along the width (h·W values instead of H·W).
 template <typename scalar_t>
 void upsample_branch_backward(const at::Tensor& grad, const at::Tensor& grad_z, int64_t offset, bool align_corners) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -251,26 +279,13 @@ void upsample_branch_backward(const at::Tensor& grad, const at::Tensor& grad_z, 
   const scalar_t* src = grad.const_data_ptr<scalar_t>();
   scalar_t* dst = grad_z.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, grad_z.size(0) * Cb, grain_for(H * W), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> partial(H * w);
+    std::vector<acc_t> partial(h * W);
     for (int64_t plane = begin; plane < end; ++plane) {
       const scalar_t* g = src + (plane / Cb) * s.n + (offset + plane % Cb) * s.c;
-      for (int64_t p = 0; p < H; ++p) {
-        const scalar_t* row = g + p * s.h;
-        for (int64_t j = 0; j < w; ++j) {
-          acc_t sum = 0;
-          for (int64_t k = cols.begin[j]; k < cols.begin[j + 1]; ++k) {
-            sum += cols.weight[k] * static_cast<acc_t>(row[cols.index[k] * s.w]);
-          }
-          partial[p * w + j] = sum;
-        }
-      }
+      for (int64_t i = 0; i < h; ++i) gather_rows(partial.data() + i * W, rows, i, g, s.h, s.w, W);
       scalar_t* out = dst + plane * h * w;
       for (int64_t i = 0; i < h; ++i) {
-        for (int64_t j = 0; j < w; ++j) {
-          acc_t sum = 0;
-          for (int64_t k = rows.begin[i]; k < rows.begin[i + 1]; ++k) sum += rows.weight[k] * partial[rows.index[k] * w + j];
-          out[i * w + j] = static_cast<scalar_t>(sum);
-        }
+        for (int64_t j = 0; j < w; ++j) out[i * w + j] = static_cast<scalar_t>(gather(cols, j, partial.data() + i * W));
       }
     }
   });
@@ -367,7 +382,8 @@ void taps_add(const at::Tensor& out, at::TensorList taps, bool align_corners) {
 }
 
 // Adjoint of taps_add for one branch: grad_z (N, Co, K, K, h, w) through its strides, gathered along
-// the width (readers of the kx-shifted stencils) into an (H, K, w) buffer, then along the height.
+// the height first (readers of the ky-shifted stencils, whole rows at a time) into a (K, h, W) buffer,
+// then along the width (readers of the kx-shifted stencils).
 template <typename scalar_t>
 void taps_backward(const at::Tensor& grad, const at::Tensor& grad_z, bool align_corners) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -383,34 +399,20 @@ void taps_backward(const at::Tensor& grad, const at::Tensor& grad_z, bool align_
   const scalar_t* src = grad.const_data_ptr<scalar_t>();
   scalar_t* dst = grad_z.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, grad.size(0) * Co, grain_for(H * W), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> partial(H * K * w);
+    std::vector<acc_t> partial(K * h * W);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / Co, co = plane % Co;
       const scalar_t* g = src + n * s.n + co * s.c;
-      for (int64_t p = 0; p < H; ++p) {
-        const scalar_t* row = g + p * s.h;
-        for (int64_t kx = 0; kx < K; ++kx) {
-          const AxisReaders<acc_t>& readers = cols[kx];
-          for (int64_t j = 0; j < w; ++j) {
-            acc_t sum = 0;
-            for (int64_t k = readers.begin[j]; k < readers.begin[j + 1]; ++k) {
-              sum += readers.weight[k] * static_cast<acc_t>(row[readers.index[k] * s.w]);
-            }
-            partial[(p * K + kx) * w + j] = sum;
-          }
-        }
+      for (int64_t ky = 0; ky < K; ++ky) {
+        for (int64_t i = 0; i < h; ++i) gather_rows(partial.data() + (ky * h + i) * W, rows[ky], i, g, s.h, s.w, W);
       }
       scalar_t* out = dst + n * t.n + co * t.c;
       for (int64_t ky = 0; ky < K; ++ky) {
-        const AxisReaders<acc_t>& readers = rows[ky];
         for (int64_t kx = 0; kx < K; ++kx) {
           for (int64_t i = 0; i < h; ++i) {
+            const acc_t* row = partial.data() + (ky * h + i) * W;
             for (int64_t j = 0; j < w; ++j) {
-              acc_t sum = 0;
-              for (int64_t k = readers.begin[i]; k < readers.begin[i + 1]; ++k) {
-                sum += readers.weight[k] * partial[(readers.index[k] * K + kx) * w + j];
-              }
-              out[ky * t.ky + kx * t.kx + i * t.i + j * t.j] = static_cast<scalar_t>(sum);
+              out[ky * t.ky + kx * t.kx + i * t.i + j * t.j] = static_cast<scalar_t>(gather(cols[kx], j, row));
             }
           }
         }
