@@ -14,10 +14,6 @@
 #include <cstdint>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "alloc.h"
 #include "bind_utils.h"
 #include "common/pyramid.h"
@@ -33,20 +29,6 @@ struct Strides4 {
 };
 
 Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
-
-// Ask Linux for transparent huge pages over a fresh, not yet touched output (the 2 MiB-aligned
-// interior of its storage), as PyTorch's allocator does under THP_MEM_ALLOC_ENABLE=1: writing a
-// large new output otherwise costs one page fault per 4 KiB, which dominates a copy-bound op.
-// Only a hint: without THP (or on memory already touched) nothing changes.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.storage().data());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (begin + t.storage().nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-}
 
 // The stencil of every output index of one axis resized from in_size to out_size.
 template <typename acc_t>
@@ -457,7 +439,6 @@ at::Tensor pyramid_pool_backward_kernel(const at::Tensor& grad, at::IntArrayRef 
               "pyramid_pool_backward_kernel: grad must be (N, C, sum of bin^2)");
   const at::Tensor g = grad.contiguous();
   at::Tensor out = new_output({g.size(0), g.size(1), height, width}, g.options(), memory_format(channels_last));
-  advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pyramid_pool_backward_kernel",
                                   [&] { pool_backward<scalar_t>(g, out, bin_list); });
   return out;
@@ -473,7 +454,6 @@ at::Tensor upsample_concat_kernel(const at::Tensor& x, at::TensorList branches, 
     channels += z.size(1);
   }
   at::Tensor out = new_output({x.size(0), channels, x.size(2), x.size(3)}, x.options(), memory_format(channels_last));
-  advise_huge_pages(out);
   std::vector<at::Tensor> contiguous_branches;
   for (const at::Tensor& z : branches) contiguous_branches.push_back(z.contiguous());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upsample_concat_kernel",
