@@ -246,6 +246,8 @@ def _benchmark_entry(bench: dict) -> dict:
         "name": bench["name"],
         "group": bench.get("group"),
         "median_s": stats.get("median"),
+        "min_s": stats.get("min"),
+        "max_s": stats.get("max"),
         "iqr_s": stats.get("iqr"),
         "rounds": stats.get("rounds"),
         **bench.get("extra_info", {}),
