@@ -373,7 +373,7 @@ def test_torch_compile_fullgraph():
     actual = compiled(*inputs)
     actual_grads = torch.autograd.grad(actual, inputs)
     # Inductor computes the upstream gradients its own way (the mean's and the square's backward), so
-    # the kernels' gradients differ by fp32 rounding: compared norm-wise, as every op test (§7).
+    # the kernels' gradients differ by fp32 rounding: compared norm-wise, as every op test (docs/design.md §7).
     torch.testing.assert_close(actual, expected)
     for a, e in zip(actual_grads, expected_grads):
         assert relative_error(a, e) <= TOLERANCE[torch.float32]
