@@ -15,7 +15,8 @@ Allocation: PyTorch's CPU allocator takes large blocks from glibc, which maps fr
 first touch per 4 KiB page; in this VM that cost alone varied from 3 to 45 ms for one 19 MB output).
 The module has glibc keep freed memory in its heap instead (``mallopt``: no mmap, no trim; restored
 after), so every way reuses memory already touched, as under a caching allocator: the figures are the
-kernels' own bandwidth.
+kernels' own bandwidth. Once set, glibc keeps a fixed mmap threshold for the rest of the process
+(mallopt(3)): run this module in a process of its own, not before other benchmarks.
 
 Shapes: the CPU-sized decoder of ``benchmark.op_cases`` (4, 512, 48, 48), branches of 256 channels,
 128 conv outputs; the BatchNorm layer is layer3's 1×1 (8, 1024→256, 48²). fp32. Skipped on CUDA.

@@ -120,7 +120,7 @@ def load_extensions() -> None:
 
 def cpu_variant() -> str | None:
     """The instruction-set variant the C++ CPU kernels run: ``"DEFAULT"``, ``"AVX2"`` or ``"AVX512"``
-    (``csrc/cpu/variant.h``), or None without the CPU extension. Picked when the extension loads:
+    (``csrc/cpu/variant.h``), or None without the CPU extension. Picked at the first kernel call:
     the best variant this CPU runs, lowered by ATen's capability (``ATEN_CPU_CAPABILITY``)."""
     return None if cpu_extension_error() is not None else torch.ops.slsdeep_kernels.cpu_variant()
 

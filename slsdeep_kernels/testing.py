@@ -113,18 +113,19 @@ class CpuVariant(str):
 
 class cpu_variant_override:
     """Test-only: the C++ CPU kernels of this process run ``variant`` (``"DEFAULT"``, ``"AVX2"``,
-    ``"AVX512"``) inside the ``with`` block, then the automatic choice again. ``ATEN_CPU_CAPABILITY``
-    cannot do this: it is read once per process. A variant this CPU cannot run raises."""
+    ``"AVX512"``) inside the ``with`` block, then what ran before it (overrides nest).
+    ``ATEN_CPU_CAPABILITY`` cannot do this: it is read once per process. A variant this CPU cannot
+    run raises."""
 
     def __init__(self, variant: str):
         self.variant = variant
 
     def __enter__(self):
-        torch.ops.slsdeep_kernels._set_cpu_variant(self.variant)
+        self.previous = torch.ops.slsdeep_kernels._set_cpu_variant(self.variant)
         return self
 
     def __exit__(self, *exc):
-        torch.ops.slsdeep_kernels._set_cpu_variant(None)
+        torch.ops.slsdeep_kernels._set_cpu_variant(self.previous or None)
 
 
 # The device types each backend takes tensors of (triton: CPU tensors only under the interpreter).

@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -31,13 +32,14 @@
 SLSDEEP_CPU_VARIANT_BEGIN
 namespace {
 
+#include "cpu/lanes.h"
+
 using at::Tensor;
 namespace cbr = slsdeep::conv_bn_relu;
 using slsdeep::grain_for;
 
 constexpr int64_t kSpan = 1024;        // contiguous values summed in cache before a merge
 constexpr int64_t kRowsPerBlock = 64;  // NHWC rows per partial-statistics block
-constexpr int kLanes = 16;             // independent accumulators (vectorisable reductions)
 
 
 // A dense (N, C, S) activation: NCHW planes of S values, or NHWC rows of C values.
@@ -64,19 +66,6 @@ void parallel_over(const Layout& l, const Plane& plane, const Row& row) {
       for (int64_t p = begin; p < end; ++p) plane(p * l.S, p % l.C);
     });
   }
-}
-
-template <typename acc_t, typename scalar_t>
-acc_t sum_span(const scalar_t* p, int64_t n) {
-  acc_t lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lanes[j] += static_cast<acc_t>(p[i + j]);
-  }
-  acc_t total = 0;
-  for (; i < n; ++i) total += static_cast<acc_t>(p[i]);
-  for (int j = 0; j < kLanes; ++j) total += lanes[j];
-  return total;
 }
 
 template <typename acc_t, typename scalar_t>

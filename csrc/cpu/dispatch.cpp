@@ -57,7 +57,7 @@ std::vector<std::string> runnable_variant_names() {
 
 std::string active_variant_name() { return variant_name(active_variant()); }
 
-void set_override(const c10::optional<std::string>& variant) { set_variant_override(variant.value_or("")); }
+std::string set_override(const c10::optional<std::string>& variant) { return set_variant_override(variant.value_or("")); }
 
 }  // namespace
 
@@ -83,15 +83,16 @@ std::vector<Variant> runnable_variants() {
   return variants;
 }
 
-void set_variant_override(const std::string& variant) {
-  if (variant.empty()) {
-    variant_override.store(kAutomatic);
-    return;
+std::string set_variant_override(const std::string& variant) {
+  int pinned = kAutomatic;
+  if (!variant.empty()) {
+    const Variant v = parse(variant);
+    TORCH_CHECK(v <= best_runnable(), "cpu variant: ", variant, " cannot run here (this build and CPU run up to ",
+                variant_name(best_runnable()), ")");
+    pinned = static_cast<int>(v);
   }
-  const Variant v = parse(variant);
-  TORCH_CHECK(v <= best_runnable(), "cpu variant: ", variant, " cannot run here (this build and CPU run up to ",
-              variant_name(best_runnable()), ")");
-  variant_override.store(static_cast<int>(v));
+  const int previous = variant_override.exchange(pinned);
+  return previous == kAutomatic ? std::string() : variant_name(static_cast<Variant>(previous));
 }
 
 }  // namespace slsdeep::cpu
@@ -99,5 +100,5 @@ void set_variant_override(const std::string& variant) {
 TORCH_LIBRARY_FRAGMENT(slsdeep_kernels, m) {
   m.def("cpu_variant() -> str", &slsdeep::cpu::active_variant_name);
   m.def("cpu_variants() -> str[]", &slsdeep::cpu::runnable_variant_names);
-  m.def("_set_cpu_variant(str? variant) -> ()", &slsdeep::cpu::set_override);
+  m.def("_set_cpu_variant(str? variant) -> str", &slsdeep::cpu::set_override);
 }

@@ -19,8 +19,9 @@ enum class Variant : int { DEFAULT = 0, AVX2 = 1, AVX512 = 2 };
 Variant active_variant();
 // The variants this build has and this CPU can run, in order (DEFAULT first).
 std::vector<Variant> runnable_variants();
-// Test-only: every later CPU kernel call of this process runs `variant` (empty: back to automatic).
-void set_variant_override(const std::string& variant);
+// Test-only: every later CPU kernel call of this process runs `variant` (empty: back to automatic);
+// returns the override it replaces ("" for automatic), so overrides nest.
+std::string set_variant_override(const std::string& variant);
 std::string variant_name(Variant variant);
 
 template <auto kDefault, auto kAvx2, auto kAvx512>

@@ -30,6 +30,8 @@
 SLSDEEP_CPU_VARIANT_BEGIN
 namespace {
 
+#include "cpu/lanes.h"
+
 using namespace nll_epe;
 
 constexpr int64_t kBandRows = 32;
@@ -302,10 +304,7 @@ void process_band(const Problem<scalar_t>& pb, Buffers<at::opmath_type<scalar_t>
       scalar_t* map = pb.loss_map + (n * H + q) * W;
       for (int64_t j = 0; j < W; ++j) map[j] = static_cast<scalar_t>(pixel_loss[j]);
     } else if (in_band && pb.loss_sums != nullptr) {
-      T row_sum = 0;
-#pragma omp simd reduction(+ : row_sum)
-      for (int64_t j = 0; j < W; ++j) row_sum += pixel_loss[j];
-      loss_sum += static_cast<double>(row_sum);
+      loss_sum += static_cast<double>(sum_span<T>(pixel_loss, W));
     }
   }
   if (pb.loss_sums != nullptr) pb.loss_sums[band] = loss_sum;

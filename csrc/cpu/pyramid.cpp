@@ -40,7 +40,8 @@ std::vector<LinearTap<acc_t>> axis_taps(int64_t in_size, int64_t out_size, bool 
 }
 
 // Adjoint of one resized axis, as reader lists: for input index i, the output indices o (with their
-// weights) whose stencil at o + shift reads i; o + shift outside [0, out_size) reads zero.
+// weights) whose stencil at o + shift reads i, consecutive and ascending; o + shift outside
+// [0, out_size) reads zero.
 template <typename acc_t>
 struct AxisReaders {
   std::vector<int64_t> begin;  // in_size + 1 offsets into index/weight
@@ -73,6 +74,18 @@ inline acc_t gather(const AxisReaders<acc_t>& readers, int64_t i, const acc_t* v
   acc_t sum = 0;
   for (int64_t k = readers.begin[i]; k < readers.begin[i + 1]; ++k) sum += readers.weight[k] * values[readers.index[k]];
   return sum;
+}
+
+// The adjoint of gather: value spread over the outputs that read input i, out[o] += weight * value.
+// An input's readers are consecutive outputs (axis_readers), so this is one contiguous multiply-add.
+template <typename acc_t>
+inline void spread(acc_t* out, const AxisReaders<acc_t>& readers, int64_t i, acc_t value) {
+  const int64_t first = readers.begin[i], count = readers.begin[i + 1] - first;
+  if (count == 0) return;
+  acc_t* o = out + readers.index[first];
+  const acc_t* weight = readers.weight.data() + first;
+#pragma omp simd
+  for (int64_t m = 0; m < count; ++m) o[m] += weight[m] * value;
 }
 
 // acc[0, W) = sum over the readers of row i of weight * the image row it names (row r at
@@ -279,8 +292,9 @@ void upsample_branch_backward(const at::Tensor& grad, const at::Tensor& grad_z, 
 // of the matmul that makes it), holds z_t = W_t . y of one branch for the k*k taps t = (ky, kx) of the
 // k x k conv. Its contribution to the conv output is sum_t up(z_t)(p + t - k/2) (k/2 rounded down),
 // zero outside the image (k = 1: the plain upsample). Separable: for every (ky, cell row i) the kx-sum
-// of width-resized, width-shifted rows is formed once per plane (u), then each output row blends two u
-// rows per (branch, ky).
+// of width-resized, width-shifted rows is formed once per plane (u: each cell value spread over the
+// consecutive columns that read it, a contiguous multiply-add), then each output row blends two u rows
+// per (branch, ky).
 
 struct TapStrides {
   int64_t n, c, ky, kx, i, j;
@@ -294,7 +308,8 @@ template <typename acc_t>
 struct TapBranch {
   int64_t k, h, w, u_offset;  // k: this branch's kernel size (branches may differ)
   TapStrides s;
-  std::vector<LinearTap<acc_t>> rows, cols;
+  std::vector<LinearTap<acc_t>> rows;
+  std::vector<AxisReaders<acc_t>> cols;  // per kx: the readers of each cell column, shifted by kx - k/2
 };
 
 template <typename scalar_t>
@@ -306,8 +321,9 @@ void taps_add(const at::Tensor& out, at::TensorList taps, bool align_corners) {
   int64_t u_size = 0;
   for (const at::Tensor& z : taps) {
     const int64_t k = z.size(2), h = z.size(4), w = z.size(5);
-    branches.push_back({k, h, w, u_size, tap_strides(z), axis_taps<acc_t>(h, H, align_corners),
-                        axis_taps<acc_t>(w, W, align_corners)});
+    std::vector<AxisReaders<acc_t>> cols;
+    for (int64_t kx = 0; kx < k; ++kx) cols.push_back(axis_readers<acc_t>(w, W, align_corners, kx - k / 2));
+    branches.push_back({k, h, w, u_size, tap_strides(z), axis_taps<acc_t>(h, H, align_corners), std::move(cols)});
     u_size += k * h * W;
   }
   scalar_t* dst = out.mutable_data_ptr<scalar_t>();
@@ -322,17 +338,10 @@ void taps_add(const at::Tensor& out, at::TensorList taps, bool align_corners) {
         for (int64_t ky = 0; ky < br.k; ++ky) {
           for (int64_t i = 0; i < br.h; ++i) {
             acc_t* u_row = u.data() + br.u_offset + (ky * br.h + i) * W;
-            for (int64_t q = 0; q < W; ++q) {
-              acc_t sum = 0;
-              for (int64_t kx = 0; kx < br.k; ++kx) {
-                const int64_t column = q + kx - br.k / 2;
-                if (column < 0 || column >= W) continue;
-                const LinearTap<acc_t>& c = br.cols[column];
-                const scalar_t* z_row = z + ky * t.ky + kx * t.kx + i * t.i;
-                sum += c.weight0 * static_cast<acc_t>(z_row[c.index0 * t.j]) +
-                       c.weight1 * static_cast<acc_t>(z_row[c.index1 * t.j]);
-              }
-              u_row[q] = sum;
+            std::fill(u_row, u_row + W, acc_t(0));
+            for (int64_t kx = 0; kx < br.k; ++kx) {
+              const scalar_t* z_row = z + ky * t.ky + kx * t.kx + i * t.i;
+              for (int64_t j = 0; j < br.w; ++j) spread(u_row, br.cols[kx], j, static_cast<acc_t>(z_row[j * t.j]));
             }
           }
         }

@@ -19,11 +19,12 @@
 // accumulation type (bf16 and fp16 converted to fp32 lanes in the loop), that the compiler
 // vectorises for each variant: `#pragma omp simd` on element loops, and for reductions a fixed
 // number of independent lane accumulators, which sum in the same order on every variant and
-// thread count (deterministic results). The extension is compiled with -ffp-contract=off: no
-// variant fuses a·b + c into an FMA, so a result does not depend on the CPU that computed it (and
-// equals ATen's unfused expressions, e.g. the Python side's eval fold). tests/test_cpu_variants.py
-// checks that every CPU kernel gives the same bits on every variant the machine runs; a new
-// reduction must keep that (fixed lanes, not a reassociation whose order follows the vector width).
+// thread count (cpu/lanes.h). The extension is compiled with -ffp-contract=off: no variant fuses
+// a·b + c into an FMA, so what these kernels compute does not depend on the variant (and equals
+// ATen's unfused expressions, e.g. the Python side's eval fold); the ATen/oneDNN convolutions they
+// call pick their own code by the CPU. tests/test_cpu_variants.py checks that every CPU kernel gives
+// the same bits on every variant the machine runs; a new reduction must keep that (fixed lanes, not
+// an `omp simd reduction`, whose order follows the vector width).
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -34,15 +35,19 @@
 
 #if defined(SLSDEEP_CPU_VARIANT_AVX512)
 #define SLSDEEP_CPU_VARIANT AVX512
-#define SLSDEEP_CPU_VARIANT_TARGET \
+#define SLSDEEP_CPU_VARIANT_PUSH \
+  _Pragma("GCC push_options")    \
   _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512\")")
+#define SLSDEEP_CPU_VARIANT_POP _Pragma("GCC pop_options")
 #elif defined(SLSDEEP_CPU_VARIANT_AVX2)
 #define SLSDEEP_CPU_VARIANT AVX2
-#define SLSDEEP_CPU_VARIANT_TARGET _Pragma("GCC target(\"avx2,fma\")")
+#define SLSDEEP_CPU_VARIANT_PUSH _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")
+#define SLSDEEP_CPU_VARIANT_POP _Pragma("GCC pop_options")
 #else
 #define SLSDEEP_CPU_VARIANT DEFAULT
 #define SLSDEEP_CPU_VARIANT_DEFAULT 1
-#define SLSDEEP_CPU_VARIANT_TARGET
+#define SLSDEEP_CPU_VARIANT_PUSH
+#define SLSDEEP_CPU_VARIANT_POP
 #endif
 
 // Whether this translation unit compiles a variant at all (a wrapper of AVX2/AVX512 compiles to
@@ -54,8 +59,7 @@
 #endif
 
 // Open and close the variant's code: after the file's #includes, around everything it defines.
-#define SLSDEEP_CPU_VARIANT_BEGIN \
-  _Pragma("GCC push_options") SLSDEEP_CPU_VARIANT_TARGET namespace slsdeep::cpu::SLSDEEP_CPU_VARIANT {
+#define SLSDEEP_CPU_VARIANT_BEGIN SLSDEEP_CPU_VARIANT_PUSH namespace slsdeep::cpu::SLSDEEP_CPU_VARIANT {
 #define SLSDEEP_CPU_VARIANT_END \
   }                             \
-  _Pragma("GCC pop_options")
+  SLSDEEP_CPU_VARIANT_POP
