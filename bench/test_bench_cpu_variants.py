@@ -102,11 +102,13 @@ def _heap_keeps_freed_memory():
         libc.mallopt(parameter, value)
 
 
-def _record(benchmark, op, way, bytes_moved, kind):
+def _record(benchmark, op, way, which, bytes_moved=None, kind=None):
+    """The record's fields (docs/performance.md §3); GB/s where the bytes moved are known."""
     median = benchmark.stats.stats.median
-    benchmark.extra_info.update(op=op, way=way, which="forward", device=f"cpu ({backends.cpu_variant()} automatic)",
-                                dtype="float32", bytes_moved=bytes_moved, bound=kind,
-                                gbytes_per_s=bytes_moved / median / 1e9)  # fmt: skip
+    benchmark.extra_info.update(op=op, way=way, which=which, device=f"cpu ({backends.cpu_variant()} automatic)",
+                                dtype="float32", bytes_moved=bytes_moved, bound=kind)  # fmt: skip
+    if bytes_moved:
+        benchmark.extra_info["gbytes_per_s"] = bytes_moved / median / 1e9
 
 
 def _copies(bytes_moved):
@@ -120,15 +122,14 @@ def _copies(bytes_moved):
 @pytest.mark.parametrize("op", CASES)
 def test_kernel(benchmark, op, way):
     kernel, bytes_moved, kind = CASES[op]
-    tensors = _inputs()
     benchmark.group = f"cpu kernel {op}"
     if way in ("clone", "copy"):
         clone, copy = _copies(bytes_moved)
         benchmark.pedantic(clone if way == "clone" else copy, rounds=7, iterations=1, warmup_rounds=2)
     else:
         with cpu_variant_override(way):
-            benchmark.pedantic(kernel, args=(tensors,), rounds=7, iterations=1, warmup_rounds=2)
-    _record(benchmark, op, way, bytes_moved, kind)
+            benchmark.pedantic(kernel, args=(_inputs(),), rounds=7, iterations=1, warmup_rounds=2)
+    _record(benchmark, op, way, "forward", bytes_moved, kind)
 
 
 # ---------------------------------------------------------------- the BatchNorm passes
@@ -166,7 +167,7 @@ def test_bn_passes(benchmark, way):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
             for _ in range(5):
                 step()
-    _record(benchmark, "conv_bn_relu train passes", way, 0, "memory")
+    _record(benchmark, "conv_bn_relu train passes", way, "both")
     for way_name, copy in zip(("clone", "copy"), _copies(2 * y_bytes)):  # each moves 2 y-sizes
         seconds = []
         for _ in range(7):

@@ -38,11 +38,14 @@ def test_variant_in_use_is_the_best_this_machine_runs():
     assert backend.cpu_variant() == runnable[min(len(runnable) - 1, cap)]
 
 
-def test_override_selects_and_restores():
-    automatic = backend.cpu_variant()
-    for variant in backend.cpu_variants():
+def test_override_selects_nests_and_restores():
+    automatic, runnable = backend.cpu_variant(), backend.cpu_variants()
+    for variant in runnable:
         with cpu_variant_override(variant):
             assert backend.cpu_variant() == variant
+            with cpu_variant_override(runnable[0]):
+                assert backend.cpu_variant() == runnable[0]
+            assert backend.cpu_variant() == variant  # the outer override again, not the automatic choice
         assert backend.cpu_variant() == automatic
 
 
@@ -71,7 +74,7 @@ def test_every_cpu_param_runs_under_its_variant(cpu):
 
 
 def _kernel_calls():
-    """Every CPU kernel op on random inputs (odd sizes; fp32 and bf16), as (name, thunk) pairs."""
+    """Every CPU kernel op on random inputs (odd sizes; fp32, fp64 and bf16), as (name, thunk) pairs."""
     kernels = torch.ops.slsdeep_kernels
     x, branches = torch.randn(2, 5, 13, 11), [torch.randn(2, 3, b, b) for b in (1, 2, 3, 6)]
     taps = [torch.randn(2, 4, k, k, b, b) for k, b in ((3, 2), (1, 3), (3, 6))]
