@@ -1005,11 +1005,9 @@ def _access_bytes(modifiers: str) -> int | None:
     return None if bits is None else vector * bits // 8
 
 
-def analyse_ptx(ptx: str) -> dict:
-    """Tensor-core instructions and global accesses of a PTX kernel: per access kind (``ld``, ``st``,
-    ``cp_async``) a map {bytes per instruction: count}, over the whole kernel and within its innermost
-    loops (a label and a later branch back to it; the hot loop of a pipelined kernel)."""
-    lines = ptx.splitlines()
+def _innermost_loops(lines: Sequence[str]) -> list[tuple[int, int]]:
+    """(first, last) line of each innermost loop of a PTX function: a label and a later branch back
+    to it, containing no other such loop."""
     labels, loops = {}, []
     for i, line in enumerate(lines):
         match = _LABEL.match(line)
@@ -1019,7 +1017,15 @@ def analyse_ptx(ptx: str) -> dict:
         match = _BRANCH.search(line)
         if match and match.group(1) in labels and labels[match.group(1)] <= i:
             loops.append((labels[match.group(1)], i))
-    innermost = [(a, b) for a, b in loops if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
+    return [(a, b) for a, b in loops if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
+
+
+def analyse_ptx(ptx: str) -> dict:
+    """Tensor-core instructions and global accesses of a PTX kernel: per access kind (``ld``, ``st``,
+    ``cp_async``) a map {bytes per instruction: count}, over the whole kernel and within its innermost
+    loops (a label and a later branch back to it; the hot loop of a pipelined kernel)."""
+    lines = ptx.splitlines()
+    innermost = _innermost_loops(lines)
     in_loop = set()
     for a, b in innermost:
         in_loop.update(range(a, b + 1))
@@ -1059,6 +1065,105 @@ def analyse_ptx(ptx: str) -> dict:
         "ldmatrix": len(re.findall(r"\bldmatrix\.", ptx)),
     }
     return {"global_memory": summary, "tensor_cores": tensor}
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernels (csrc/cuda/*.cu): nvcc's PTX, ptxas -v and the SASS, per entry function
+# ---------------------------------------------------------------------------------------------
+
+_PTX_ENTRY = re.compile(r"^(?:\.visible\s+)?\.entry\s+(\w+)\s*\(", re.M)
+_INT64_DIVISION = re.compile(r"\b(?:div|rem)\.[su]64\b")
+_SASS_FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)", re.M)
+_SASS_GLOBAL = re.compile(r"\b(LDG|STG)\.E((?:\.[\w]+)*)")
+_SASS_WIDTH = re.compile(r"^[US]?(8|16|32|64|128)$")
+
+
+def cuda_tools() -> dict:
+    """Paths of nvcc, its ptxas and a cuobjdump (the toolkit's, else the one Triton bundles); a
+    missing tool is absent from the result."""
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    tools = {}
+    for name in ("nvcc", "ptxas", "cuobjdump"):
+        path = os.path.join(home, "bin", name)
+        if os.access(path, os.X_OK):
+            tools[name] = path
+    if "cuobjdump" not in tools:
+        with contextlib.suppress(ImportError):
+            import triton
+
+            bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+            if os.access(bundled, os.X_OK):
+                tools["cuobjdump"] = bundled
+    return tools
+
+
+def _ptx_entries(ptx: str) -> dict[str, str]:
+    """Each entry function's PTX text, by mangled name (a body ends at the first column-0 brace)."""
+    entries = {}
+    for match in _PTX_ENTRY.finditer(ptx):
+        end = ptx.find("\n}", match.end())
+        entries[match.group(1)] = ptx[match.start(): len(ptx) if end < 0 else end + 2]
+    return entries
+
+
+def _sass_functions(sass: str) -> dict[str, dict]:
+    """Per function of a cuobjdump -sass listing: {"LDG"|"STG": {bytes per instruction: count}}."""
+    functions = {}
+    starts = list(_SASS_FUNCTION.finditer(sass))
+    for i, match in enumerate(starts):
+        body = sass[match.end(): starts[i + 1].start() if i + 1 < len(starts) else len(sass)]
+        counts = {"LDG": {}, "STG": {}}
+        for kind, modifiers in _SASS_GLOBAL.findall(body):
+            widths = [int(m.group(1)) for m in map(_SASS_WIDTH.match, modifiers.split(".")) if m]
+            size = str(widths[0] // 8 if widths else 4)  # no width modifier: 32 bits
+            counts[kind][size] = counts[kind].get(size, 0) + 1
+        functions[match.group(1)] = counts
+    return functions
+
+
+def analyse_cuda(source: str, arch: int = 90, include: str = "csrc", tools: dict | None = None) -> dict[str, dict]:
+    """Compiles one torch-free CUDA file alone for ``sm_<arch>`` and describes each entry function,
+    by demangled name: the ptxas -v fields (registers, spills, stack frame, static shared memory),
+    ``global_memory`` (:func:`analyse_ptx` of its PTX: access widths, in all and in the innermost
+    loops), ``int64_division`` (64-bit ``div``/``rem`` instructions in its PTX, in all and in the
+    innermost loops: each becomes a call of a ~70-instruction routine in SASS) and ``sass`` (``LDG``/``STG`` instructions by width in its
+    SASS: whether ptxas kept the 16-byte accesses). Raises CompileCheckError when a tool fails."""
+    tools = tools or cuda_tools()
+    with tempfile.TemporaryDirectory() as work:
+        ptx_path, cubin_path = os.path.join(work, "k.ptx"), os.path.join(work, "k.cubin")
+        steps = [
+            [tools["nvcc"], "-std=c++17", f"-arch=sm_{arch}", f"-I{include}", "-ptx", source, "-o", ptx_path],
+            [tools["ptxas"], "-v", f"-arch=sm_{arch}", ptx_path, "-o", cubin_path],
+            [tools["cuobjdump"], "-sass", cubin_path],
+        ]
+        outputs = []
+        for command in steps:
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise CompileCheckError(f"{os.path.basename(command[0])} failed on {source}:\n{done.stderr[-2000:]}")
+            outputs.append(done.stdout + done.stderr)
+        with open(ptx_path) as f:
+            ptx = f.read()
+    entries = _ptx_entries(ptx)
+    sass = _sass_functions(outputs[2])
+    names = list(entries)
+    demangled = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    if len(demangled) != len(names):
+        demangled = names
+    records = {}
+    for mangled, readable in zip(names, demangled):
+        record = parse_ptxas_log(outputs[1], mangled) or {}
+        record.update(analyse_ptx(entries[mangled]))
+        lines = entries[mangled].splitlines()
+        loop_lines = [lines[i] for a, b in _innermost_loops(lines) for i in range(a, b + 1)]
+        record["int64_division"] = {
+            "all": len(_INT64_DIVISION.findall(entries[mangled])),
+            "loop": sum(len(_INT64_DIVISION.findall(line)) for line in loop_lines),
+        }
+        record["sass"] = sass.get(mangled, {"LDG": {}, "STG": {}})
+        record["mangled"] = mangled
+        records[readable] = record
+    return records
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@
 
 #include <math.h>
 
+#include <cstdint>
+
 #include "common/macros.h"
 
 namespace slsdeep {
@@ -60,6 +62,27 @@ SLSDEEP_HD Moments<acc_t> merge(const Moments<acc_t>& a, const Moments<acc_t>& b
   const acc_t delta = b.mean - a.mean;
   const acc_t share = b.count / count;
   return {count, a.mean + delta * share, a.m2 + b.m2 + delta * delta * a.count * share};
+}
+
+// The fixed split of a reduction's `units` (rows, packs) into `parts` runs of `per_part` consecutive
+// units, the last one shorter: every deterministic reduction, CPU and CUDA, partitions with it, so
+// its result does not depend on the thread count. At most `max_parts` parts, at least one.
+struct Split {
+  int64_t units, parts, per_part;
+};
+
+SLSDEEP_HD Split split_units(int64_t units, int64_t max_parts) {
+  if (units <= 0) return {units, 1, 1};
+  const int64_t parts = max_parts < 1 ? 1 : (max_parts < units ? max_parts : units);
+  const int64_t per_part = (units + parts - 1) / parts;
+  return {units, (units + per_part - 1) / per_part, per_part};
+}
+
+SLSDEEP_HD int64_t part_begin(const Split& s, int64_t part) { return part * s.per_part; }
+
+SLSDEEP_HD int64_t part_end(const Split& s, int64_t part) {
+  const int64_t end = (part + 1) * s.per_part;
+  return end < s.units ? end : s.units;
 }
 
 // BN backward in training, per channel. With g = the ReLU-masked gradient, x̂ = (y - mean) * invstd and

@@ -39,7 +39,7 @@ namespace cbr = slsdeep::conv_bn_relu;
 using slsdeep::grain_for;
 
 constexpr int64_t kSpan = 1024;        // contiguous values summed in cache before a merge
-constexpr int64_t kRowsPerBlock = 64;  // NHWC rows per partial-statistics block
+constexpr int64_t kRowsPerBlock = 64;  // NHWC rows per reduction part, at most
 
 
 // A dense (N, C, S) activation: NCHW planes of S values, or NHWC rows of C values.
@@ -47,7 +47,8 @@ struct Layout {
   int64_t N, C, S;
   bool channels_last;
   int64_t rows() const { return N * S; }
-  int64_t blocks() const { return (rows() + kRowsPerBlock - 1) / kRowsPerBlock; }
+  // NHWC reductions' parts: the split the CUDA kernels use too (csrc/common/conv_bn_relu.h).
+  cbr::Split row_split() const { return cbr::split_units(rows(), (rows() + kRowsPerBlock - 1) / kRowsPerBlock); }
 };
 
 Layout layout_of(const Tensor& y, at::MemoryFormat format) {
@@ -105,11 +106,12 @@ void channel_moments(const Tensor& y, const Layout& l, acc_t* mean, acc_t* var) 
   const scalar_t* data = y.const_data_ptr<scalar_t>();
   std::vector<cbr::Moments<acc_t>> total(l.C, cbr::Moments<acc_t>{0, 0, 0});
   if (l.channels_last) {
-    const int64_t blocks = l.blocks();
+    const cbr::Split split = l.row_split();
+    const int64_t blocks = split.parts;
     std::vector<acc_t> part_mean(blocks * l.C), part_m2(blocks * l.C);
-    at::parallel_for(0, blocks, grain_for(kRowsPerBlock * l.C), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, blocks, grain_for(split.per_part * l.C), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        const int64_t r0 = b * kRowsPerBlock, r1 = std::min(r0 + kRowsPerBlock, l.rows());
+        const int64_t r0 = cbr::part_begin(split, b), r1 = cbr::part_end(split, b);
         acc_t* m = part_mean.data() + b * l.C;
         acc_t* m2 = part_m2.data() + b * l.C;
         std::fill(m, m + l.C, acc_t(0));
@@ -130,7 +132,7 @@ void channel_moments(const Tensor& y, const Layout& l, acc_t* mean, acc_t* var) 
       }
     });
     for (int64_t b = 0; b < blocks; ++b) {
-      const acc_t count = static_cast<acc_t>(std::min(kRowsPerBlock, l.rows() - b * kRowsPerBlock));
+      const acc_t count = static_cast<acc_t>(cbr::part_end(split, b) - cbr::part_begin(split, b));
       for (int64_t c = 0; c < l.C; ++c) total[c] = cbr::merge(total[c], {count, part_mean[b * l.C + c], part_m2[b * l.C + c]});
     }
   } else {
@@ -195,11 +197,12 @@ void backward_sums(const Tensor& grad, const Tensor& y, const Layout& l, const a
   std::fill(sum_g, sum_g + l.C, acc_t(0));
   std::fill(sum_gc, sum_gc + l.C, acc_t(0));
   if (l.channels_last) {
-    const int64_t blocks = l.blocks();
+    const cbr::Split split = l.row_split();
+    const int64_t blocks = split.parts;
     std::vector<acc_t> part_g(blocks * l.C, acc_t(0)), part_gc(blocks * l.C, acc_t(0));
-    at::parallel_for(0, blocks, grain_for(kRowsPerBlock * l.C), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, blocks, grain_for(split.per_part * l.C), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        const int64_t r0 = b * kRowsPerBlock, r1 = std::min(r0 + kRowsPerBlock, l.rows());
+        const int64_t r0 = cbr::part_begin(split, b), r1 = cbr::part_end(split, b);
         acc_t* __restrict__ pg = part_g.data() + b * l.C;
         acc_t* __restrict__ pgc = part_gc.data() + b * l.C;
         std::vector<acc_t> masked_row(l.C), y_row(l.C);

@@ -1,0 +1,129 @@
+"""The CUDA kernels as compiled, without a GPU (issue 12's compile-level gate): each csrc/cuda/*.cu
+compiles alone for sm_90 (torch-free, only -Icsrc), no kernel spills, and the kernels rewritten to
+the roofline design (the BatchNorm passes of conv_bn_relu.cu) move their data in 16-byte accesses in
+their hot loops (ld/st.global.v4 in the PTX, LDG/STG.E.128 in the SASS) with no 64-bit division in
+the kernel. The analysis is slsdeep_kernels.compile_check.analyse_cuda (nvcc, ptxas -v, cuobjdump).
+The pyramid and loss kernels are checked for spills only until their rewrite (issue 12)."""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from slsdeep_kernels import compile_check as cc
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = sorted((REPO / "csrc" / "cuda").glob("*.cu"))
+TOOLS = cc.cuda_tools()
+needs_tools = pytest.mark.skipif(
+    not {"nvcc", "ptxas", "cuobjdump"} <= set(TOOLS) or shutil.which("c++filt") is None,
+    reason=f"needs nvcc, ptxas and cuobjdump (found {sorted(TOOLS)}) and c++filt",
+)
+
+# The BatchNorm passes: every element type at its 16-byte width (16 / sizeof) in both layouts.
+WIDE = {"float": 4, "__half": 8, "__nv_bfloat16": 8}
+ROOFLINE_KERNELS = [
+    f"{family}<{dtype}, {width}>"
+    for family in ("planes_stats_kernel", "rows_stats_kernel", "planes_backward_sums_kernel", "rows_backward_sums_kernel")
+    for dtype, width in WIDE.items()
+] + [
+    f"{layout}_elementwise_kernel<{width}, {op}<{dtype}, {width}, {'true' if layout == 'planes' else 'false'}> >"
+    for layout in ("planes", "rows")
+    for op in ("BnAct", "BackwardApply")
+    for dtype, width in WIDE.items()
+]
+
+
+def short_name(demangled: str) -> str:
+    """'rows_stats_kernel<float, 4>' from the demangled signature."""
+    name = re.sub(r"\(anonymous namespace\)::|^void ", "", demangled)
+    name = name[: name.index("(")] if "(" in name else name
+    return re.sub(r"\bslsdeep::\w+::", "", name)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return {source.name: {short_name(k): v for k, v in cc.analyse_cuda(str(source), 90, str(REPO / "csrc"), TOOLS).items()}
+            for source in SOURCES}
+
+
+@needs_tools
+def test_every_kernel_compiles_alone_for_sm90_without_spills(compiled):
+    assert set(compiled) == {"conv_bn_relu.cu", "nll_epe_loss.cu", "pyramid.cu"}
+    for source, kernels in compiled.items():
+        assert kernels, f"{source}: no entry function found"
+        for name, record in kernels.items():
+            spills = {k: record[k] for k in ("stack_frame", "spill_stores", "spill_loads")}
+            assert not any(spills.values()), f"{source} {name}: {spills}"
+
+
+@needs_tools
+def test_batchnorm_passes_move_16_bytes_per_access_in_their_hot_loops(compiled):
+    kernels = compiled["conv_bn_relu.cu"]
+    missing = [name for name in ROOFLINE_KERNELS if name not in kernels]
+    assert not missing, f"kernels not found (renamed? update ROOFLINE_KERNELS): {missing}\nfound: {sorted(kernels)}"
+    for name in ROOFLINE_KERNELS:
+        record = kernels[name]
+        loop = record["global_memory"]["loop"]
+        assert loop["ld"] and set(loop["ld"]) == {"16"}, f"{name}: loads in the innermost loops {loop['ld']}"
+        assert set(loop["st"]) <= {"16"}, f"{name}: stores in the innermost loops {loop['st']}"
+        if "elementwise" in name:
+            assert loop["st"], f"{name}: no store in the innermost loops"
+        sass = record["sass"]
+        assert sass["LDG"].get("16"), f"{name}: ptxas kept no 16-byte load (LDG by width {sass['LDG']})"
+        if "elementwise" in name:
+            assert set(sass["STG"]) == {"16"}, f"{name}: stores by width {sass['STG']}"
+
+
+@needs_tools
+def test_conv_bn_relu_kernels_have_no_64bit_division(compiled):
+    for name, record in compiled["conv_bn_relu.cu"].items():
+        assert record["int64_division"]["loop"] == 0, f"{name}: {record['int64_division']}"
+        if name in ROOFLINE_KERNELS:
+            assert record["int64_division"]["all"] == 0, f"{name}: {record['int64_division']}"
+
+
+# ------------------------------------------------------------------ the parsers, on known text
+
+PTX = """\
+.entry _Z1kPf(
+\t.param .u64 _Z1kPf_param_0
+)
+{
+\tdiv.s64 \t%rd1, %rd2, %rd3;
+$L__BB0_1:
+\tld.global.cg.v4.u32 \t{%r1, %r2, %r3, %r4}, [%rd4];
+\trem.u64 \t%rd5, %rd6, %rd7;
+\tst.global.f32 \t[%rd8], %f1;
+\t@%p1 bra \t$L__BB0_1;
+\tret;
+}
+"""
+
+SASS = """\
+\t\tFunction : _Z1kPf
+        /*0070*/                   LDG.E.128.STRONG.GPU R4, desc[UR4][R2.64] ;
+        /*0080*/                   LDG.E R9, desc[UR4][R6.64] ;
+        /*0090*/                   STG.E.64 desc[UR4][R2.64], R4 ;
+\t\tFunction : _Z1gv
+        /*0010*/                   STG.E.U16 desc[UR4][R2.64], R4 ;
+"""
+
+
+def test_ptx_entries_and_loop_scoped_64bit_division_are_found():
+    entries = cc._ptx_entries(PTX)
+    assert list(entries) == ["_Z1kPf"]
+    lines = entries["_Z1kPf"].splitlines()
+    loops = cc._innermost_loops(lines)
+    assert len(loops) == 1
+    assert sum(bool(cc._INT64_DIVISION.search(lines[i])) for a, b in loops for i in range(a, b + 1)) == 1
+    assert len(cc._INT64_DIVISION.findall(entries["_Z1kPf"])) == 2
+    memory = cc.analyse_ptx(entries["_Z1kPf"])["global_memory"]
+    assert memory["loop"]["ld"] == {"16": 1} and memory["loop"]["st"] == {"4": 1}
+
+
+def test_sass_accesses_are_counted_by_width():
+    functions = cc._sass_functions(SASS)
+    assert functions["_Z1kPf"] == {"LDG": {"16": 1, "4": 1}, "STG": {"8": 1}}
+    assert functions["_Z1gv"] == {"LDG": {}, "STG": {"2": 1}}
