@@ -1,9 +1,10 @@
 """The CUDA kernels as compiled, without a GPU (issue 12's compile-level gate): each csrc/cuda/*.cu
 compiles alone for sm_90 (torch-free, only -Icsrc), no kernel spills, and the kernels rewritten to
-the roofline design (the BatchNorm passes of conv_bn_relu.cu) move their data in 16-byte accesses in
-their hot loops (ld/st.global.v4 in the PTX, LDG/STG.E.128 in the SASS) with no 64-bit division in
-the kernel. The analysis is slsdeep_kernels.compile_check.analyse_cuda (nvcc, ptxas -v, cuobjdump).
-The pyramid and loss kernels are checked for spills only until their rewrite (issue 12)."""
+the roofline design (the BatchNorm passes of conv_bn_relu.cu, the pool passes of pyramid.cu) move
+their data in 16-byte accesses in their hot loops (ld/st.global.v4 in the PTX, LDG/STG.E.128 in the
+SASS) with no 64-bit division in the kernel. The analysis is slsdeep_kernels.compile_check.analyse_cuda
+(nvcc, ptxas -v, cuobjdump). The resize, tap and loss kernels are checked for spills only until
+their rewrite (issue 12)."""
 
 import re
 import shutil
@@ -35,6 +36,17 @@ ROOFLINE_KERNELS = [
 ]
 
 
+# The pool passes' big kernels (segment sums of x, the fill of grad_x) at their 16-byte width, both
+# layouts; and the small ones, which must not divide in 64 bits either.
+POOL_KERNELS = [
+    f"{family}<{dtype}, {width}, {layout}>"
+    for family in ("pool_segment_sums_kernel", "pool_fill_kernel")
+    for dtype, width in WIDE.items()
+    for layout in ("true", "false")
+]
+POOL_SMALL_KERNELS = [f"{family}<{dtype}>" for family in ("pool_cells_kernel", "pool_segment_grads_kernel") for dtype in WIDE]
+
+
 def short_name(demangled: str) -> str:
     """'rows_stats_kernel<float, 4>' from the demangled signature."""
     name = re.sub(r"\(anonymous namespace\)::|^void ", "", demangled)
@@ -58,30 +70,47 @@ def test_every_kernel_compiles_alone_for_sm90_without_spills(compiled):
             assert not any(spills.values()), f"{source} {name}: {spills}"
 
 
-@needs_tools
-def test_batchnorm_passes_move_16_bytes_per_access_in_their_hot_loops(compiled):
-    kernels = compiled["conv_bn_relu.cu"]
-    missing = [name for name in ROOFLINE_KERNELS if name not in kernels]
-    assert not missing, f"kernels not found (renamed? update ROOFLINE_KERNELS): {missing}\nfound: {sorted(kernels)}"
-    for name in ROOFLINE_KERNELS:
+def check_16_byte_hot_loops(kernels: dict, names: list[str], reads: bool, writes: bool) -> None:
+    """Every kernel of `names` loads (if reads) and stores (if writes) in its innermost loops, only
+    16-byte packs there, and ptxas kept 16-byte instructions for them in the SASS."""
+    missing = [name for name in names if name not in kernels]
+    assert not missing, f"kernels not found (renamed? update the lists): {missing}\nfound: {sorted(kernels)}"
+    for name in names:
         record = kernels[name]
-        loop = record["global_memory"]["loop"]
-        assert loop["ld"] and set(loop["ld"]) == {"16"}, f"{name}: loads in the innermost loops {loop['ld']}"
-        assert set(loop["st"]) <= {"16"}, f"{name}: stores in the innermost loops {loop['st']}"
-        if "elementwise" in name:
+        loop, sass = record["global_memory"]["loop"], record["sass"]
+        assert set(loop["ld"]) <= {"16"} and set(loop["st"]) <= {"16"}, f"{name}: innermost loops {loop}"
+        if reads:
+            assert loop["ld"], f"{name}: no load in the innermost loops"
+            assert sass["LDG"].get("16"), f"{name}: ptxas kept no 16-byte load (LDG by width {sass['LDG']})"
+        if writes:
             assert loop["st"], f"{name}: no store in the innermost loops"
-        sass = record["sass"]
-        assert sass["LDG"].get("16"), f"{name}: ptxas kept no 16-byte load (LDG by width {sass['LDG']})"
-        if "elementwise" in name:
             assert set(sass["STG"]) == {"16"}, f"{name}: stores by width {sass['STG']}"
 
 
 @needs_tools
-def test_conv_bn_relu_kernels_have_no_64bit_division(compiled):
+def test_batchnorm_passes_move_16_bytes_per_access_in_their_hot_loops(compiled):
+    kernels = compiled["conv_bn_relu.cu"]
+    check_16_byte_hot_loops(kernels, [n for n in ROOFLINE_KERNELS if "elementwise" not in n], reads=True, writes=False)
+    check_16_byte_hot_loops(kernels, [n for n in ROOFLINE_KERNELS if "elementwise" in n], reads=True, writes=True)
+
+
+@needs_tools
+def test_pool_passes_move_16_bytes_per_access_in_their_hot_loops(compiled):
+    kernels = compiled["pyramid.cu"]
+    check_16_byte_hot_loops(kernels, [n for n in POOL_KERNELS if "sums" in n], reads=True, writes=False)
+    check_16_byte_hot_loops(kernels, [n for n in POOL_KERNELS if "fill" in n], reads=False, writes=True)
+
+
+@needs_tools
+def test_rewritten_kernels_have_no_64bit_division(compiled):
     for name, record in compiled["conv_bn_relu.cu"].items():
         assert record["int64_division"]["loop"] == 0, f"{name}: {record['int64_division']}"
         if name in ROOFLINE_KERNELS:
             assert record["int64_division"]["all"] == 0, f"{name}: {record['int64_division']}"
+    pool = compiled["pyramid.cu"]
+    for name in POOL_KERNELS + POOL_SMALL_KERNELS:
+        assert name in pool, f"{name} not found in pyramid.cu: {sorted(pool)}"
+        assert pool[name]["int64_division"]["all"] == 0, f"{name}: {pool[name]['int64_division']}"
 
 
 # ------------------------------------------------------------------ the parsers, on known text

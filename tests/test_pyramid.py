@@ -82,6 +82,25 @@ def test_pyramid_pool_other_bins(backend):
     )
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pyramid_pool_at_the_bin_limit(backend):
+    # one bin of MAX_BIN_SUM on a 5×7 map: every window overlaps its neighbours; the most cuts the
+    # compiled kernels' segment tables hold
+    x = image((2, 3, 5, 7)).requires_grad_()
+    bins = (P.MAX_BIN_SUM - 3, 2, 1)
+    assert_matches_reference(
+        lambda x: slsdeep_kernels.pyramid_pool(x, bins, backend=backend), lambda x: P.pyramid_pool_reference(x, bins), [x]
+    )
+
+
+@needs_cpu
+def test_compiled_pool_refuses_bins_past_its_tables():
+    # the Python check (MAX_BIN_SUM) and the C++ one (pyramid::kMaxAxisCells) agree
+    x = image((1, 2, 5, 5))
+    with pytest.raises(RuntimeError, match=f"sum to at most {P.MAX_BIN_SUM}"):
+        backends.COMPILED.pyramid_pool_kernel(x, [P.MAX_BIN_SUM, 1])
+
+
 # ---------------------------------------------------------------- upsample_concat
 
 
@@ -424,6 +443,8 @@ def test_bad_input_raises_value_error_naming_the_argument():
         (lambda: slsdeep_kernels.pyramid_pool(x, bins=(1, 0)), "bin"),
         (lambda: slsdeep_kernels.pyramid_pool(x, bins=(2, -1)), "bin"),
         (lambda: slsdeep_kernels.pyramid_pool(x, bins=3), "bins"),
+        (lambda: slsdeep_kernels.pyramid_pool(x, bins=(64, 1)), "bins"),
+        (lambda: slsdeep_kernels.pyramid_pool(x, bins=(1,) * 17), "bins"),
         (lambda: slsdeep_kernels.pyramid_pool(x[0]), "x"),
         (lambda: slsdeep_kernels.pyramid_pool(x.long()), "x"),
         (lambda: slsdeep_kernels.upsample_concat(x, [good[0], torch.randn(3, 2, 2, 2)]), r"branches\[1\]"),

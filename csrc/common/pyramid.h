@@ -33,6 +33,72 @@ SLSDEEP_HD int64_t cells_end(int64_t pixel, int64_t size, int64_t cells) {
   return ((pixel + 1) * cells + size - 1) / size;
 }
 
+// Pooling by segments. One axis of `size` pixels is cut at every window boundary of every bin, so
+// each window is a run of whole segments and each pixel lies in exactly one segment. Pooling sums
+// each segment once (one read of the input), then each cell sums its segments; the adjoint gives
+// each segment the sum of its cells' gradients over their areas, one value to fill it with. The
+// axis's cells are numbered bin by bin: cell k = (offset of bin b) + i, i < b.
+constexpr int kMaxAxisCells = 64;                 // the sum of the bins
+constexpr int kMaxSegments = 2 * kMaxAxisCells;  // cuts: 0, size and at most two per cell
+
+struct AxisPlan {
+  int segments;
+  int32_t bound[kMaxSegments + 1];  // segment s = pixels [bound[s], bound[s + 1])
+  int32_t first[kMaxAxisCells];     // cell k = segments [first[k], last[k])
+  int32_t last[kMaxAxisCells];
+};
+
+// The plan of one axis; false (plan untouched) when the bins sum to more than kMaxAxisCells or
+// size is not in [1, 2^31). Host code: a sorted insertion over the few cuts.
+inline bool axis_plan(int64_t size, const int64_t* bins, int num_bins, AxisPlan* plan) {
+  int64_t cells = 0;
+  for (int b = 0; b < num_bins; ++b) cells += bins[b];
+  if (cells > kMaxAxisCells || size < 1 || size > INT32_MAX) return false;
+  AxisPlan p;
+  p.segments = 0;
+  p.bound[0] = 0;
+  int cuts = 1;
+  auto insert = [&](int64_t value) {
+    int at = 0;
+    while (at < cuts && p.bound[at] < value) ++at;
+    if (at < cuts && p.bound[at] == value) return;
+    for (int k = cuts; k > at; --k) p.bound[k] = p.bound[k - 1];
+    p.bound[at] = static_cast<int32_t>(value);
+    ++cuts;
+  };
+  for (int b = 0; b < num_bins; ++b) {
+    for (int64_t i = 0; i < bins[b]; ++i) {
+      insert(window_begin(i, size, bins[b]));
+      insert(window_end(i, size, bins[b]));
+    }
+  }
+  p.segments = cuts - 1;
+  auto segment_at = [&](int64_t value) {
+    int s = 0;
+    while (p.bound[s] != value) ++s;
+    return s;
+  };
+  int k = 0;
+  for (int b = 0; b < num_bins; ++b) {
+    for (int64_t i = 0; i < bins[b]; ++i, ++k) {
+      p.first[k] = segment_at(window_begin(i, size, bins[b]));
+      p.last[k] = segment_at(window_end(i, size, bins[b]));
+    }
+  }
+  *plan = p;
+  return true;
+}
+
+// The cells [*begin, *end) of one bin (its `count` cells numbered from `offset` along the axis)
+// that contain segment s: consecutive, found from the plan without a division.
+SLSDEEP_HD void cells_containing(const AxisPlan& plan, int offset, int count, int s, int* begin, int* end) {
+  int i = 0;
+  while (i < count && plan.last[offset + i] <= s) ++i;
+  *begin = i;
+  while (i < count && plan.first[offset + i] <= s) ++i;
+  *end = i;
+}
+
 // Output index -> input index scale of bilinear resizing from in_size to out_size.
 template <typename acc_t>
 SLSDEEP_HD acc_t linear_scale(int64_t in_size, int64_t out_size, bool align_corners) {

@@ -108,15 +108,6 @@ inline void gather_rows(acc_t* acc, const AxisReaders<acc_t>& readers, int64_t i
 
 // ---------------------------------------------------------------- pyramid_pool
 
-template <typename scalar_t, typename acc_t>
-inline void add_row(acc_t* sums, const scalar_t* row, int64_t width, int64_t stride) {
-  if (stride == 1) {
-    for (int64_t w = 0; w < width; ++w) sums[w] += static_cast<acc_t>(row[w]);
-  } else {
-    for (int64_t w = 0; w < width; ++w) sums[w] += static_cast<acc_t>(row[w * stride]);
-  }
-}
-
 // body(image_plane, cells, buffer) for every (n, c) plane, in parallel over planes: the plane of `image`
 // (N, C, H, W, any strides) at `image_data`, its S pooling cells (N, C, S, contiguous) at `cells_data`,
 // and the thread's buffer of `buffer_size` accumulators (its contents are the body's).
@@ -132,56 +123,118 @@ void for_each_pool_plane(const at::Tensor& image, ImagePtr image_data, CellsPtr 
   });
 }
 
-// out (N, C, S): for every bin b, cell (i, j) = mean of its adaptive window. Per bin and cell row,
-// the window's rows are summed into a row buffer (contiguous, vectorisable), then cut into cells.
+// The pool's plan: both axes cut into segments (csrc/common/pyramid.h), as the CUDA kernels cut them.
+struct PoolAxes {
+  pyramid::AxisPlan rows, cols;
+  std::vector<int> axis_offset;  // first axis cell of each bin
+  int pairs() const { return rows.segments * cols.segments; }
+};
+
+PoolAxes pool_axes(const std::vector<int64_t>& bins, int64_t H, int64_t W) {
+  PoolAxes axes;
+  TORCH_CHECK(pyramid::axis_plan(H, bins.data(), static_cast<int>(bins.size()), &axes.rows) &&
+                  pyramid::axis_plan(W, bins.data(), static_cast<int>(bins.size()), &axes.cols),
+              "pyramid_pool: the bins must sum to at most ", pyramid::kMaxAxisCells);
+  int offset = 0;
+  for (const int64_t bin : bins) {
+    axes.axis_offset.push_back(offset);
+    offset += static_cast<int>(bin);
+  }
+  return axes;
+}
+
+// out (N, C, S): every segment of a plane summed once (each row's runs, then into its row segment),
+// then every cell (i, j) of every bin the sum of its segments over its area.
 template <typename scalar_t>
 void pool_forward(const at::Tensor& x, const at::Tensor& out, const std::vector<int64_t>& bins) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t H = x.size(2), W = x.size(3);
+  const int64_t H = x.size(2);
   const Strides4 s = strides_of(x);
-  for_each_pool_plane<acc_t>(x, x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), out.size(2), W,
-                             [&](const scalar_t* in, scalar_t* cell, std::vector<acc_t>& column_sums) {
-      for (const int64_t bin : bins) {
-        for (int64_t i = 0; i < bin; ++i) {
-          const int64_t h0 = pyramid::window_begin(i, H, bin), h1 = pyramid::window_end(i, H, bin);
-          std::fill(column_sums.begin(), column_sums.end(), acc_t(0));
-          for (int64_t h = h0; h < h1; ++h) add_row(column_sums.data(), in + h * s.h, W, s.w);
-          for (int64_t j = 0; j < bin; ++j) {
-            const int64_t w0 = pyramid::window_begin(j, W, bin), w1 = pyramid::window_end(j, W, bin);
+  const PoolAxes axes = pool_axes(bins, H, x.size(3));
+  const int segments_w = axes.cols.segments;
+  for_each_pool_plane<acc_t>(x, x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), out.size(2),
+                             axes.pairs(), [&](const scalar_t* in, scalar_t* cell, std::vector<acc_t>& sums) {
+      std::fill(sums.begin(), sums.end(), acc_t(0));
+      for (int sh = 0; sh < axes.rows.segments; ++sh) {
+        acc_t* segment_row = sums.data() + sh * segments_w;
+        for (int64_t h = axes.rows.bound[sh]; h < axes.rows.bound[sh + 1]; ++h) {
+          const scalar_t* row = in + h * s.h;
+          for (int sw = 0; sw < segments_w; ++sw) {
+            acc_t run = 0;
+            if (s.w == 1) {
+              for (int64_t w = axes.cols.bound[sw]; w < axes.cols.bound[sw + 1]; ++w) run += static_cast<acc_t>(row[w]);
+            } else {
+              for (int64_t w = axes.cols.bound[sw]; w < axes.cols.bound[sw + 1]; ++w) run += static_cast<acc_t>(row[w * s.w]);
+            }
+            segment_row[sw] += run;
+          }
+        }
+      }
+      for (size_t k = 0; k < bins.size(); ++k) {
+        for (int64_t i = 0; i < bins[k]; ++i) {
+          const int row_cell = axes.axis_offset[k] + static_cast<int>(i);
+          const int r0 = axes.rows.first[row_cell], r1 = axes.rows.last[row_cell];
+          for (int64_t j = 0; j < bins[k]; ++j) {
+            const int col_cell = axes.axis_offset[k] + static_cast<int>(j);
+            const int q0 = axes.cols.first[col_cell], q1 = axes.cols.last[col_cell];
             acc_t sum = 0;
-            for (int64_t w = w0; w < w1; ++w) sum += column_sums[w];
-            *cell++ = static_cast<scalar_t>(sum / static_cast<acc_t>((h1 - h0) * (w1 - w0)));
+            for (int r = r0; r < r1; ++r) {
+              for (int q = q0; q < q1; ++q) sum += sums[r * segments_w + q];
+            }
+            const acc_t area = static_cast<acc_t>(axes.rows.bound[r1] - axes.rows.bound[r0]) *
+                               static_cast<acc_t>(axes.cols.bound[q1] - axes.cols.bound[q0]);
+            *cell++ = static_cast<scalar_t>(sum / area);
           }
         }
       }
   });
 }
 
-// grad_x (N, C, H, W) from grad (N, C, S) contiguous: every cell's gradient / area spread over its
-// window, in a per-plane buffer (one thread per plane: deterministic), then written once.
+// grad_x (N, C, H, W) from grad (N, C, S) contiguous: every segment's gradient, the sum over the cells
+// containing it of grad / area (a gather: deterministic), then every segment filled with it.
 template <typename scalar_t>
 void pool_backward(const at::Tensor& grad, const at::Tensor& out, const std::vector<int64_t>& bins) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t H = out.size(2), W = out.size(3);
   const Strides4 s = strides_of(out);
-  for_each_pool_plane<acc_t>(out, out.mutable_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), grad.size(2), H * W,
-                             [&](scalar_t* plane_out, const scalar_t* cell, std::vector<acc_t>& buffer) {
-      std::fill(buffer.begin(), buffer.end(), acc_t(0));
-      for (const int64_t bin : bins) {
-        for (int64_t i = 0; i < bin; ++i) {
-          const int64_t h0 = pyramid::window_begin(i, H, bin), h1 = pyramid::window_end(i, H, bin);
-          for (int64_t j = 0; j < bin; ++j) {
-            const int64_t w0 = pyramid::window_begin(j, W, bin), w1 = pyramid::window_end(j, W, bin);
-            const acc_t value = static_cast<acc_t>(*cell++) / static_cast<acc_t>((h1 - h0) * (w1 - w0));
-            for (int64_t h = h0; h < h1; ++h) {
-              acc_t* row = buffer.data() + h * W;
-              for (int64_t w = w0; w < w1; ++w) row[w] += value;
+  const PoolAxes axes = pool_axes(bins, out.size(2), out.size(3));
+  const int segments_w = axes.cols.segments;
+  for_each_pool_plane<acc_t>(out, out.mutable_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), grad.size(2),
+                             axes.pairs(), [&](scalar_t* plane_out, const scalar_t* cells, std::vector<acc_t>& values) {
+      int64_t cell_offset = 0;
+      std::fill(values.begin(), values.end(), acc_t(0));
+      for (size_t k = 0; k < bins.size(); ++k) {
+        const int b = static_cast<int>(bins[k]);
+        for (int sh = 0; sh < axes.rows.segments; ++sh) {
+          int i0, i1;
+          pyramid::cells_containing(axes.rows, axes.axis_offset[k], b, sh, &i0, &i1);
+          for (int sw = 0; sw < segments_w; ++sw) {
+            int j0, j1;
+            pyramid::cells_containing(axes.cols, axes.axis_offset[k], b, sw, &j0, &j1);
+            acc_t sum = 0;
+            for (int i = i0; i < i1; ++i) {
+              const int row_cell = axes.axis_offset[k] + i;
+              const acc_t rows = static_cast<acc_t>(axes.rows.bound[axes.rows.last[row_cell]] -
+                                                    axes.rows.bound[axes.rows.first[row_cell]]);
+              for (int j = j0; j < j1; ++j) {
+                const int col_cell = axes.axis_offset[k] + j;
+                const acc_t cols = static_cast<acc_t>(axes.cols.bound[axes.cols.last[col_cell]] -
+                                                      axes.cols.bound[axes.cols.first[col_cell]]);
+                sum += static_cast<acc_t>(cells[cell_offset + i * b + j]) / (rows * cols);
+              }
             }
+            values[sh * segments_w + sw] += sum;
           }
         }
+        cell_offset += static_cast<int64_t>(b) * b;
       }
-      for (int64_t h = 0; h < H; ++h) {
-        for (int64_t w = 0; w < W; ++w) plane_out[h * s.h + w * s.w] = static_cast<scalar_t>(buffer[h * W + w]);
+      for (int sh = 0; sh < axes.rows.segments; ++sh) {
+        for (int64_t h = axes.rows.bound[sh]; h < axes.rows.bound[sh + 1]; ++h) {
+          scalar_t* row = plane_out + h * s.h;
+          for (int sw = 0; sw < segments_w; ++sw) {
+            const scalar_t value = static_cast<scalar_t>(values[sh * segments_w + sw]);
+            for (int64_t w = axes.cols.bound[sw]; w < axes.cols.bound[sw + 1]; ++w) row[w * s.w] = value;
+          }
+        }
       }
   });
 }

@@ -23,60 +23,27 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
-#include <cstring>
 #include <initializer_list>
 
 #include "common/conv_bn_relu.h"
 #include "common/dtype.h"
 #include "cuda/conv_bn_relu.h"
+#include "cuda/pack.cuh"
 
 namespace slsdeep {
 namespace conv_bn_relu_cuda {
 namespace {
 
 namespace cbr = slsdeep::conv_bn_relu;
+using packs::load;
+using packs::store;
 
 constexpr int kThreads = 256;        // threads of an NHWC block (a tile of channel packs × rows)
 constexpr int kPlaneThreads = 128;   // threads of an NCHW block (one plane's packs)
 constexpr int kTargetBlocks = 1024;  // reduction blocks aimed at: ≥ 7 per SM on 132 SMs
 constexpr int kGroup = 4;            // NHWC statistics: rows loaded together, merged as one group
 
-// ---------------------------------------------------------------- packs
-
-// kVec consecutive elements. A 16-byte pack moves through __ldcg/__stcg on a uint4 (one
-// ld/st.global.cg.v4: streamed through L2, no reuse in L1 to keep); a plain struct copy is split
-// by the compiler wherever it loses track of the address's alignment.
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
-
-template <typename T, int kVec>
-__device__ __forceinline__ void load(const T* p, float (&out)[kVec]) {
-  Pack<T, kVec> pack;
-  if constexpr (sizeof(pack) == 16) {
-    const uint4 bits = __ldcg(reinterpret_cast<const uint4*>(p));
-    memcpy(&pack, &bits, 16);
-  } else {
-    pack = *reinterpret_cast<const Pack<T, kVec>*>(p);
-  }
-#pragma unroll
-  for (int j = 0; j < kVec; ++j) out[j] = to_float(pack.v[j]);
-}
-
-template <typename T, int kVec>
-__device__ __forceinline__ void store(T* p, const float (&in)[kVec]) {
-  Pack<T, kVec> pack;
-#pragma unroll
-  for (int j = 0; j < kVec; ++j) pack.v[j] = from_float<T>(in[j]);
-  if constexpr (sizeof(pack) == 16) {
-    uint4 bits;
-    memcpy(&bits, &pack, 16);
-    __stcg(reinterpret_cast<uint4*>(p), bits);
-  } else {
-    *reinterpret_cast<Pack<T, kVec>*>(p) = pack;
-  }
-}
+// ---------------------------------------------------------------- helpers
 
 __device__ __forceinline__ float load_or(const float* p, int64_t i, float fallback) { return p ? p[i] : fallback; }
 

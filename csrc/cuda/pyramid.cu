@@ -1,15 +1,24 @@
-// CUDA kernels of pyramid pooling (declared in csrc/cuda/pyramid.h). One thread per output element
-// in a grid-stride loop, threads walking the output in memory order (NCHW or channels_last) so that
-// writes coalesce; fp32 accumulation; the index maths of csrc/common/pyramid.h. Backward kernels
-// gather (the cells containing a pixel, the bisected reader range of a source index): no atomics.
+// CUDA kernels of pyramid pooling (declared in csrc/cuda/pyramid.h); fp32 accumulation, the index
+// maths of csrc/common/pyramid.h, shared with the CPU kernels; every backward a gather: no atomics.
+// The pool kernels work by segments, each thread owning one (designed to the HBM roof, below); the
+// resize and tap kernels still run one thread per output element in a grid-stride loop, threads
+// walking the output in memory order (NCHW or channels_last) so that writes coalesce (issue 12:
+// their rewrite is pending).
+#include <climits>
+#include <cstdint>
+#include <type_traits>
+
 #include "common/dtype.h"
 #include "common/pyramid.h"
+#include "cuda/pack.cuh"
 #include "cuda/pyramid.h"
 
 namespace slsdeep {
 namespace pyramid_cuda {
 namespace {
 
+using packs::load;
+using packs::store;
 using pyramid::LinearTap;
 
 constexpr int kThreads = 256;
@@ -55,68 +64,231 @@ __device__ __forceinline__ int64_t offset_of(const Strides& s, int64_t n, int64_
   return n * s.n + c * s.c + h * s.h + w * s.w;
 }
 
-// Bins by value: size and first cell of each, and the total cell count.
-struct BinList {
-  int count;
-  int64_t size[kMaxBins];
-  int64_t offset[kMaxBins];
-  int64_t cells;
+// ---------------------------------------------------------------- pyramid_pool
+//
+// By segments (csrc/common/pyramid.h, docs/design.md §4.2). Forward: (1) every segment of every
+// plane summed once in fp32 (one read of x), (2) every cell the sum of its segments over its area.
+// Backward: (1) every segment's gradient, Σ grad / area over the cells containing it, (2) every
+// segment filled with it (one write of grad_x). A thread owns a segment: NCHW (plane, segment), its
+// rows' runs in 16-byte packs where the segment bounds along w and the strides allow; NHWC
+// (n, segment, pack of channels), one 16-byte pack per pixel, coalesced across the channel packs.
+// The segment values are laid out (N, C, pairs) for NCHW and (N, pairs, C) for NHWC so that the
+// big kernels' accesses to them coalesce as well. Floors (4.8 TB/s): the read of x (forward), the
+// write of grad_x (backward); the model's (16, 2048, 48, 48) bf16 is 151 MB: 31 µs each on an H200.
+
+// Everything a pool kernel needs about the bins, by value.
+struct PoolPlan {
+  int count;                    // bins
+  int64_t size[kMaxBins];       // bin sizes
+  int cell_offset[kMaxBins];    // first cell of each bin in the (N, C, cells) output
+  int axis_offset[kMaxBins];    // first axis cell of each bin (Σ of the earlier sizes)
+  int cells;                    // Σ b²
+  pyramid::AxisPlan rows, cols;
+  SLSDEEP_HD int pairs() const { return rows.segments * cols.segments; }
 };
 
-BinList make_bins(const int64_t* bins, int num_bins) {
-  BinList list{};
-  list.count = num_bins;
+// The plan, or false when the bins sum to more than kMaxAxisCells.
+bool make_pool_plan(const int64_t* bins, int num_bins, int64_t H, int64_t W, PoolPlan* plan) {
+  if (num_bins < 1 || num_bins > kMaxBins) return false;
+  PoolPlan p{};
+  p.count = num_bins;
+  int axis = 0;
   for (int k = 0; k < num_bins; ++k) {
-    list.size[k] = bins[k];
-    list.offset[k] = list.cells;
-    list.cells += bins[k] * bins[k];
+    p.size[k] = bins[k];
+    p.cell_offset[k] = p.cells;
+    p.axis_offset[k] = axis;
+    p.cells += static_cast<int>(bins[k] * bins[k]);
+    axis += static_cast<int>(bins[k]);
   }
-  return list;
+  if (!pyramid::axis_plan(H, bins, num_bins, &p.rows) || !pyramid::axis_plan(W, bins, num_bins, &p.cols)) return false;
+  *plan = p;
+  return true;
 }
 
-// ---------------------------------------------------------------- pyramid_pool
+// A segment pair's index in the segment values: (N, pairs, C) for NHWC, (N, C, pairs) for NCHW.
+__device__ __forceinline__ int64_t pair_index(bool channels_last, int64_t n, int64_t c, int64_t pair, int64_t C,
+                                              int64_t pairs) {
+  return channels_last ? (n * pairs + pair) * C + c : (n * C + c) * pairs + pair;
+}
 
-template <typename scalar_t>
-__global__ void pool_forward_kernel(const scalar_t* x, Strides s, int64_t C, int64_t H, int64_t W, BinList bins,
-                                    scalar_t* out, int64_t total) {
-  SLSDEEP_GRID_STRIDE(index, total) {
-    const int64_t cell = index % bins.cells;
-    const int64_t plane = index / bins.cells;
-    int k = 0;
-    while (k + 1 < bins.count && cell >= bins.offset[k + 1]) ++k;
-    const int64_t b = bins.size[k], local = cell - bins.offset[k];
-    const int64_t h0 = pyramid::window_begin(local / b, H, b), h1 = pyramid::window_end(local / b, H, b);
-    const int64_t w0 = pyramid::window_begin(local % b, W, b), w1 = pyramid::window_end(local % b, W, b);
-    const scalar_t* in = x + (plane / C) * s.n + (plane % C) * s.c;
-    float sum = 0.f;
-    for (int64_t h = h0; h < h1; ++h) {
-      for (int64_t w = w0; w < w1; ++w) sum += to_float(*(in + h * s.h + w * s.w));
+// This thread's segment pair and where it lies: NCHW threads walk (plane, pair), NHWC threads
+// (n, pair, channel pack), channel packs fastest. 32-bit divisions, once per thread (the host
+// checks that the thread count fits 32 bits).
+struct SegmentThread {
+  unsigned n, c, pair;
+  int h0, h1, w0, w1;
+  __device__ __forceinline__ SegmentThread(unsigned t, bool channels_last, unsigned C, unsigned packs, int vec,
+                                           const PoolPlan& plan) {
+    const unsigned pairs = plan.pairs();
+    unsigned rest;
+    if (channels_last) {
+      const unsigned pack = t % packs;
+      rest = t / packs;
+      c = pack * vec;
+      pair = rest % pairs;
+      n = rest / pairs;
+    } else {
+      pair = t % pairs;
+      rest = t / pairs;
+      c = rest % C;
+      n = rest / C;
     }
-    out[index] = from_float<scalar_t>(sum / static_cast<float>((h1 - h0) * (w1 - w0)));
+    const unsigned sh = pair / plan.cols.segments, sw = pair - sh * plan.cols.segments;
+    h0 = plan.rows.bound[sh];
+    h1 = plan.rows.bound[sh + 1];
+    w0 = plan.cols.bound[sw];
+    w1 = plan.cols.bound[sw + 1];
+  }
+};
+
+// (1) forward: the segment sums of x. kVec > 1: NHWC packs of channels (stride c == 1), or NCHW
+// packs along w (stride w == 1, every w bound a multiple of kVec).
+template <typename T, int kVec, bool kChannelsLast>
+__global__ void pool_segment_sums_kernel(const T* __restrict__ x, Strides s, unsigned C, unsigned packs, PoolPlan plan,
+                                         float* __restrict__ sums, unsigned threads) {
+  const unsigned t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= threads) return;
+  const SegmentThread seg(t, kChannelsLast, C, packs, kVec, plan);
+  const T* base = x + seg.n * s.n + seg.c * s.c;
+  float acc[kVec] = {};
+  for (int h = seg.h0; h < seg.h1; ++h) {
+    const T* row = base + h * s.h;
+    for (int w = seg.w0; w < seg.w1; w += kChannelsLast ? 1 : kVec) {
+      float v[kVec];
+      if constexpr (kVec == 1) {
+        v[0] = to_float(row[w * s.w]);
+      } else {
+        load<T, kVec>(row + w * s.w, v);
+      }
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) acc[j] += v[j];
+    }
+  }
+  const int64_t pairs = plan.pairs();
+  if constexpr (kChannelsLast) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) sums[pair_index(true, seg.n, seg.c + j, seg.pair, C, pairs)] = acc[j];
+  } else {
+    float total = 0.f;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) total += acc[j];
+    sums[pair_index(false, seg.n, seg.c, seg.pair, C, pairs)] = total;
   }
 }
 
-template <typename scalar_t>
-__global__ void pool_backward_kernel(const scalar_t* grad, BinList bins, scalar_t* grad_x, Strides s, bool channels_last,
-                                     int64_t C, int64_t H, int64_t W, int64_t total) {
-  SLSDEEP_GRID_STRIDE(index, total) {
-    const Position p = position(index, C, H, W, channels_last);
-    const scalar_t* g = grad + (p.n * C + p.c) * bins.cells;
-    float sum = 0.f;
-    for (int k = 0; k < bins.count; ++k) {
-      const int64_t b = bins.size[k];
-      const int64_t i1 = pyramid::cells_end(p.h, H, b), j1 = pyramid::cells_end(p.w, W, b);
-      for (int64_t i = pyramid::cells_begin(p.h, H, b); i < i1; ++i) {
-        const int64_t rows = pyramid::window_end(i, H, b) - pyramid::window_begin(i, H, b);
-        for (int64_t j = pyramid::cells_begin(p.w, W, b); j < j1; ++j) {
-          const int64_t cols = pyramid::window_end(j, W, b) - pyramid::window_begin(j, W, b);
-          sum += to_float(*(g + bins.offset[k] + i * b + j)) / static_cast<float>(rows * cols);
-        }
+// (2) forward: out (N, C, cells) from the segment sums; one thread per cell.
+template <typename T>
+__global__ void pool_cells_kernel(const float* __restrict__ sums, bool channels_last, unsigned C, PoolPlan plan,
+                                  T* __restrict__ out, unsigned threads) {
+  const unsigned t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= threads) return;
+  const unsigned cell = t % plan.cells, plane = t / plan.cells;
+  int k = 0;
+  while (k + 1 < plan.count && static_cast<int>(cell) >= plan.cell_offset[k + 1]) ++k;
+  const int b = static_cast<int>(plan.size[k]), local = static_cast<int>(cell) - plan.cell_offset[k];
+  const int i = local / b, j = local - i * b;
+  const int row_cell = plan.axis_offset[k] + i, col_cell = plan.axis_offset[k] + j;
+  const int r0 = plan.rows.first[row_cell], r1 = plan.rows.last[row_cell];
+  const int q0 = plan.cols.first[col_cell], q1 = plan.cols.last[col_cell];
+  const int64_t pairs = plan.pairs();
+  float sum = 0.f;
+  for (int r = r0; r < r1; ++r) {
+    for (int q = q0; q < q1; ++q) {
+      sum += sums[pair_index(channels_last, plane / C, plane % C, r * plan.cols.segments + q, C, pairs)];
+    }
+  }
+  const float area = static_cast<float>(plan.rows.bound[r1] - plan.rows.bound[r0]) *
+                     static_cast<float>(plan.cols.bound[q1] - plan.cols.bound[q0]);
+  out[t] = from_float<T>(sum / area);
+}
+
+// (1) backward: each segment pair's gradient, Σ over the cells containing it of grad / area, in the
+// layout of the segment values; one thread per value.
+template <typename T>
+__global__ void pool_segment_grads_kernel(const T* __restrict__ grad, bool channels_last, unsigned C, PoolPlan plan,
+                                          float* __restrict__ grads, unsigned threads) {
+  const unsigned t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= threads) return;
+  const SegmentThread seg(t, channels_last, C, C, 1, plan);
+  const unsigned sh = seg.pair / plan.cols.segments, sw = seg.pair - sh * plan.cols.segments;
+  const T* g = grad + (static_cast<int64_t>(seg.n) * C + seg.c) * plan.cells;
+  float sum = 0.f;
+  for (int k = 0; k < plan.count; ++k) {
+    const int b = static_cast<int>(plan.size[k]);
+    int i0, i1, j0, j1;
+    pyramid::cells_containing(plan.rows, plan.axis_offset[k], b, sh, &i0, &i1);
+    pyramid::cells_containing(plan.cols, plan.axis_offset[k], b, sw, &j0, &j1);
+    for (int i = i0; i < i1; ++i) {
+      const int row_cell = plan.axis_offset[k] + i;
+      const float rows = static_cast<float>(plan.rows.bound[plan.rows.last[row_cell]] - plan.rows.bound[plan.rows.first[row_cell]]);
+      for (int j = j0; j < j1; ++j) {
+        const int col_cell = plan.axis_offset[k] + j;
+        const float cols =
+            static_cast<float>(plan.cols.bound[plan.cols.last[col_cell]] - plan.cols.bound[plan.cols.first[col_cell]]);
+        sum += to_float(g[plan.cell_offset[k] + i * b + j]) / (rows * cols);
       }
     }
-    grad_x[offset_of(s, p.n, p.c, p.h, p.w)] = from_float<scalar_t>(sum);
+  }
+  grads[t] = sum;  // t is the value's index in its layout (SegmentThread walks that order)
+}
+
+// (2) backward: grad_x, every segment filled with its gradient (packs as in the forward's (1)).
+template <typename T, int kVec, bool kChannelsLast>
+__global__ void pool_fill_kernel(const float* __restrict__ grads, Strides s, unsigned C, unsigned packs, PoolPlan plan,
+                                 T* __restrict__ grad_x, unsigned threads) {
+  const unsigned t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= threads) return;
+  const SegmentThread seg(t, kChannelsLast, C, packs, kVec, plan);
+  const int64_t pairs = plan.pairs();
+  float v[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    v[j] = grads[pair_index(kChannelsLast, seg.n, kChannelsLast ? seg.c + j : seg.c, seg.pair, C, pairs)];
+  }
+  T* base = grad_x + seg.n * s.n + seg.c * s.c;
+  for (int h = seg.h0; h < seg.h1; ++h) {
+    T* row = base + h * s.h;
+    for (int w = seg.w0; w < seg.w1; w += kChannelsLast ? 1 : kVec) {
+      if constexpr (kVec == 1) {
+        row[w * s.w] = from_float<T>(v[0]);
+      } else {
+        store<T, kVec>(row + w * s.w, v);
+      }
+    }
   }
 }
+
+// The pack width of a pool pass over a tensor with strides s at p: 16 bytes where the layout's
+// contiguous axis, the other strides, every bound along it and the pointer allow it, else 1.
+template <typename T>
+int pool_vector_width(const void* p, const Strides& s, bool channels_last, int64_t C, const PoolPlan& plan) {
+  constexpr int kWide = 16 / sizeof(T);
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+  if (channels_last) {
+    const bool ok = s.c == 1 && C % kWide == 0 && s.w % kWide == 0 && s.h % kWide == 0 && s.n % kWide == 0;
+    return ok ? kWide : 1;
+  }
+  if (s.w != 1 || s.h % kWide != 0 || s.c % kWide != 0 || s.n % kWide != 0) return 1;
+  for (int k = 0; k <= plan.cols.segments; ++k) {
+    if (plan.cols.bound[k] % kWide != 0) return 1;
+  }
+  return kWide;
+}
+
+// f(width, layout) with the pass's pack width and layout as std::integral_constant tags.
+template <typename T, typename F>
+void with_width_and_layout(int vec, bool channels_last, const F& f) {
+  constexpr int kWide = 16 / sizeof(T);
+  using Wide = std::integral_constant<int, kWide>;
+  using One = std::integral_constant<int, 1>;
+  if (channels_last) {
+    vec == kWide ? f(Wide{}, std::true_type{}) : f(One{}, std::true_type{});
+  } else {
+    vec == kWide ? f(Wide{}, std::false_type{}) : f(One{}, std::false_type{});
+  }
+}
+
+unsigned pool_blocks(int64_t threads) { return static_cast<unsigned>((threads + kThreads - 1) / kThreads); }
 
 // ---------------------------------------------------------------- upsample_concat
 
@@ -245,25 +417,58 @@ __global__ void taps_backward_kernel(const scalar_t* grad, Strides s, int64_t N,
 
 }  // namespace
 
-cudaError_t pool_forward(DType dtype, const void* x, Strides x_strides, int64_t N, int64_t C, int64_t H, int64_t W,
-                         const int64_t* bins, int num_bins, void* out, cudaStream_t stream) {
-  const BinList list = make_bins(bins, num_bins);
-  const int64_t total = N * C * list.cells;
-  if (total == 0) return cudaSuccess;
-  SLSDEEP_DISPATCH_FLOATING(dtype, pool_forward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-                                       static_cast<const scalar_t*>(x), x_strides, C, H, W, list,
-                                       static_cast<scalar_t*>(out), total))
+int64_t pool_workspace_floats(int64_t N, int64_t C, int64_t H, int64_t W, const int64_t* bins, int num_bins) {
+  PoolPlan plan;
+  if (!make_pool_plan(bins, num_bins, H, W, &plan)) return -1;
+  return N * C * plan.pairs();
+}
+
+cudaError_t pool_forward(DType dtype, const void* x, Strides x_strides, bool channels_last, int64_t N, int64_t C,
+                         int64_t H, int64_t W, const int64_t* bins, int num_bins, float* workspace, void* out,
+                         cudaStream_t stream) {
+  PoolPlan plan;
+  if (!make_pool_plan(bins, num_bins, H, W, &plan)) return cudaErrorInvalidValue;
+  const int64_t values = N * C * plan.pairs(), cells = N * C * plan.cells;
+  if (cells == 0) return cudaSuccess;
+  if (values > UINT_MAX || cells > UINT_MAX) return cudaErrorInvalidValue;
+  SLSDEEP_DISPATCH_FLOATING(dtype, {
+    const int vec = pool_vector_width<scalar_t>(x, x_strides, channels_last, C, plan);
+    with_width_and_layout<scalar_t>(vec, channels_last, [&](auto width, auto layout) {
+      constexpr int kVec = decltype(width)::value;
+      constexpr bool kChannelsLast = decltype(layout)::value;
+      const int64_t packs = kChannelsLast ? C / kVec : 1, threads = values / (kChannelsLast ? kVec : 1);
+      pool_segment_sums_kernel<scalar_t, kVec, kChannelsLast><<<pool_blocks(threads), kThreads, 0, stream>>>(
+          static_cast<const scalar_t*>(x), x_strides, static_cast<unsigned>(C), static_cast<unsigned>(packs), plan,
+          workspace, static_cast<unsigned>(threads));
+    });
+    pool_cells_kernel<scalar_t><<<pool_blocks(cells), kThreads, 0, stream>>>(
+        workspace, channels_last, static_cast<unsigned>(C), plan, static_cast<scalar_t*>(out), static_cast<unsigned>(cells));
+  })
   return cudaGetLastError();
 }
 
-cudaError_t pool_backward(DType dtype, const void* grad, const int64_t* bins, int num_bins, void* grad_x, Strides out_strides,
-                          bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W, cudaStream_t stream) {
-  const BinList list = make_bins(bins, num_bins);
-  const int64_t total = N * C * H * W;
-  if (total == 0) return cudaSuccess;
-  SLSDEEP_DISPATCH_FLOATING(dtype, pool_backward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-                                       static_cast<const scalar_t*>(grad), list, static_cast<scalar_t*>(grad_x),
-                                       out_strides, channels_last, C, H, W, total))
+cudaError_t pool_backward(DType dtype, const void* grad, const int64_t* bins, int num_bins, float* workspace,
+                          void* grad_x, Strides out_strides, bool channels_last, int64_t N, int64_t C, int64_t H,
+                          int64_t W, cudaStream_t stream) {
+  PoolPlan plan;
+  if (!make_pool_plan(bins, num_bins, H, W, &plan)) return cudaErrorInvalidValue;
+  const int64_t values = N * C * plan.pairs();
+  if (values == 0) return cudaSuccess;
+  if (values > UINT_MAX) return cudaErrorInvalidValue;
+  SLSDEEP_DISPATCH_FLOATING(dtype, {
+    pool_segment_grads_kernel<scalar_t><<<pool_blocks(values), kThreads, 0, stream>>>(
+        static_cast<const scalar_t*>(grad), channels_last, static_cast<unsigned>(C), plan, workspace,
+        static_cast<unsigned>(values));
+    const int vec = pool_vector_width<scalar_t>(grad_x, out_strides, channels_last, C, plan);
+    with_width_and_layout<scalar_t>(vec, channels_last, [&](auto width, auto layout) {
+      constexpr int kVec = decltype(width)::value;
+      constexpr bool kChannelsLast = decltype(layout)::value;
+      const int64_t packs = kChannelsLast ? C / kVec : 1, threads = values / (kChannelsLast ? kVec : 1);
+      pool_fill_kernel<scalar_t, kVec, kChannelsLast><<<pool_blocks(threads), kThreads, 0, stream>>>(
+          workspace, out_strides, static_cast<unsigned>(C), static_cast<unsigned>(packs), plan,
+          static_cast<scalar_t*>(grad_x), static_cast<unsigned>(threads));
+    });
+  })
   return cudaGetLastError();
 }
 

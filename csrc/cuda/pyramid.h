@@ -1,8 +1,8 @@
 // CUDA launchers of pyramid pooling (slsdeep_kernels/ops/pyramid.py, docs/design.md §4.2). Torch-free:
 // raw pointers, sizes and strides in elements (int64), the caller's stream; every launcher returns the
-// launch's cudaError_t. The torch binding is csrc/cuda_bind/pyramid.cpp. One thread per output element;
-// the index maths is csrc/common/pyramid.h, shared with (and tested through) the CPU kernels. Every
-// backward is a gather: deterministic.
+// launch's cudaError_t. The torch binding is csrc/cuda_bind/pyramid.cpp. The index maths is
+// csrc/common/pyramid.h, shared with (and tested through) the CPU kernels. Every backward is a
+// gather: deterministic.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -23,14 +23,21 @@ struct Strides {
 constexpr int kMaxBins = 16;
 constexpr int kMaxBranches = 16;
 
-// out (N, C, sum b^2) contiguous = the adaptive average cells of every bin of x.
-cudaError_t pool_forward(DType dtype, const void* x, Strides x_strides, int64_t N, int64_t C, int64_t H, int64_t W,
-                         const int64_t* bins, int num_bins, void* out, cudaStream_t stream);
+// fp32 workspace of pool_forward and pool_backward (the segment values of csrc/common/pyramid.h);
+// -1 when the bins are more than kMaxBins or sum to more than pyramid::kMaxAxisCells.
+int64_t pool_workspace_floats(int64_t N, int64_t C, int64_t H, int64_t W, const int64_t* bins, int num_bins);
 
-// grad_x (N, C, H, W) with strides out_strides (channels_last: threads walk it channel-fastest) from
-// grad (N, C, sum b^2) contiguous.
-cudaError_t pool_backward(DType dtype, const void* grad, const int64_t* bins, int num_bins, void* grad_x, Strides out_strides,
-                          bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W, cudaStream_t stream);
+// out (N, C, sum b^2) contiguous = the adaptive average cells of every bin of x (any strides;
+// channels_last: x is NHWC in memory, threads walk it channel-fastest).
+cudaError_t pool_forward(DType dtype, const void* x, Strides x_strides, bool channels_last, int64_t N, int64_t C,
+                         int64_t H, int64_t W, const int64_t* bins, int num_bins, float* workspace, void* out,
+                         cudaStream_t stream);
+
+// grad_x (N, C, H, W) with strides out_strides (channels_last: NHWC in memory) from grad
+// (N, C, sum b^2) contiguous.
+cudaError_t pool_backward(DType dtype, const void* grad, const int64_t* bins, int num_bins, float* workspace,
+                          void* grad_x, Strides out_strides, bool channels_last, int64_t N, int64_t C, int64_t H,
+                          int64_t W, cudaStream_t stream);
 
 // Channels [channel_offset, channel_offset + Cb) of out (N, *, H, W) = bilinear resize of z (N, Cb, h, w)
 // contiguous.

@@ -7,6 +7,7 @@
 
 #include "alloc.h"
 #include "bind_utils.h"
+#include "common/pyramid.h"
 #include "cuda/pyramid.h"
 #include "cuda_bind/bind.h"
 
@@ -42,12 +43,22 @@ int64_t checked_cells(at::IntArrayRef bins) {
   return cells;
 }
 
+// The pool kernels' fp32 workspace, or a clear error where the bins exceed the CUDA kernels' limits.
+at::Tensor pool_workspace(const at::Tensor& like, at::IntArrayRef bins, int64_t H, int64_t W) {
+  const int64_t floats =
+      kernels::pool_workspace_floats(like.size(0), like.size(1), H, W, bins.data(), static_cast<int>(bins.size()));
+  TORCH_CHECK(floats >= 0, "pyramid (CUDA): the bins must sum to at most ", pyramid::kMaxAxisCells, ", got ", bins);
+  return at::empty({floats}, like.options().dtype(at::kFloat));
+}
+
 at::Tensor pyramid_pool_kernel(const at::Tensor& x, at::IntArrayRef bins) {
   TORCH_CHECK(x.dim() == 4 && x.size(2) > 0 && x.size(3) > 0, "pyramid_pool_kernel: x must be (N, C, H, W), H, W > 0");
   const CudaCall cuda(x);
   at::Tensor out = new_output({x.size(0), x.size(1), checked_cells(bins)}, x.options());
-  C10_CUDA_CHECK(kernels::pool_forward(dtype_of(x, kTensors), x.const_data_ptr(), strides_of(x), x.size(0), x.size(1),
-                                       x.size(2), x.size(3), bins.data(), static_cast<int>(bins.size()),
+  at::Tensor workspace = pool_workspace(x, bins, x.size(2), x.size(3));
+  C10_CUDA_CHECK(kernels::pool_forward(dtype_of(x, kTensors), x.const_data_ptr(), strides_of(x), is_channels_last(x),
+                                       x.size(0), x.size(1), x.size(2), x.size(3), bins.data(),
+                                       static_cast<int>(bins.size()), workspace.data_ptr<float>(),
                                        out.mutable_data_ptr(), cuda.stream));
   return out;
 }
@@ -56,12 +67,15 @@ at::Tensor pyramid_pool_backward_kernel(const at::Tensor& grad, at::IntArrayRef 
                                         bool channels_last) {
   TORCH_CHECK(grad.dim() == 3 && grad.size(2) == checked_cells(bins),
               "pyramid_pool_backward_kernel: grad must be (N, C, sum of bin^2)");
+  TORCH_CHECK(height > 0 && width > 0, "pyramid_pool_backward_kernel: height and width must be positive");
   const CudaCall cuda(grad);
   const at::Tensor g = grad.contiguous();
   at::Tensor out = new_output({g.size(0), g.size(1), height, width}, g.options(), memory_format(channels_last));
+  at::Tensor workspace = pool_workspace(g, bins, height, width);
   C10_CUDA_CHECK(kernels::pool_backward(dtype_of(g, kTensors), g.const_data_ptr(), bins.data(),
-                                        static_cast<int>(bins.size()), out.mutable_data_ptr(), strides_of(out),
-                                        channels_last, g.size(0), g.size(1), height, width, cuda.stream));
+                                        static_cast<int>(bins.size()), workspace.data_ptr<float>(),
+                                        out.mutable_data_ptr(), strides_of(out), channels_last, g.size(0), g.size(1),
+                                        height, width, cuda.stream));
   return out;
 }
 

@@ -43,6 +43,8 @@ from slsdeep_kernels import backend as backends
 from slsdeep_kernels.ops.conv_bn_relu import fold_batch_norm
 
 PYRAMID_BINS = (1, 2, 3, 6)  # PSPNet's bins, the default everywhere
+MAX_BINS = 16  # csrc/cuda/pyramid.h kMaxBins
+MAX_BIN_SUM = 64  # csrc/common/pyramid.h kMaxAxisCells: the pool kernels' segment tables
 
 # ---------------------------------------------------------------------------------------------
 # 1. Reference: plain differentiable PyTorch, the spec.
@@ -403,6 +405,9 @@ def _check_bins(op: str, bins) -> tuple[int, ...]:
     for b in bins:
         if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
             raise ValueError(f"{op}: every bin must be a positive int; got bins={tuple(bins)!r}")
+    if len(bins) > MAX_BINS or sum(bins) > MAX_BIN_SUM:
+        raise ValueError(f"{op}: bins must be at most {MAX_BINS} bins summing to at most {MAX_BIN_SUM} (the compiled "
+                         f"kernels' segment tables); got bins={tuple(bins)!r}")
     return tuple(bins)
 
 

@@ -1,0 +1,47 @@
+// Packs of kVec consecutive elements for the CUDA kernels' 16-byte accesses (torch-free; device code).
+#pragma once
+
+#include <cstring>
+
+#include "common/dtype.h"
+
+namespace slsdeep {
+namespace packs {
+
+// kVec consecutive elements. A 16-byte pack moves through __ldcg/__stcg on a uint4 (one
+// ld/st.global.cg.v4: streamed through L2, no reuse in L1 to keep); a plain struct copy is split
+// by the compiler wherever it loses track of the address's alignment.
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
+template <typename T, int kVec>
+__device__ __forceinline__ void load(const T* p, float (&out)[kVec]) {
+  Pack<T, kVec> pack;
+  if constexpr (sizeof(pack) == 16) {
+    const uint4 bits = __ldcg(reinterpret_cast<const uint4*>(p));
+    memcpy(&pack, &bits, 16);
+  } else {
+    pack = *reinterpret_cast<const Pack<T, kVec>*>(p);
+  }
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) out[j] = to_float(pack.v[j]);
+}
+
+template <typename T, int kVec>
+__device__ __forceinline__ void store(T* p, const float (&in)[kVec]) {
+  Pack<T, kVec> pack;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) pack.v[j] = from_float<T>(in[j]);
+  if constexpr (sizeof(pack) == 16) {
+    uint4 bits;
+    memcpy(&bits, &pack, 16);
+    __stcg(reinterpret_cast<uint4*>(p), bits);
+  } else {
+    *reinterpret_cast<Pack<T, kVec>*>(p) = pack;
+  }
+}
+
+}  // namespace packs
+}  // namespace slsdeep
