@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/nll_epe_loss.h"
+#include "common/pyramid.h"
 
 namespace slsdeep {
 
@@ -26,6 +27,23 @@ inline int64_t grain_for(int64_t elements_per_item) {
 }
 
 // ---------------------------------------------------------------- conv_bn_relu
+
+// The pyramid pool's bins, checked before anything is allocated (CPU and CUDA bindings alike): 1 to
+// pyramid::kMaxBins positive sizes summing to at most pyramid::kMaxAxisCells (the segment tables of
+// csrc/common/pyramid.h). Returns the cell count, Σ b².
+inline int64_t checked_pool_cells(at::IntArrayRef bins) {
+  TORCH_CHECK(!bins.empty() && static_cast<int64_t>(bins.size()) <= pyramid::kMaxBins, "pyramid_pool: between 1 and ",
+              pyramid::kMaxBins, " bins, got ", bins.size());
+  int64_t sum = 0, cells = 0;
+  for (const int64_t bin : bins) {
+    TORCH_CHECK(bin > 0, "pyramid_pool: bins must be positive, got ", bin);
+    sum += bin;
+    TORCH_CHECK(sum <= pyramid::kMaxAxisCells, "pyramid_pool: the bins must sum to at most ", pyramid::kMaxAxisCells,
+                ", got ", bins);
+    cells += bin * bin;
+  }
+  return cells;
+}
 
 namespace conv_bn_relu {
 

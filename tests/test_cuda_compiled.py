@@ -1,10 +1,10 @@
 """The CUDA kernels as compiled, without a GPU (issue 12's compile-level gate): each csrc/cuda/*.cu
 compiles alone for sm_90 (torch-free, only -Icsrc), no kernel spills, and the kernels rewritten to
-the roofline design (the BatchNorm passes of conv_bn_relu.cu, the pool passes of pyramid.cu) move
-their data in 16-byte accesses in their hot loops (ld/st.global.v4 in the PTX, LDG/STG.E.128 in the
-SASS) with no 64-bit division in the kernel. The analysis is slsdeep_kernels.compile_check.analyse_cuda
-(nvcc, ptxas -v, cuobjdump). The resize, tap and loss kernels are checked for spills only until
-their rewrite (issue 12)."""
+the roofline design (the BatchNorm passes of conv_bn_relu.cu; the pool passes and the upsample
+forward of pyramid.cu) move their data in 16-byte accesses in their hot loops (ld/st.global.v4 in
+the PTX, LDG/STG.E.128 in the SASS) with no 64-bit division in the kernel. The analysis is
+slsdeep_kernels.compile_check.analyse_cuda (nvcc, ptxas -v, cuobjdump). The upsample backward, tap
+and loss kernels are checked for spills only until their rewrite (issue 12)."""
 
 import re
 import shutil
@@ -44,6 +44,10 @@ POOL_KERNELS = [
     for dtype, width in WIDE.items()
     for layout in ("true", "false")
 ]
+# The upsample forward (the branch's channels of the concatenation): NHWC threads walk a run of
+# columns (a loop of 16-byte loads and stores); NCHW threads store one 16-byte pack of columns.
+UPSAMPLE_NHWC = [f"upsample_branch_kernel<{dtype}, {width}, true>" for dtype, width in WIDE.items()]
+UPSAMPLE_NCHW = [f"upsample_branch_kernel<{dtype}, {width}, false>" for dtype, width in WIDE.items()]
 POOL_SMALL_KERNELS = [f"{family}<{dtype}>" for family in ("pool_cells_kernel", "pool_segment_grads_kernel") for dtype in WIDE]
 
 
@@ -102,13 +106,22 @@ def test_pool_passes_move_16_bytes_per_access_in_their_hot_loops(compiled):
 
 
 @needs_tools
+def test_upsample_forward_writes_16_byte_packs(compiled):
+    kernels = compiled["pyramid.cu"]
+    check_16_byte_hot_loops(kernels, UPSAMPLE_NHWC, reads=True, writes=True)
+    for name in UPSAMPLE_NCHW:
+        assert name in kernels, f"{name} not found in pyramid.cu: {sorted(kernels)}"
+        assert set(kernels[name]["sass"]["STG"]) == {"16"}, f"{name}: stores by width {kernels[name]['sass']['STG']}"
+
+
+@needs_tools
 def test_rewritten_kernels_have_no_64bit_division(compiled):
     for name, record in compiled["conv_bn_relu.cu"].items():
         assert record["int64_division"]["loop"] == 0, f"{name}: {record['int64_division']}"
         if name in ROOFLINE_KERNELS:
             assert record["int64_division"]["all"] == 0, f"{name}: {record['int64_division']}"
     pool = compiled["pyramid.cu"]
-    for name in POOL_KERNELS + POOL_SMALL_KERNELS:
+    for name in POOL_KERNELS + POOL_SMALL_KERNELS + UPSAMPLE_NHWC + UPSAMPLE_NCHW:
         assert name in pool, f"{name} not found in pyramid.cu: {sorted(pool)}"
         assert pool[name]["int64_division"]["all"] == 0, f"{name}: {pool[name]['int64_division']}"
 

@@ -132,3 +132,26 @@ def test_the_pyramid_conv_fold_is_cached_and_refreshed(folds):
         bn.running_mean.add_(1)
     check()
     assert len(folds) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.bfloat16, True), (torch.float16, True)],
+                         ids=["fp32-nchw", "bf16-channels_last", "fp16-channels_last"])
+def test_cuda_eval_caches_the_fold_and_matches_eager(folds, monkeypatch, dtype, channels_last, relu):
+    # the cuda backend's cached eval: cuDNN's fused conv + bias + ReLU, or the conv and one epilogue
+    # pass where cuDNN refuses the configuration; both against the modules in fp32
+    monkeypatch.setenv(backends.ENV_BACKEND, "cuda")
+    conv, bn = randomised(nn.Conv2d(64, 32, 3, padding=2, dilation=2), nn.BatchNorm2d(32))
+    conv, bn = conv.cuda(), bn.cuda()
+    x = torch.randn(4, 64, 24, 24, device="cuda")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    low = copy.deepcopy(conv).to(dtype=dtype, memory_format=memory_format)
+    with torch.no_grad():
+        expected = bn(conv(x))
+        expected = torch.relu(expected) if relu else expected
+        for _ in range(2):
+            fused = slsdeep_kernels.conv_bn_relu_modules(x.to(dtype=dtype, memory_format=memory_format), low, bn, relu)
+            assert fused.dtype == dtype and fused.is_contiguous(memory_format=memory_format)
+            assert relative_error(fused.float(), expected) < 4 * TOLERANCE[dtype]
+    assert len(folds) == 1

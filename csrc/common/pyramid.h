@@ -38,8 +38,9 @@ SLSDEEP_HD int64_t cells_end(int64_t pixel, int64_t size, int64_t cells) {
 // each segment once (one read of the input), then each cell sums its segments; the adjoint gives
 // each segment the sum of its cells' gradients over their areas, one value to fill it with. The
 // axis's cells are numbered bin by bin: cell k = (offset of bin b) + i, i < b.
+constexpr int kMaxBins = 16;                      // bins of one pool
 constexpr int kMaxAxisCells = 64;                 // the sum of the bins
-constexpr int kMaxSegments = 2 * kMaxAxisCells;  // cuts: 0, size and at most two per cell
+constexpr int kMaxSegments = 2 * kMaxAxisCells;  // > the distinct cuts - 1 (every bin cuts at 0 and size)
 
 struct AxisPlan {
   int segments;

@@ -471,24 +471,13 @@ at::MemoryFormat memory_format(bool channels_last) {
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-std::vector<int64_t> checked_bins(at::IntArrayRef bins) {
-  TORCH_CHECK(!bins.empty(), "pyramid: bins must not be empty");
-  for (const int64_t bin : bins) TORCH_CHECK(bin > 0, "pyramid: bins must be positive, got ", bin);
-  return std::vector<int64_t>(bins.begin(), bins.end());
-}
-
-int64_t cell_count(const std::vector<int64_t>& bins) {
-  int64_t cells = 0;
-  for (const int64_t bin : bins) cells += bin * bin;
-  return cells;
-}
-
 }  // namespace
 
 at::Tensor pyramid_pool_kernel(const at::Tensor& x, at::IntArrayRef bins) {
   TORCH_CHECK(x.dim() == 4 && x.size(2) > 0 && x.size(3) > 0, "pyramid_pool_kernel: x must be (N, C, H, W), H, W > 0");
-  const std::vector<int64_t> bin_list = checked_bins(bins);
-  at::Tensor out = new_output({x.size(0), x.size(1), cell_count(bin_list)}, x.options());
+  const int64_t cells = checked_pool_cells(bins);
+  const std::vector<int64_t> bin_list(bins.begin(), bins.end());
+  at::Tensor out = new_output({x.size(0), x.size(1), cells}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pyramid_pool_kernel",
                                   [&] { pool_forward<scalar_t>(x, out, bin_list); });
   return out;
@@ -496,8 +485,8 @@ at::Tensor pyramid_pool_kernel(const at::Tensor& x, at::IntArrayRef bins) {
 
 at::Tensor pyramid_pool_backward_kernel(const at::Tensor& grad, at::IntArrayRef bins, int64_t height, int64_t width,
                                         bool channels_last) {
-  const std::vector<int64_t> bin_list = checked_bins(bins);
-  TORCH_CHECK(grad.dim() == 3 && grad.size(2) == cell_count(bin_list),
+  const std::vector<int64_t> bin_list(bins.begin(), bins.end());
+  TORCH_CHECK(grad.dim() == 3 && grad.size(2) == checked_pool_cells(bins),
               "pyramid_pool_backward_kernel: grad must be (N, C, sum of bin^2)");
   const at::Tensor g = grad.contiguous();
   at::Tensor out = new_output({g.size(0), g.size(1), height, width}, g.options(), memory_format(channels_last));

@@ -1,9 +1,10 @@
 // CUDA kernels of pyramid pooling (declared in csrc/cuda/pyramid.h); fp32 accumulation, the index
 // maths of csrc/common/pyramid.h, shared with the CPU kernels; every backward a gather: no atomics.
-// The pool kernels work by segments, each thread owning one (designed to the HBM roof, below); the
-// resize and tap kernels still run one thread per output element in a grid-stride loop, threads
-// walking the output in memory order (NCHW or channels_last) so that writes coalesce (issue 12:
-// their rewrite is pending).
+// The pool kernels work by segments, each thread owning one, and the upsample forward by runs of
+// outputs sharing a stencil (both designed to the HBM roof, below); the upsample backward and the
+// tap kernels still run one thread per output element in a grid-stride loop, threads walking the
+// output in memory order (NCHW or channels_last) so that writes coalesce (issue 12: their rewrite
+// is pending).
 #include <climits>
 #include <cstdint>
 #include <type_traits>
@@ -90,6 +91,9 @@ struct PoolPlan {
 // The plan, or false when the bins sum to more than kMaxAxisCells.
 bool make_pool_plan(const int64_t* bins, int num_bins, int64_t H, int64_t W, PoolPlan* plan) {
   if (num_bins < 1 || num_bins > kMaxBins) return false;
+  int64_t sum = 0;
+  for (int k = 0; k < num_bins; ++k) sum += bins[k] > 0 ? bins[k] : pyramid::kMaxAxisCells + 1;
+  if (sum > pyramid::kMaxAxisCells) return false;
   PoolPlan p{};
   p.count = num_bins;
   int axis = 0;
@@ -292,22 +296,84 @@ unsigned pool_blocks(int64_t threads) { return static_cast<unsigned>((threads + 
 
 // ---------------------------------------------------------------- upsample_concat
 
-template <typename scalar_t>
-__global__ void upsample_branch_kernel(const scalar_t* z, int64_t Cb, int64_t h, int64_t w, scalar_t* out, Strides s,
-                                       bool channels_last, int64_t channel_offset, int64_t H, int64_t W,
-                                       bool align_corners, int64_t total) {
+// Forward: a thread owns a run of outputs sharing one source row stencil, NHWC (n, output row p, a
+// run of kRunColumns columns, a pack of channels: 4 16-byte source packs blended per pixel into one
+// 16-byte store, coalesced across the channel packs) or NCHW ((n, c) plane, row p, a pack of
+// columns: the tiny source plane read from L1/L2, one 16-byte store). Floor: the write of the
+// branch's channels of the output (4.8 TB/s; the source is a few cells per channel). 32-bit index
+// splits once per thread (the host checks the thread count).
+constexpr int kRunColumns = 16;
+
+template <typename T, int kVec, bool kChannelsLast>
+__global__ void upsample_branch_kernel(const T* __restrict__ z, Strides zs, unsigned Cb, int h, int w,
+                                       T* __restrict__ out, Strides s, int64_t channel_offset, int H, int W,
+                                       bool align_corners, unsigned threads) {
+  const unsigned t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= threads) return;
   const float scale_h = pyramid::linear_scale<float>(h, H, align_corners);
   const float scale_w = pyramid::linear_scale<float>(w, W, align_corners);
-  SLSDEEP_GRID_STRIDE(index, total) {
-    const Position p = position(index, Cb, H, W, channels_last);
-    const LinearTap<float> r = pyramid::linear_tap<float>(p.h, h, scale_h, align_corners);
-    const LinearTap<float> c = pyramid::linear_tap<float>(p.w, w, scale_w, align_corners);
-    const scalar_t* plane = z + (p.n * Cb + p.c) * h * w;
-    const float top =
-        c.weight0 * to_float(*(plane + r.index0 * w + c.index0)) + c.weight1 * to_float(*(plane + r.index0 * w + c.index1));
-    const float bottom =
-        c.weight0 * to_float(*(plane + r.index1 * w + c.index0)) + c.weight1 * to_float(*(plane + r.index1 * w + c.index1));
-    *(out + offset_of(s, p.n, channel_offset + p.c, p.h, p.w)) = from_float<scalar_t>(r.weight0 * top + r.weight1 * bottom);
+  unsigned n, c, p, q0;
+  int run;
+  if (kChannelsLast) {  // t = ((n·H + p)·runs + run)·packs + pack
+    const unsigned packs = Cb / kVec, runs = (W + kRunColumns - 1) / kRunColumns;
+    c = (t % packs) * kVec;
+    unsigned rest = t / packs;
+    q0 = (rest % runs) * kRunColumns;
+    rest /= runs;
+    p = rest % H;
+    n = rest / H;
+    run = min(kRunColumns, W - static_cast<int>(q0));
+  } else {  // t = ((n·Cb + c)·H + p)·(W / kVec) + column pack
+    const unsigned columns = W / kVec;
+    q0 = (t % columns) * kVec;
+    unsigned rest = t / columns;
+    p = rest % H;
+    rest /= H;
+    c = rest % Cb;
+    n = rest / Cb;
+    run = kVec;
+  }
+  const LinearTap<float> r = pyramid::linear_tap<float>(p, h, scale_h, align_corners);
+  const T* top = z + n * zs.n + c * zs.c + r.index0 * zs.h;
+  const T* bottom = z + n * zs.n + c * zs.c + r.index1 * zs.h;
+  T* o = out + n * s.n + (channel_offset + c) * s.c + static_cast<int64_t>(p) * s.h;
+  if constexpr (kChannelsLast) {
+    for (int k = 0; k < run; ++k) {
+      const int q = static_cast<int>(q0) + k;
+      const LinearTap<float> col = pyramid::linear_tap<float>(q, w, scale_w, align_corners);
+      float a[kVec], b[kVec], d[kVec], e[kVec], v[kVec];
+      if constexpr (kVec == 1) {
+        a[0] = to_float(top[col.index0 * zs.w]), b[0] = to_float(top[col.index1 * zs.w]);
+        d[0] = to_float(bottom[col.index0 * zs.w]), e[0] = to_float(bottom[col.index1 * zs.w]);
+      } else {
+        load<T, kVec>(top + col.index0 * zs.w, a), load<T, kVec>(top + col.index1 * zs.w, b);
+        load<T, kVec>(bottom + col.index0 * zs.w, d), load<T, kVec>(bottom + col.index1 * zs.w, e);
+      }
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        v[j] = r.weight0 * (col.weight0 * a[j] + col.weight1 * b[j]) + r.weight1 * (col.weight0 * d[j] + col.weight1 * e[j]);
+      }
+      if constexpr (kVec == 1) {
+        o[q * s.w] = from_float<T>(v[0]);
+      } else {
+        store<T, kVec>(o + q * s.w, v);
+      }
+    }
+  } else {
+    float v[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const LinearTap<float> col = pyramid::linear_tap<float>(static_cast<int>(q0) + j, w, scale_w, align_corners);
+      const float upper = col.weight0 * to_float(top[col.index0 * zs.w]) + col.weight1 * to_float(top[col.index1 * zs.w]);
+      const float lower =
+          col.weight0 * to_float(bottom[col.index0 * zs.w]) + col.weight1 * to_float(bottom[col.index1 * zs.w]);
+      v[j] = r.weight0 * upper + r.weight1 * lower;
+    }
+    if constexpr (kVec == 1) {
+      o[q0 * s.w] = from_float<T>(v[0]);
+    } else {
+      store<T, kVec>(o + q0, v);
+    }
   }
 }
 
@@ -472,14 +538,32 @@ cudaError_t pool_backward(DType dtype, const void* grad, const int64_t* bins, in
   return cudaGetLastError();
 }
 
-cudaError_t upsample_branch(DType dtype, const void* z, int64_t N, int64_t Cb, int64_t h, int64_t w, void* out,
-                            Strides out_strides, bool channels_last, int64_t channel_offset, int64_t H, int64_t W,
-                            bool align_corners, cudaStream_t stream) {
+cudaError_t upsample_branch(DType dtype, const void* z, Strides z_strides, int64_t N, int64_t Cb, int64_t h, int64_t w,
+                            void* out, Strides out_strides, bool channels_last, int64_t channel_offset, int64_t H,
+                            int64_t W, bool align_corners, cudaStream_t stream) {
   const int64_t total = N * Cb * H * W;
   if (total == 0) return cudaSuccess;
-  SLSDEEP_DISPATCH_FLOATING(dtype, upsample_branch_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-                                       static_cast<const scalar_t*>(z), Cb, h, w, static_cast<scalar_t*>(out),
-                                       out_strides, channels_last, channel_offset, H, W, align_corners, total))
+  if (total > UINT_MAX || H > INT_MAX || W > INT_MAX || h > INT_MAX || w > INT_MAX) return cudaErrorInvalidValue;
+  SLSDEEP_DISPATCH_FLOATING(dtype, {
+    constexpr int kWide = 16 / sizeof(scalar_t);
+    const bool aligned = reinterpret_cast<uintptr_t>(z) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+    const Strides& s = out_strides;
+    const Strides& zs = z_strides;
+    const bool wide =
+        aligned && (channels_last ? zs.c == 1 && s.c == 1 && Cb % kWide == 0 && channel_offset % kWide == 0 &&
+                                        zs.w % kWide == 0 && zs.h % kWide == 0 && zs.n % kWide == 0 &&
+                                        s.w % kWide == 0 && s.h % kWide == 0 && s.n % kWide == 0
+                                  : s.w == 1 && W % kWide == 0 && s.h % kWide == 0 && s.c % kWide == 0 && s.n % kWide == 0);
+    with_width_and_layout<scalar_t>(wide ? kWide : 1, channels_last, [&](auto width, auto layout) {
+      constexpr int kVec = decltype(width)::value;
+      constexpr bool kChannelsLast = decltype(layout)::value;
+      const int64_t threads = kChannelsLast ? N * H * ((W + kRunColumns - 1) / kRunColumns) * (Cb / kVec) : total / kVec;
+      upsample_branch_kernel<scalar_t, kVec, kChannelsLast><<<pool_blocks(threads), kThreads, 0, stream>>>(
+          static_cast<const scalar_t*>(z), z_strides, static_cast<unsigned>(Cb), static_cast<int>(h), static_cast<int>(w),
+          static_cast<scalar_t*>(out), out_strides, channel_offset, static_cast<int>(H), static_cast<int>(W),
+          align_corners, static_cast<unsigned>(threads));
+    });
+  })
   return cudaGetLastError();
 }
 

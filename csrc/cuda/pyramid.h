@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "common/pyramid.h"
 
 namespace slsdeep {
 namespace pyramid_cuda {
@@ -20,7 +21,7 @@ struct Strides {
 };
 
 // Bins and branches are passed to the kernels by value, up to these counts.
-constexpr int kMaxBins = 16;
+constexpr int kMaxBins = pyramid::kMaxBins;
 constexpr int kMaxBranches = 16;
 
 // fp32 workspace of pool_forward and pool_backward (the segment values of csrc/common/pyramid.h);
@@ -40,10 +41,10 @@ cudaError_t pool_backward(DType dtype, const void* grad, const int64_t* bins, in
                           int64_t W, cudaStream_t stream);
 
 // Channels [channel_offset, channel_offset + Cb) of out (N, *, H, W) = bilinear resize of z (N, Cb, h, w)
-// contiguous.
-cudaError_t upsample_branch(DType dtype, const void* z, int64_t N, int64_t Cb, int64_t h, int64_t w, void* out,
-                            Strides out_strides, bool channels_last, int64_t channel_offset, int64_t H, int64_t W,
-                            bool align_corners, cudaStream_t stream);
+// with strides z_strides (channels_last: out, and for 16-byte packs z too, NHWC in memory).
+cudaError_t upsample_branch(DType dtype, const void* z, Strides z_strides, int64_t N, int64_t Cb, int64_t h, int64_t w,
+                            void* out, Strides out_strides, bool channels_last, int64_t channel_offset, int64_t H,
+                            int64_t W, bool align_corners, cudaStream_t stream);
 
 // grad_z (N, Cb, h, w) contiguous = adjoint of upsample_branch, reading channels
 // [channel_offset, channel_offset + Cb) of grad (N, *, H, W).

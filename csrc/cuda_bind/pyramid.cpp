@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <climits>
+#include <cstdint>
 #include <vector>
 
 #include "alloc.h"
@@ -32,31 +34,29 @@ at::MemoryFormat memory_format(bool channels_last) {
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-int64_t checked_cells(at::IntArrayRef bins) {
-  TORCH_CHECK(!bins.empty() && static_cast<int64_t>(bins.size()) <= kernels::kMaxBins,
-              "pyramid (CUDA): between 1 and ", kernels::kMaxBins, " bins, got ", bins.size());
-  int64_t cells = 0;
-  for (const int64_t bin : bins) {
-    TORCH_CHECK(bin > 0, "pyramid (CUDA): bins must be positive, got ", bin);
-    cells += bin * bin;
-  }
-  return cells;
-}
-
-// The pool kernels' fp32 workspace, or a clear error where the bins exceed the CUDA kernels' limits.
+// The pool kernels' fp32 workspace (bins already checked), or a clear error past the kernels' 32-bit
+// thread counts (one thread per segment pair of each plane, per cell of each plane).
 at::Tensor pool_workspace(const at::Tensor& like, at::IntArrayRef bins, int64_t H, int64_t W) {
+  TORCH_CHECK(H < INT32_MAX && W < INT32_MAX, "pyramid_pool (CUDA): height and width must be < 2^31, got ", H, "x", W);
   const int64_t floats =
       kernels::pool_workspace_floats(like.size(0), like.size(1), H, W, bins.data(), static_cast<int>(bins.size()));
-  TORCH_CHECK(floats >= 0, "pyramid (CUDA): the bins must sum to at most ", pyramid::kMaxAxisCells, ", got ", bins);
+  const int64_t cells = like.size(0) * like.size(1) * checked_pool_cells(bins);
+  TORCH_CHECK(floats >= 0 && floats <= UINT32_MAX && cells <= UINT32_MAX,
+              "pyramid_pool (CUDA): N·C times the segments or cells per plane must be < 2^32; got N·C = ",
+              like.size(0) * like.size(1));
   return at::empty({floats}, like.options().dtype(at::kFloat));
 }
+
+// Whether a pool pass walks x channel-fastest (NHWC threads): channels_last, or any view whose
+// channel stride is the smallest (a channel slice of a channels_last tensor).
+bool walks_channels(const at::Tensor& x) { return is_channels_last(x) || (x.size(1) > 1 && x.stride(1) < x.stride(3)); }
 
 at::Tensor pyramid_pool_kernel(const at::Tensor& x, at::IntArrayRef bins) {
   TORCH_CHECK(x.dim() == 4 && x.size(2) > 0 && x.size(3) > 0, "pyramid_pool_kernel: x must be (N, C, H, W), H, W > 0");
   const CudaCall cuda(x);
-  at::Tensor out = new_output({x.size(0), x.size(1), checked_cells(bins)}, x.options());
+  at::Tensor out = new_output({x.size(0), x.size(1), checked_pool_cells(bins)}, x.options());
   at::Tensor workspace = pool_workspace(x, bins, x.size(2), x.size(3));
-  C10_CUDA_CHECK(kernels::pool_forward(dtype_of(x, kTensors), x.const_data_ptr(), strides_of(x), is_channels_last(x),
+  C10_CUDA_CHECK(kernels::pool_forward(dtype_of(x, kTensors), x.const_data_ptr(), strides_of(x), walks_channels(x),
                                        x.size(0), x.size(1), x.size(2), x.size(3), bins.data(),
                                        static_cast<int>(bins.size()), workspace.data_ptr<float>(),
                                        out.mutable_data_ptr(), cuda.stream));
@@ -65,7 +65,7 @@ at::Tensor pyramid_pool_kernel(const at::Tensor& x, at::IntArrayRef bins) {
 
 at::Tensor pyramid_pool_backward_kernel(const at::Tensor& grad, at::IntArrayRef bins, int64_t height, int64_t width,
                                         bool channels_last) {
-  TORCH_CHECK(grad.dim() == 3 && grad.size(2) == checked_cells(bins),
+  TORCH_CHECK(grad.dim() == 3 && grad.size(2) == checked_pool_cells(bins),
               "pyramid_pool_backward_kernel: grad must be (N, C, sum of bin^2)");
   TORCH_CHECK(height > 0 && width > 0, "pyramid_pool_backward_kernel: height and width must be positive");
   const CudaCall cuda(grad);
@@ -93,10 +93,10 @@ at::Tensor upsample_concat_kernel(const at::Tensor& x, at::TensorList branches, 
   out.narrow(1, 0, x.size(1)).copy_(x);
   int64_t offset = x.size(1);
   for (const at::Tensor& branch : branches) {
-    const at::Tensor z = branch.contiguous();
-    C10_CUDA_CHECK(kernels::upsample_branch(dtype_of(x, kTensors), z.const_data_ptr(), z.size(0), z.size(1), z.size(2),
-                                            z.size(3), out.mutable_data_ptr(), strides_of(out), channels_last, offset,
-                                            x.size(2), x.size(3), align_corners, cuda.stream));
+    const at::Tensor z = branch.contiguous(memory_format(channels_last));  // the output's layout: 16-byte packs
+    C10_CUDA_CHECK(kernels::upsample_branch(dtype_of(x, kTensors), z.const_data_ptr(), strides_of(z), z.size(0),
+                                            z.size(1), z.size(2), z.size(3), out.mutable_data_ptr(), strides_of(out),
+                                            channels_last, offset, x.size(2), x.size(3), align_corners, cuda.stream));
     offset += z.size(1);
   }
   return out;

@@ -8,7 +8,9 @@ including the running-statistics update in training (unbiased variance in the ru
   (``scale = γ/√(σ²+ε)``, ``W' = W·scale``, ``b' = (b−μ)·scale + β``, in fp32) and the ReLU becomes
   the convolution's epilogue: one pass over the output instead of three. ``triton``: an implicit-GEMM
   convolution that applies the fold and the ReLU in its epilogue; ``cpu``: oneDNN conv with the ReLU
-  as a post-op (C++ epilogue for fp64/fp16); ``cuda``: cuDNN conv + one epilogue kernel.
+  as a post-op (C++ epilogue for fp64/fp16); ``cuda``: with a ReLU, the folded weights through cuDNN's
+  fused conv + bias + ReLU where cuDNN takes the configuration (decided at run time, the first refusal
+  remembered), else cuDNN conv + one epilogue kernel.
 * Train: the convolution (ATen: oneDNN/cuDNN), then ONE pass for the per-channel statistics
   (exact two-pass on cache-sized tiles, or Welford, merged by Chan's formula; never Σx² − (Σx)²) and ONE for
   normalise + affine + ReLU. Backward: a reduction pass and an elementwise pass, both with the ReLU
@@ -522,9 +524,19 @@ def _onednn_folds(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def _caches_fold(backend: str, dtype: torch.dtype) -> bool:
+    """Whether eager inference on ``backend`` runs the conv with the fold cached: ``cpu`` where oneDNN
+    folds (:func:`_onednn_folds`), ``cuda`` for its three dtypes (cuDNN's fused conv + bias + ReLU, or
+    the conv and one bias+ReLU pass where cuDNN refuses the configuration)."""
+    if backend == "cpu":
+        return _onednn_folds(dtype)
+    return backend == "cuda" and dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _cached_eval(x, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: bool) -> torch.Tensor | None:
-    """Eager inference on the ``cpu`` backend with the fold cached: the conv + bias + ReLU alone. None
-    where it does not apply (training statistics, autograd, torch.compile, another backend)."""
+    """Eager inference on the ``cpu`` or ``cuda`` backend with the fold cached: the conv + bias + ReLU
+    alone. None where it does not apply (training statistics, autograd, torch.compile, another
+    backend)."""
     if bn.training or bn.running_mean is None or torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
         return None
     parameters = (x, conv.weight, conv.bias, bn.weight, bn.bias)
@@ -534,7 +546,7 @@ def _cached_eval(x, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: bool)
         x = x.to(torch.get_autocast_dtype(x.device.type))
     elif conv.weight.dtype != x.dtype:
         return None  # the custom op's path raises the dtype error
-    if conv.weight.device != x.device or not _onednn_folds(x.dtype) or backends.resolve(OP, x.device, x.dtype, None) != "cpu":
+    if conv.weight.device != x.device or not _caches_fold(backends.resolve(OP, x.device, x.dtype, None), x.dtype):
         return None
     options = ConvBNOptions(stride=_pair("stride", conv.stride, 1), padding=_pair("padding", _conv_padding(conv), 0),
                             dilation=_pair("dilation", conv.dilation, 1), groups=conv.groups, eps=bn.eps, relu=relu)  # fmt: skip
@@ -548,9 +560,9 @@ def _cached_eval(x, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: bool)
 def conv_bn_relu_modules(x, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: bool = True, memory_efficient: bool = False):
     """``relu(bn(conv(x)))`` (``bn(conv(x))`` with ``relu=False``), fused: the modules' parameters and
     BatchNorm's mode and state (running statistics, ``num_batches_tracked``, momentum) exactly as
-    calling the modules in turn would use and update them. In eager inference on the ``cpu`` backend
-    the folded weight and bias are cached on ``conv`` (recomputed whenever a parameter or statistic
-    changes)."""
+    calling the modules in turn would use and update them. In eager inference on the ``cpu`` and
+    ``cuda`` backends the folded weight and bias are cached on ``conv`` (recomputed whenever a
+    parameter or statistic changes)."""
     if conv.padding_mode != "zeros":
         raise ValueError(f"{OP}: only padding_mode='zeros' convolutions fuse; got {conv.padding_mode!r}")
     cached = _cached_eval(x, conv, bn, relu)
