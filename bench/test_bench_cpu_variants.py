@@ -3,7 +3,7 @@ beside the copy bandwidth measured in the same run: ``clone`` of the same bytes 
 the kernels' own outputs are: its page faults included) and ``copy`` (``copy_`` into a tensor
 already written: the memory's bandwidth alone).
 
-* Memory-bound kernels (pyramid pool and upsample_concat, forward and backward; the conv_bn_relu
+* Memory-bound kernels (pyramid pool in both layouts and upsample_concat, forward and backward; the conv_bn_relu
   BatchNorm passes): their GB/s against clone's and copy's. Target (issue 14): within 15% of clone.
 * Compute-bound kernels (the pyramid conv's taps, forward and backward): each variant against
   DEFAULT, the baseline x86-64 code every kernel ran before the variants. Target: >= 1.5x.
@@ -48,8 +48,10 @@ def _inputs():
     def rand(*shape):
         return torch.randn(shape, generator=generator)
 
+    x = rand(N, C, H, W)
     return {
-        "x": rand(N, C, H, W),
+        "x": x,
+        "x_channels_last": x.contiguous(memory_format=torch.channels_last),
         "branches": [rand(N, CB, b, b) for b in PYRAMID_BINS],
         "cells": rand(N, C, CELLS),
         "grad_concat": rand(N, C + len(PYRAMID_BINS) * CB, H, W),
@@ -67,6 +69,13 @@ CASES = {
     "pyramid_pool": (lambda t: KERNELS.pyramid_pool_kernel(t["x"], PYRAMID_BINS), (_IMAGE + N * C * CELLS) * SIZE, "memory"),
     "pyramid_pool_backward": (
         lambda t: KERNELS.pyramid_pool_backward_kernel(t["cells"], PYRAMID_BINS, H, W, False),
+        (N * C * CELLS + _IMAGE) * SIZE, "memory",
+    ),
+    "pyramid_pool_channels_last": (
+        lambda t: KERNELS.pyramid_pool_kernel(t["x_channels_last"], PYRAMID_BINS), (_IMAGE + N * C * CELLS) * SIZE, "memory",
+    ),
+    "pyramid_pool_backward_channels_last": (
+        lambda t: KERNELS.pyramid_pool_backward_kernel(t["cells"], PYRAMID_BINS, H, W, True),
         (N * C * CELLS + _IMAGE) * SIZE, "memory",
     ),
     "upsample_concat": (

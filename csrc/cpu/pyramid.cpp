@@ -107,135 +107,218 @@ inline void gather_rows(acc_t* acc, const AxisReaders<acc_t>& readers, int64_t i
 }
 
 // ---------------------------------------------------------------- pyramid_pool
+//
+// By segments (csrc/common/pyramid.h), as the CUDA kernels: the forward sums every segment once,
+// then every cell its segments over its area; the backward gives every segment pair the sum of its
+// cells' gradients over their areas and fills the segment with it. Two walks of the image: planes
+// (NCHW and any other strides), or, where channels are contiguous (channels_last), pixel rows of a
+// chunk of channels, so that both layouts stream through memory once.
 
-// body(image_plane, cells, buffer) for every (n, c) plane, in parallel over planes: the plane of `image`
-// (N, C, H, W, any strides) at `image_data`, its S pooling cells (N, C, S, contiguous) at `cells_data`,
-// and the thread's buffer of `buffer_size` accumulators (its contents are the body's).
-template <typename acc_t, typename ImagePtr, typename CellsPtr, typename Body>
-void for_each_pool_plane(const at::Tensor& image, ImagePtr image_data, CellsPtr cells_data, int64_t S,
-                         int64_t buffer_size, const Body& body) {
-  const int64_t C = image.size(1), stride_n = image.stride(0), stride_c = image.stride(1);
-  at::parallel_for(0, image.size(0) * C, grain_for(image.size(2) * image.size(3)), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buffer(buffer_size);
-    for (int64_t plane = begin; plane < end; ++plane) {
-      body(image_data + (plane / C) * stride_n + (plane % C) * stride_c, cells_data + plane * S, buffer);
-    }
-  });
-}
+constexpr int64_t kChannelChunk = 64;  // channels per task of the channel walk
 
-// The pool's plan: both axes cut into segments (csrc/common/pyramid.h), as the CUDA kernels cut them.
-struct PoolAxes {
+// The plan of both axes and the adjoint's terms: for every segment pair, the cells containing it
+// (their index in a plane's Σ b² cells) with weight 1 / area.
+template <typename acc_t>
+struct PoolPlan {
   pyramid::AxisPlan rows, cols;
-  std::vector<int> axis_offset;  // first axis cell of each bin
+  std::vector<int> axis_offset;     // first axis cell of each bin
+  std::vector<int64_t> term_begin;  // pairs + 1 offsets into term_cell / term_weight
+  std::vector<int64_t> term_cell;
+  std::vector<acc_t> term_weight;
   int pairs() const { return rows.segments * cols.segments; }
+  int64_t height(int row_cell) const { return rows.bound[rows.last[row_cell]] - rows.bound[rows.first[row_cell]]; }
+  int64_t width(int col_cell) const { return cols.bound[cols.last[col_cell]] - cols.bound[cols.first[col_cell]]; }
 };
 
-PoolAxes pool_axes(const std::vector<int64_t>& bins, int64_t H, int64_t W) {
-  PoolAxes axes;
-  TORCH_CHECK(pyramid::axis_plan(H, bins.data(), static_cast<int>(bins.size()), &axes.rows) &&
-                  pyramid::axis_plan(W, bins.data(), static_cast<int>(bins.size()), &axes.cols),
+template <typename acc_t>
+PoolPlan<acc_t> pool_plan(const std::vector<int64_t>& bins, int64_t H, int64_t W) {
+  PoolPlan<acc_t> plan;
+  TORCH_CHECK(pyramid::axis_plan(H, bins.data(), static_cast<int>(bins.size()), &plan.rows) &&
+                  pyramid::axis_plan(W, bins.data(), static_cast<int>(bins.size()), &plan.cols),
               "pyramid_pool: the bins must sum to at most ", pyramid::kMaxAxisCells);
   int offset = 0;
   for (const int64_t bin : bins) {
-    axes.axis_offset.push_back(offset);
+    plan.axis_offset.push_back(offset);
     offset += static_cast<int>(bin);
   }
-  return axes;
-}
-
-// out (N, C, S): every segment of a plane summed once (each row's runs, then into its row segment),
-// then every cell (i, j) of every bin the sum of its segments over its area.
-template <typename scalar_t>
-void pool_forward(const at::Tensor& x, const at::Tensor& out, const std::vector<int64_t>& bins) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t H = x.size(2);
-  const Strides4 s = strides_of(x);
-  const PoolAxes axes = pool_axes(bins, H, x.size(3));
-  const int segments_w = axes.cols.segments;
-  for_each_pool_plane<acc_t>(x, x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), out.size(2),
-                             axes.pairs(), [&](const scalar_t* in, scalar_t* cell, std::vector<acc_t>& sums) {
-      std::fill(sums.begin(), sums.end(), acc_t(0));
-      for (int sh = 0; sh < axes.rows.segments; ++sh) {
-        acc_t* segment_row = sums.data() + sh * segments_w;
-        for (int64_t h = axes.rows.bound[sh]; h < axes.rows.bound[sh + 1]; ++h) {
-          const scalar_t* row = in + h * s.h;
-          for (int sw = 0; sw < segments_w; ++sw) {
-            acc_t run = 0;
-            if (s.w == 1) {
-              for (int64_t w = axes.cols.bound[sw]; w < axes.cols.bound[sw + 1]; ++w) run += static_cast<acc_t>(row[w]);
-            } else {
-              for (int64_t w = axes.cols.bound[sw]; w < axes.cols.bound[sw + 1]; ++w) run += static_cast<acc_t>(row[w * s.w]);
-            }
-            segment_row[sw] += run;
-          }
-        }
-      }
-      for (size_t k = 0; k < bins.size(); ++k) {
-        for (int64_t i = 0; i < bins[k]; ++i) {
-          const int row_cell = axes.axis_offset[k] + static_cast<int>(i);
-          const int r0 = axes.rows.first[row_cell], r1 = axes.rows.last[row_cell];
-          for (int64_t j = 0; j < bins[k]; ++j) {
-            const int col_cell = axes.axis_offset[k] + static_cast<int>(j);
-            const int q0 = axes.cols.first[col_cell], q1 = axes.cols.last[col_cell];
-            acc_t sum = 0;
-            for (int r = r0; r < r1; ++r) {
-              for (int q = q0; q < q1; ++q) sum += sums[r * segments_w + q];
-            }
-            const acc_t area = static_cast<acc_t>(axes.rows.bound[r1] - axes.rows.bound[r0]) *
-                               static_cast<acc_t>(axes.cols.bound[q1] - axes.cols.bound[q0]);
-            *cell++ = static_cast<scalar_t>(sum / area);
-          }
-        }
-      }
-  });
-}
-
-// grad_x (N, C, H, W) from grad (N, C, S) contiguous: every segment's gradient, the sum over the cells
-// containing it of grad / area (a gather: deterministic), then every segment filled with it.
-template <typename scalar_t>
-void pool_backward(const at::Tensor& grad, const at::Tensor& out, const std::vector<int64_t>& bins) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const Strides4 s = strides_of(out);
-  const PoolAxes axes = pool_axes(bins, out.size(2), out.size(3));
-  const int segments_w = axes.cols.segments;
-  for_each_pool_plane<acc_t>(out, out.mutable_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), grad.size(2),
-                             axes.pairs(), [&](scalar_t* plane_out, const scalar_t* cells, std::vector<acc_t>& values) {
+  plan.term_begin.push_back(0);
+  for (int sh = 0; sh < plan.rows.segments; ++sh) {
+    for (int sw = 0; sw < plan.cols.segments; ++sw) {
       int64_t cell_offset = 0;
-      std::fill(values.begin(), values.end(), acc_t(0));
       for (size_t k = 0; k < bins.size(); ++k) {
         const int b = static_cast<int>(bins[k]);
-        for (int sh = 0; sh < axes.rows.segments; ++sh) {
-          int i0, i1;
-          pyramid::cells_containing(axes.rows, axes.axis_offset[k], b, sh, &i0, &i1);
-          for (int sw = 0; sw < segments_w; ++sw) {
-            int j0, j1;
-            pyramid::cells_containing(axes.cols, axes.axis_offset[k], b, sw, &j0, &j1);
-            acc_t sum = 0;
-            for (int i = i0; i < i1; ++i) {
-              const int row_cell = axes.axis_offset[k] + i;
-              const acc_t rows = static_cast<acc_t>(axes.rows.bound[axes.rows.last[row_cell]] -
-                                                    axes.rows.bound[axes.rows.first[row_cell]]);
-              for (int j = j0; j < j1; ++j) {
-                const int col_cell = axes.axis_offset[k] + j;
-                const acc_t cols = static_cast<acc_t>(axes.cols.bound[axes.cols.last[col_cell]] -
-                                                      axes.cols.bound[axes.cols.first[col_cell]]);
-                sum += static_cast<acc_t>(cells[cell_offset + i * b + j]) / (rows * cols);
-              }
-            }
-            values[sh * segments_w + sw] += sum;
+        int i0, i1, j0, j1;
+        pyramid::cells_containing(plan.rows, plan.axis_offset[k], b, sh, &i0, &i1);
+        pyramid::cells_containing(plan.cols, plan.axis_offset[k], b, sw, &j0, &j1);
+        for (int i = i0; i < i1; ++i) {
+          for (int j = j0; j < j1; ++j) {
+            const int64_t area = plan.height(plan.axis_offset[k] + i) * plan.width(plan.axis_offset[k] + j);
+            plan.term_cell.push_back(cell_offset + static_cast<int64_t>(i) * b + j);
+            plan.term_weight.push_back(acc_t(1) / static_cast<acc_t>(area));
           }
         }
         cell_offset += static_cast<int64_t>(b) * b;
       }
-      for (int sh = 0; sh < axes.rows.segments; ++sh) {
-        for (int64_t h = axes.rows.bound[sh]; h < axes.rows.bound[sh + 1]; ++h) {
-          scalar_t* row = plane_out + h * s.h;
-          for (int sw = 0; sw < segments_w; ++sw) {
-            const scalar_t value = static_cast<scalar_t>(values[sh * segments_w + sw]);
-            for (int64_t w = axes.cols.bound[sw]; w < axes.cols.bound[sw + 1]; ++w) row[w * s.w] = value;
+      plan.term_begin.push_back(static_cast<int64_t>(plan.term_cell.size()));
+    }
+  }
+  return plan;
+}
+
+// Whether the image's channels are contiguous (and more than one): the channel walk.
+bool walks_channels(const at::Tensor& t) { return t.size(1) > 1 && t.stride(1) == 1; }
+
+// out[c · out_channel_stride + cell] for `count` channels, from segment sums laid out
+// sums[pair · pair_stride + c · channel_stride]: every cell the sum of its segments over its area.
+template <typename acc_t, typename scalar_t>
+void cells_from_sums(const PoolPlan<acc_t>& plan, const std::vector<int64_t>& bins, const acc_t* sums, int64_t pair_stride,
+                     int64_t channel_stride, int64_t count, scalar_t* out, int64_t out_channel_stride) {
+  const int segments_w = plan.cols.segments;
+  int64_t cell = 0;
+  for (size_t k = 0; k < bins.size(); ++k) {
+    for (int64_t i = 0; i < bins[k]; ++i) {
+      const int row_cell = plan.axis_offset[k] + static_cast<int>(i);
+      const int r0 = plan.rows.first[row_cell], r1 = plan.rows.last[row_cell];
+      for (int64_t j = 0; j < bins[k]; ++j, ++cell) {
+        const int col_cell = plan.axis_offset[k] + static_cast<int>(j);
+        const int q0 = plan.cols.first[col_cell], q1 = plan.cols.last[col_cell];
+        const acc_t inverse_area = acc_t(1) / static_cast<acc_t>(plan.height(row_cell) * plan.width(col_cell));
+        for (int64_t c = 0; c < count; ++c) {
+          acc_t sum = 0;
+          for (int r = r0; r < r1; ++r) {
+            for (int q = q0; q < q1; ++q) sum += sums[(r * segments_w + q) * pair_stride + c * channel_stride];
+          }
+          out[c * out_channel_stride + cell] = static_cast<scalar_t>(sum * inverse_area);
+        }
+      }
+    }
+  }
+}
+
+// out (N, C, S) contiguous: the pyramid's cells of x (N, C, H, W, any strides).
+template <typename scalar_t>
+void pool_forward(const at::Tensor& x, const at::Tensor& out, const std::vector<int64_t>& bins) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), cells = out.size(2);
+  const Strides4 s = strides_of(x);
+  const PoolPlan<acc_t> plan = pool_plan<acc_t>(bins, H, x.size(3));
+  const int segments_w = plan.cols.segments, pairs = plan.pairs();
+  const scalar_t* data = x.const_data_ptr<scalar_t>();
+  scalar_t* result = out.mutable_data_ptr<scalar_t>();
+  if (walks_channels(x)) {  // tasks (n, chunk of channels): each pixel row's channels added to its segment's
+    const int64_t chunks = (C + kChannelChunk - 1) / kChannelChunk;
+    at::parallel_for(0, N * chunks, grain_for(H * x.size(3) * kChannelChunk), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sums(static_cast<size_t>(pairs) * kChannelChunk);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / chunks, c0 = (task % chunks) * kChannelChunk, count = std::min(kChannelChunk, C - c0);
+        std::fill(sums.begin(), sums.end(), acc_t(0));
+        for (int sh = 0; sh < plan.rows.segments; ++sh) {
+          for (int64_t h = plan.rows.bound[sh]; h < plan.rows.bound[sh + 1]; ++h) {
+            for (int sw = 0; sw < segments_w; ++sw) {
+              acc_t* __restrict__ sum = sums.data() + (sh * segments_w + sw) * kChannelChunk;
+              for (int64_t w = plan.cols.bound[sw]; w < plan.cols.bound[sw + 1]; ++w) {
+                const scalar_t* __restrict__ pixel = data + n * s.n + h * s.h + w * s.w + c0;
+#pragma omp simd
+                for (int64_t c = 0; c < count; ++c) sum[c] += static_cast<acc_t>(pixel[c]);
+              }
+            }
+          }
+        }
+        cells_from_sums(plan, bins, sums.data(), kChannelChunk, int64_t{1}, count, result + (n * C + c0) * cells, cells);
+      }
+    });
+    return;
+  }
+  // planes: a row segment's rows added into one row (whole-row vector adds), then cut into segments
+  const int64_t W = x.size(3);
+  at::parallel_for(0, N * C, grain_for(H * W), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sums(pairs), column_sums(W);
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* plane = data + (p / C) * s.n + (p % C) * s.c;
+      for (int sh = 0; sh < plan.rows.segments; ++sh) {
+        acc_t* __restrict__ columns = column_sums.data();
+        std::fill(columns, columns + W, acc_t(0));
+        for (int64_t h = plan.rows.bound[sh]; h < plan.rows.bound[sh + 1]; ++h) {
+          const scalar_t* __restrict__ row = plane + h * s.h;
+          if (s.w == 1) {
+#pragma omp simd
+            for (int64_t w = 0; w < W; ++w) columns[w] += static_cast<acc_t>(row[w]);
+          } else {
+            for (int64_t w = 0; w < W; ++w) columns[w] += static_cast<acc_t>(row[w * s.w]);
+          }
+        }
+        for (int sw = 0; sw < segments_w; ++sw) {
+          acc_t run = 0;
+          for (int64_t w = plan.cols.bound[sw]; w < plan.cols.bound[sw + 1]; ++w) run += columns[w];
+          sums[sh * segments_w + sw] = run;
+        }
+      }
+      cells_from_sums(plan, bins, sums.data(), int64_t{1}, int64_t{0}, int64_t{1}, result + p * cells, cells);
+    }
+  });
+}
+
+// grad_x (N, C, H, W) in `out`'s layout from grad (N, C, S) contiguous: every segment pair's
+// gradient (the plan's terms: a gather, deterministic), then every segment filled with it.
+template <typename scalar_t>
+void pool_backward(const at::Tensor& grad, const at::Tensor& out, const std::vector<int64_t>& bins) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = out.size(0), C = out.size(1), H = out.size(2), W = out.size(3), cells = grad.size(2);
+  const Strides4 s = strides_of(out);
+  const PoolPlan<acc_t> plan = pool_plan<acc_t>(bins, H, W);
+  const int segments_w = plan.cols.segments, pairs = plan.pairs();
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  scalar_t* result = out.mutable_data_ptr<scalar_t>();
+  auto pair_value = [&](int pair, const scalar_t* plane_cells) {
+    acc_t sum = 0;
+    for (int64_t t = plan.term_begin[pair]; t < plan.term_begin[pair + 1]; ++t) {
+      sum += static_cast<acc_t>(plane_cells[plan.term_cell[t]]) * plan.term_weight[t];
+    }
+    return static_cast<scalar_t>(sum);
+  };
+  if (walks_channels(out)) {  // tasks (n, chunk of channels): each pixel's channels copied from its pair's
+    const int64_t chunks = (C + kChannelChunk - 1) / kChannelChunk;
+    at::parallel_for(0, N * chunks, grain_for(H * W * kChannelChunk), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> values(static_cast<size_t>(pairs) * kChannelChunk);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / chunks, c0 = (task % chunks) * kChannelChunk, count = std::min(kChannelChunk, C - c0);
+        for (int pair = 0; pair < pairs; ++pair) {
+          for (int64_t c = 0; c < count; ++c) values[pair * kChannelChunk + c] = pair_value(pair, g + (n * C + c0 + c) * cells);
+        }
+        for (int sh = 0; sh < plan.rows.segments; ++sh) {
+          for (int64_t h = plan.rows.bound[sh]; h < plan.rows.bound[sh + 1]; ++h) {
+            for (int sw = 0; sw < segments_w; ++sw) {
+              const scalar_t* value = values.data() + (sh * segments_w + sw) * kChannelChunk;
+              for (int64_t w = plan.cols.bound[sw]; w < plan.cols.bound[sw + 1]; ++w) {
+                std::copy(value, value + count, result + n * s.n + h * s.h + w * s.w + c0);
+              }
+            }
           }
         }
       }
+    });
+    return;
+  }
+  // planes: the first row of each row segment built, then copied to the segment's other rows
+  at::parallel_for(0, N * C, grain_for(H * W), [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> row_values(W);
+    for (int64_t p = begin; p < end; ++p) {
+      scalar_t* plane = result + (p / C) * s.n + (p % C) * s.c;
+      for (int sh = 0; sh < plan.rows.segments; ++sh) {
+        for (int sw = 0; sw < segments_w; ++sw) {
+          const scalar_t value = pair_value(sh * segments_w + sw, g + p * cells);
+          std::fill(row_values.begin() + plan.cols.bound[sw], row_values.begin() + plan.cols.bound[sw + 1], value);
+        }
+        for (int64_t h = plan.rows.bound[sh]; h < plan.rows.bound[sh + 1]; ++h) {
+          scalar_t* row = plane + h * s.h;
+          if (s.w == 1) {
+            std::copy(row_values.begin(), row_values.end(), row);
+          } else {
+            for (int64_t w = 0; w < W; ++w) row[w * s.w] = row_values[w];
+          }
+        }
+      }
+    }
   });
 }
 

@@ -315,7 +315,7 @@ __global__ void upsample_branch_kernel(const T* __restrict__ z, Strides zs, unsi
   unsigned n, c, p, q0;
   int run;
   if (kChannelsLast) {  // t = ((n·H + p)·runs + run)·packs + pack
-    const unsigned packs = Cb / kVec, runs = (W + kRunColumns - 1) / kRunColumns;
+    const unsigned packs = Cb / kVec, runs = (static_cast<unsigned>(W) + kRunColumns - 1) / kRunColumns;
     c = (t % packs) * kVec;
     unsigned rest = t / packs;
     q0 = (rest % runs) * kRunColumns;
@@ -546,14 +546,17 @@ cudaError_t upsample_branch(DType dtype, const void* z, Strides z_strides, int64
   if (total > UINT_MAX || H > INT_MAX || W > INT_MAX || h > INT_MAX || w > INT_MAX) return cudaErrorInvalidValue;
   SLSDEEP_DISPATCH_FLOATING(dtype, {
     constexpr int kWide = 16 / sizeof(scalar_t);
-    const bool aligned = reinterpret_cast<uintptr_t>(z) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+    auto packed = [&](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+    // a stride keeps packs aligned when it is a multiple of the width or its dimension has size 1
+    // (torch gives a (N, C, 1, 1) tensor any stride there)
+    auto fits = [&](int64_t size, int64_t stride) { return size == 1 || stride % kWide == 0; };
     const Strides& s = out_strides;
     const Strides& zs = z_strides;
     const bool wide =
-        aligned && (channels_last ? zs.c == 1 && s.c == 1 && Cb % kWide == 0 && channel_offset % kWide == 0 &&
-                                        zs.w % kWide == 0 && zs.h % kWide == 0 && zs.n % kWide == 0 &&
-                                        s.w % kWide == 0 && s.h % kWide == 0 && s.n % kWide == 0
-                                  : s.w == 1 && W % kWide == 0 && s.h % kWide == 0 && s.c % kWide == 0 && s.n % kWide == 0);
+        channels_last ? packed(z) && packed(out) && zs.c == 1 && s.c == 1 && Cb % kWide == 0 &&
+                            channel_offset % kWide == 0 && fits(w, zs.w) && fits(h, zs.h) && fits(N, zs.n) &&
+                            fits(W, s.w) && fits(H, s.h) && fits(N, s.n)
+                      : packed(out) && s.w == 1 && W % kWide == 0 && fits(H, s.h) && fits(N, s.n) && s.c % kWide == 0;
     with_width_and_layout<scalar_t>(wide ? kWide : 1, channels_last, [&](auto width, auto layout) {
       constexpr int kVec = decltype(width)::value;
       constexpr bool kChannelsLast = decltype(layout)::value;

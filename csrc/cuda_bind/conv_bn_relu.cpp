@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <exception>
 #include <mutex>
 #include <set>
 #include <tuple>
@@ -87,18 +88,30 @@ FusedKey fused_key(const Tensor& x, const Tensor& weight, at::IntArrayRef stride
   return {x.scalar_type(), format == at::MemoryFormat::ChannelsLast, geometry};
 }
 
+// Whether to try cuDNN's fused conv + bias + ReLU for this call: cuDNN on, non-deterministic algorithms
+// allowed (the fused call picks its own), a dtype the CUDA kernels take, and no refusal of the
+// configuration yet.
+bool may_fuse(const FusedKey& key) {
+  const auto& context = at::globalContext();
+  const auto dtype = key.dtype;
+  return context.userEnabledCuDNN() && !context.deterministicCuDNN() && !context.deterministicAlgorithms() &&
+         (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) && !refusals().refused(key);
+}
+
 // relu(conv(x, W) + bias) in ONE cuDNN call (aten::cudnn_convolution_relu, bias in x's dtype), or an
-// undefined tensor where cuDNN is off or refuses this configuration (then remembered).
+// undefined tensor where cuDNN refuses this configuration (remembered: it is not tried again). Out of
+// memory is not a refusal and propagates; a refusal's CUDA error state is cleared for the fallback.
 Tensor fused_conv_bias_relu(const Tensor& x, const Tensor& weight, const Tensor& bias, at::IntArrayRef stride,
-                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, at::MemoryFormat format) {
-  if (!at::globalContext().userEnabledCuDNN()) return Tensor();
-  const FusedKey key = fused_key(x, weight, stride, padding, dilation, groups, format);
-  if (refusals().refused(key)) return Tensor();
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const FusedKey& key,
+                            at::MemoryFormat format) {
   try {
     return at::cudnn_convolution_relu(x, weight.contiguous(format), bias.to(x.scalar_type()), stride, padding, dilation,
                                       groups)
         .contiguous(format);
-  } catch (const c10::Error&) {
+  } catch (const c10::OutOfMemoryError&) {
+    throw;
+  } catch (const std::exception&) {  // c10::Error, and cudnn_frontend's std::runtime_error from its graph builders
+    (void)cudaGetLastError();
     refusals().refuse(key);
     return Tensor();
   }
@@ -121,9 +134,10 @@ Tensor conv_bn_relu_eval_cuda(const Tensor& input, const Tensor& weight, const c
   C10_CUDA_CHECK(kernels::fold_eval(pointer(gamma), pointer(beta), pointer(mean), pointer(var), pointer(b),
                                     static_cast<float>(eps), C, affine.data_ptr<float>(), affine.data_ptr<float>() + C,
                                     cuda.stream));
-  if (relu) {
+  const FusedKey key = fused_key(x, weight, stride, padding, dilation, groups, format);
+  if (relu && may_fuse(key)) {
     const Tensor folded = (weight.to(at::kFloat) * affine[0].view({C, 1, 1, 1})).to(weight.scalar_type());
-    Tensor fused = fused_conv_bias_relu(x, folded, affine[1], stride, padding, dilation, groups, format);
+    Tensor fused = fused_conv_bias_relu(x, folded, affine[1], stride, padding, dilation, groups, key, format);
     if (fused.defined()) return fused;
   }
   Tensor out = cbr::convolution(x, weight, c10::nullopt, stride, padding, dilation, groups, format);
@@ -141,8 +155,13 @@ Tensor conv_bias_act_cuda(const Tensor& input, const Tensor& weight, const Tenso
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && bias.scalar_type() == at::kFloat && bias.dim() == 1 &&
                   bias.size(0) == weight.size(0),
               "conv_bias_act_kernel: weight of the input's dtype and a (C_out,) float32 bias");
-  if (relu) {
-    Tensor fused = fused_conv_bias_relu(x, weight, bias, stride, padding, dilation, groups, format);
+  TORCH_CHECK(weight.device() == x.device() && bias.device() == x.device(),
+              "conv_bias_act_kernel: input, weight and bias must be on one device; got ", x.device(), ", ",
+              weight.device(), ", ", bias.device());
+  (void)dtype_of(x, kWhat);  // float32, float16 or bfloat16, as every CUDA kernel here
+  const FusedKey key = fused_key(x, weight, stride, padding, dilation, groups, format);
+  if (relu && may_fuse(key)) {
+    Tensor fused = fused_conv_bias_relu(x, weight, bias, stride, padding, dilation, groups, key, format);
     if (fused.defined()) return fused;
   }
   Tensor out = cbr::convolution(x, weight, c10::nullopt, stride, padding, dilation, groups, format);

@@ -79,20 +79,27 @@ at::Tensor pyramid_pool_backward_kernel(const at::Tensor& grad, at::IntArrayRef 
   return out;
 }
 
+// The upsample kernel's 32-bit thread count: one per output element of the branch at most.
+bool z_fits(const at::Tensor& branch, const at::Tensor& x) {
+  return branch.size(0) * branch.size(1) * x.size(2) * x.size(3) <= static_cast<int64_t>(UINT32_MAX);
+}
+
 at::Tensor upsample_concat_kernel(const at::Tensor& x, at::TensorList branches, bool align_corners,
                                   bool channels_last) {
   TORCH_CHECK(x.dim() == 4, "upsample_concat_kernel: x must be (N, C, H, W)");
   const CudaCall cuda(x);
   int64_t channels = x.size(1);
   for (const at::Tensor& z : branches) {
-    TORCH_CHECK(z.dim() == 4 && z.size(0) == x.size(0) && z.scalar_type() == x.scalar_type() && z.device() == x.device(),
-                "upsample_concat_kernel: every branch must be (N, C_b, h, w) of x's batch, dtype and device");
+    TORCH_CHECK(z.dim() == 4 && z.size(0) == x.size(0) && z.size(2) > 0 && z.size(3) > 0 &&
+                    z.scalar_type() == x.scalar_type() && z.device() == x.device(),
+                "upsample_concat_kernel: every branch must be (N, C_b, h, w), h, w > 0, of x's batch, dtype and device");
     channels += z.size(1);
   }
   at::Tensor out = new_output({x.size(0), channels, x.size(2), x.size(3)}, x.options(), memory_format(channels_last));
   out.narrow(1, 0, x.size(1)).copy_(x);
   int64_t offset = x.size(1);
   for (const at::Tensor& branch : branches) {
+    TORCH_CHECK(z_fits(branch, x), "upsample_concat_kernel (CUDA): N·C_b·H·W of a branch must be < 2^32");
     const at::Tensor z = branch.contiguous(memory_format(channels_last));  // the output's layout: 16-byte packs
     C10_CUDA_CHECK(kernels::upsample_branch(dtype_of(x, kTensors), z.const_data_ptr(), strides_of(z), z.size(0),
                                             z.size(1), z.size(2), z.size(3), out.mutable_data_ptr(), strides_of(out),
