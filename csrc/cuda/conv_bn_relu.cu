@@ -581,6 +581,21 @@ void reduction_grid(const Activation& a, const cbr::Split& split, dim3& grid, di
   }
 }
 
+// launch(element tag, width tag, split, grid, block) for a reduction pass over the pointers, at the
+// width they allow; `parts` gets the split's part count (the merge kernel's).
+template <typename F>
+cudaError_t reduction(DType dtype, const Activation& a, std::initializer_list<const void*> pointers, int64_t& parts,
+                      F&& launch) {
+  return dispatch(dtype, a, pointers, [&](auto tag, auto width) {
+    constexpr int kVec = decltype(width)::value;
+    const cbr::Split split = reduction_split(a, kVec);
+    parts = split.parts;
+    dim3 grid, block;
+    reduction_grid<kVec>(a, split, grid, block);
+    launch(tag, width, split, grid, block);
+  });
+}
+
 // The most parts a reduction splits into at any width vector_width can pick (the workspace's size).
 int64_t max_parts(const Activation& a) {
   int64_t parts = 1;
@@ -626,13 +641,10 @@ cudaError_t channel_stats(DType dtype, const void* y, const Activation& a, const
   float* part_count = workspace;
   float* part_mean = workspace + stride;
   float* part_m2 = workspace + 2 * stride;
-  const cudaError_t launched = dispatch(dtype, a, {y}, [&](auto tag, auto width) {
+  const cudaError_t launched = reduction(dtype, a, {y}, parts, [&](auto tag, auto width, const cbr::Split& split,
+                                                                   const dim3& grid, const dim3& block) {
     using T = decltype(tag);
     constexpr int kVec = decltype(width)::value;
-    const cbr::Split split = reduction_split(a, kVec);
-    parts = split.parts;
-    dim3 grid, block;
-    reduction_grid<kVec>(a, split, grid, block);
     if (a.channels_last) {
       rows_stats_kernel<T, kVec><<<grid, block, 0, stream>>>(static_cast<const T*>(y), a, split, part_count, part_mean,
                                                              part_m2);
@@ -656,13 +668,10 @@ cudaError_t bn_backward(DType dtype, const void* grad, const void* y, void* grad
   float* part_g = workspace;
   float* part_gc = workspace + stride;
   float* coef = workspace + 3 * stride;
-  cudaError_t launched = dispatch(dtype, a, {grad, y}, [&](auto tag, auto width) {
+  cudaError_t launched = reduction(dtype, a, {grad, y}, parts, [&](auto tag, auto width, const cbr::Split& split,
+                                                                const dim3& grid, const dim3& block) {
     using T = decltype(tag);
     constexpr int kVec = decltype(width)::value;
-    const cbr::Split split = reduction_split(a, kVec);
-    parts = split.parts;
-    dim3 grid, block;
-    reduction_grid<kVec>(a, split, grid, block);
     const T* g = static_cast<const T*>(grad);
     const T* yv = static_cast<const T*>(y);
     if (a.channels_last) {

@@ -8,7 +8,7 @@
 namespace slsdeep {
 namespace packs {
 
-// kVec consecutive elements. A 16-byte pack moves through __ldcg/__stcg on a uint4 (one
+// kVec consecutive elements (kVec = 1: one element, any alignment). A 16-byte pack moves through __ldcg/__stcg on a uint4 (one
 // ld/st.global.cg.v4: streamed through L2, no reuse in L1 to keep); a plain struct copy is split
 // by the compiler wherever it loses track of the address's alignment.
 template <typename T, int kVec>

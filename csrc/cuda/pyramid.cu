@@ -145,6 +145,16 @@ struct SegmentThread {
   }
 };
 
+// f(p) for the first element p of every pack of the thread's segment in the image at `base`: NCHW
+// runs along w in packs of kVec, NHWC one pack of channels per pixel.
+template <int kVec, bool kChannelsLast, typename T, typename F>
+__device__ __forceinline__ void for_each_pack(const SegmentThread& seg, T* base, const Strides& s, const F& f) {
+  for (int h = seg.h0; h < seg.h1; ++h) {
+    T* row = base + h * s.h;
+    for (int w = seg.w0; w < seg.w1; w += kChannelsLast ? 1 : kVec) f(row + w * s.w);
+  }
+}
+
 // (1) forward: the segment sums of x. kVec > 1: NHWC packs of channels (stride c == 1), or NCHW
 // packs along w (stride w == 1, every w bound a multiple of kVec).
 template <typename T, int kVec, bool kChannelsLast>
@@ -153,21 +163,13 @@ __global__ void pool_segment_sums_kernel(const T* __restrict__ x, Strides s, uns
   const unsigned t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= threads) return;
   const SegmentThread seg(t, kChannelsLast, C, packs, kVec, plan);
-  const T* base = x + seg.n * s.n + seg.c * s.c;
   float acc[kVec] = {};
-  for (int h = seg.h0; h < seg.h1; ++h) {
-    const T* row = base + h * s.h;
-    for (int w = seg.w0; w < seg.w1; w += kChannelsLast ? 1 : kVec) {
-      float v[kVec];
-      if constexpr (kVec == 1) {
-        v[0] = to_float(row[w * s.w]);
-      } else {
-        load<T, kVec>(row + w * s.w, v);
-      }
+  for_each_pack<kVec, kChannelsLast>(seg, x + seg.n * s.n + seg.c * s.c, s, [&](const T* p) {
+    float v[kVec];
+    load<T, kVec>(p, v);
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) acc[j] += v[j];
-    }
-  }
+    for (int j = 0; j < kVec; ++j) acc[j] += v[j];
+  });
   const int64_t pairs = plan.pairs();
   if constexpr (kChannelsLast) {
 #pragma unroll
@@ -249,17 +251,7 @@ __global__ void pool_fill_kernel(const float* __restrict__ grads, Strides s, uns
   for (int j = 0; j < kVec; ++j) {
     v[j] = grads[pair_index(kChannelsLast, seg.n, kChannelsLast ? seg.c + j : seg.c, seg.pair, C, pairs)];
   }
-  T* base = grad_x + seg.n * s.n + seg.c * s.c;
-  for (int h = seg.h0; h < seg.h1; ++h) {
-    T* row = base + h * s.h;
-    for (int w = seg.w0; w < seg.w1; w += kChannelsLast ? 1 : kVec) {
-      if constexpr (kVec == 1) {
-        row[w * s.w] = from_float<T>(v[0]);
-      } else {
-        store<T, kVec>(row + w * s.w, v);
-      }
-    }
-  }
+  for_each_pack<kVec, kChannelsLast>(seg, grad_x + seg.n * s.n + seg.c * s.c, s, [&](T* p) { store<T, kVec>(p, v); });
 }
 
 // The pack width of a pool pass over a tensor with strides s at p: 16 bytes where the layout's
@@ -342,22 +334,13 @@ __global__ void upsample_branch_kernel(const T* __restrict__ z, Strides zs, unsi
       const int q = static_cast<int>(q0) + k;
       const LinearTap<float> col = pyramid::linear_tap<float>(q, w, scale_w, align_corners);
       float a[kVec], b[kVec], d[kVec], e[kVec], v[kVec];
-      if constexpr (kVec == 1) {
-        a[0] = to_float(top[col.index0 * zs.w]), b[0] = to_float(top[col.index1 * zs.w]);
-        d[0] = to_float(bottom[col.index0 * zs.w]), e[0] = to_float(bottom[col.index1 * zs.w]);
-      } else {
-        load<T, kVec>(top + col.index0 * zs.w, a), load<T, kVec>(top + col.index1 * zs.w, b);
-        load<T, kVec>(bottom + col.index0 * zs.w, d), load<T, kVec>(bottom + col.index1 * zs.w, e);
-      }
+      load<T, kVec>(top + col.index0 * zs.w, a), load<T, kVec>(top + col.index1 * zs.w, b);
+      load<T, kVec>(bottom + col.index0 * zs.w, d), load<T, kVec>(bottom + col.index1 * zs.w, e);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         v[j] = r.weight0 * (col.weight0 * a[j] + col.weight1 * b[j]) + r.weight1 * (col.weight0 * d[j] + col.weight1 * e[j]);
       }
-      if constexpr (kVec == 1) {
-        o[q * s.w] = from_float<T>(v[0]);
-      } else {
-        store<T, kVec>(o + q * s.w, v);
-      }
+      store<T, kVec>(o + q * s.w, v);
     }
   } else {
     float v[kVec];
@@ -369,11 +352,7 @@ __global__ void upsample_branch_kernel(const T* __restrict__ z, Strides zs, unsi
           col.weight0 * to_float(bottom[col.index0 * zs.w]) + col.weight1 * to_float(bottom[col.index1 * zs.w]);
       v[j] = r.weight0 * upper + r.weight1 * lower;
     }
-    if constexpr (kVec == 1) {
-      o[q0 * s.w] = from_float<T>(v[0]);
-    } else {
-      store<T, kVec>(o + q0, v);
-    }
+    store<T, kVec>(o + q0 * s.w, v);
   }
 }
 
