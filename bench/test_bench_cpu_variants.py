@@ -138,7 +138,7 @@ def test_kernel(benchmark, op, way):
     else:
         with cpu_variant_override(way):
             benchmark.pedantic(kernel, args=(_inputs(),), rounds=7, iterations=1, warmup_rounds=2)
-    _record(benchmark, op, way, "forward", bytes_moved, kind)
+    _record(benchmark, op, way, "backward" if "backward" in op else "forward", bytes_moved, kind)
 
 
 # ---------------------------------------------------------------- the BatchNorm passes

@@ -26,7 +26,11 @@ inline int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(elements_per_item, 1));
 }
 
-// ---------------------------------------------------------------- conv_bn_relu
+// ---------------------------------------------------------------- pyramid
+
+// Whether a tensor's channels are its innermost axis (channels_last, or a view of one such as a
+// channel slice): the pool kernels' channel walk, CPU and CUDA alike.
+inline bool channels_innermost(const at::Tensor& t) { return t.dim() == 4 && t.size(1) > 1 && t.stride(1) == 1; }
 
 // The pyramid pool's bins, checked before anything is allocated (CPU and CUDA bindings alike): 1 to
 // pyramid::kMaxBins positive sizes summing to at most pyramid::kMaxAxisCells (the segment tables of
@@ -44,6 +48,8 @@ inline int64_t checked_pool_cells(at::IntArrayRef bins) {
   }
   return cells;
 }
+
+// ---------------------------------------------------------------- conv_bn_relu
 
 namespace conv_bn_relu {
 

@@ -967,13 +967,16 @@ _PTXAS_PATTERNS = {
 }
 
 
-def parse_ptxas_log(log: str, kernel: str | None = None) -> dict | None:
+def parse_ptxas_log(log: str, kernel: str | None = None, strict: bool = False) -> dict | None:
     """Registers, stack frame, spill stores/loads, static shared memory and barriers of the entry
-    function ``kernel`` (default: the first) from a ``ptxas -v`` log; None when there is none."""
+    function ``kernel`` (default: the first) from a ``ptxas -v`` log; None when there is none. A
+    ``kernel`` the log does not name gives the first entry (Triton's logs name one), or None when
+    ``strict``."""
     blocks = re.split(r"(?=ptxas info\s*: Compiling entry function)", log)
     blocks = [b for b in blocks if "Compiling entry function" in b]
     if kernel is not None:
-        blocks = [b for b in blocks if re.search(rf"entry function '{re.escape(kernel)}'", b)] or blocks
+        named = [b for b in blocks if re.search(rf"entry function '{re.escape(kernel)}'", b)]
+        blocks = named if named or strict else blocks
     if not blocks:
         return None
     block = blocks[0]
@@ -1121,38 +1124,50 @@ def _sass_functions(sass: str) -> dict[str, dict]:
     return functions
 
 
+# nvcc flags of the shipped build that change what the kernels compile to (torch's BuildExtension
+# adds them to every .cu); -Xptxas -v prints the ptxas fields, --keep keeps the PTX.
+CUDA_BUILD_FLAGS = ("-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr")  # fmt: skip
+
+
 def analyse_cuda(source: str, arch: int = 90, include: str = "csrc", tools: dict | None = None) -> dict[str, dict]:
-    """Compiles one torch-free CUDA file alone for ``sm_<arch>`` and describes each entry function,
-    by demangled name: the ptxas -v fields (registers, spills, stack frame, static shared memory),
-    ``global_memory`` (:func:`analyse_ptx` of its PTX: access widths, in all and in the innermost
-    loops), ``int64_division`` (64-bit ``div``/``rem`` instructions in its PTX, in all and in the
-    innermost loops: each becomes a call of a ~70-instruction routine in SASS) and ``sass`` (``LDG``/``STG`` instructions by width in its
-    SASS: whether ptxas kept the 16-byte accesses). Raises CompileCheckError when a tool fails."""
+    """Compiles one torch-free CUDA file alone for ``sm_<arch>`` (``nvcc -c``: host and device code,
+    with the shipped build's flags) and describes each entry function, by demangled name: the
+    ptxas -v fields (registers, spills, stack frame, static shared memory), ``global_memory``
+    (:func:`analyse_ptx` of its PTX: access widths, in all and in the innermost loops),
+    ``int64_division`` (64-bit ``div``/``rem`` instructions in its PTX, in all and in the innermost
+    loops: each becomes a call of a ~70-instruction routine in SASS) and, where a cuobjdump is found,
+    ``sass`` (``LDG``/``STG`` instructions by width in its SASS: whether ptxas kept the 16-byte
+    accesses; None without one). Raises CompileCheckError when nvcc or cuobjdump fails."""
     tools = tools or cuda_tools()
     with tempfile.TemporaryDirectory() as work:
-        ptx_path, cubin_path = os.path.join(work, "k.ptx"), os.path.join(work, "k.cubin")
-        steps = [
-            [tools["nvcc"], "-std=c++17", f"-arch=sm_{arch}", f"-I{include}", "-ptx", source, "-o", ptx_path],
-            [tools["ptxas"], "-v", f"-arch=sm_{arch}", ptx_path, "-o", cubin_path],
-            [tools["cuobjdump"], "-sass", cubin_path],
-        ]
-        outputs = []
-        for command in steps:
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise CompileCheckError(f"{os.path.basename(command[0])} failed on {source}:\n{done.stderr[-2000:]}")
-            outputs.append(done.stdout + done.stderr)
-        with open(ptx_path) as f:
+        stem = os.path.splitext(os.path.basename(source))[0]
+        objects = os.path.join(work, f"{stem}.o")
+        compile_command = [tools["nvcc"], "-std=c++17", f"-arch=sm_{arch}", f"-I{include}", *CUDA_BUILD_FLAGS,
+                           "-Xptxas", "-v", "--keep", "--keep-dir", work, "-c", source, "-o", objects]  # fmt: skip
+        done = subprocess.run(compile_command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise CompileCheckError(f"nvcc failed on {source}:\n{done.stderr[-2000:]}")
+        ptxas_log = done.stdout + done.stderr
+        with open(os.path.join(work, f"{stem}.ptx")) as f:
             ptx = f.read()
+        listing = None
+        if "cuobjdump" in tools:
+            dumped = subprocess.run([tools["cuobjdump"], "-sass", objects], capture_output=True, text=True)
+            if dumped.returncode != 0:
+                raise CompileCheckError(f"cuobjdump failed on {source}:\n{dumped.stderr[-2000:]}")
+            listing = dumped.stdout
     entries = _ptx_entries(ptx)
-    sass = _sass_functions(outputs[2])
+    sass = _sass_functions(listing) if listing is not None else None
     names = list(entries)
     demangled = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
     if len(demangled) != len(names):
         demangled = names
     records = {}
     for mangled, readable in zip(names, demangled):
-        record = parse_ptxas_log(outputs[1], mangled) or {}
+        record = parse_ptxas_log(ptxas_log, mangled, strict=True)
+        if record is None:
+            raise CompileCheckError(f"{source}: ptxas -v printed nothing for {readable}")
         record.update(analyse_ptx(entries[mangled]))
         lines = entries[mangled].splitlines()
         loop_lines = [lines[i] for a, b in _innermost_loops(lines) for i in range(a, b + 1)]
@@ -1160,7 +1175,7 @@ def analyse_cuda(source: str, arch: int = 90, include: str = "csrc", tools: dict
             "all": len(_INT64_DIVISION.findall(entries[mangled])),
             "loop": sum(len(_INT64_DIVISION.findall(line)) for line in loop_lines),
         }
-        record["sass"] = sass.get(mangled, {"LDG": {}, "STG": {}})
+        record["sass"] = None if sass is None else sass.get(mangled, {"LDG": {}, "STG": {}})
         record["mangled"] = mangled
         records[readable] = record
     return records

@@ -1,11 +1,12 @@
 """The CUDA kernels as compiled, without a GPU (issue 12's compile-level gate): each csrc/cuda/*.cu
-compiles alone for sm_90 (torch-free, only -Icsrc), no kernel spills, and the kernels rewritten to
+compiles alone for sm_90 (nvcc -c, host and device code, torch-free: only -Icsrc), no kernel spills, and the kernels rewritten to
 the roofline design (the BatchNorm passes of conv_bn_relu.cu; the pool passes and the upsample
 forward of pyramid.cu) move their data in 16-byte accesses in their hot loops (ld/st.global.v4 in
 the PTX, LDG/STG.E.128 in the SASS) with no 64-bit division in the kernel. The analysis is
 slsdeep_kernels.compile_check.analyse_cuda (nvcc, ptxas -v, cuobjdump). The upsample backward, tap
 and loss kernels are checked for spills only until their rewrite (issue 12)."""
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -17,10 +18,12 @@ from slsdeep_kernels import compile_check as cc
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = sorted((REPO / "csrc" / "cuda").glob("*.cu"))
 TOOLS = cc.cuda_tools()
-needs_tools = pytest.mark.skipif(
-    not {"nvcc", "ptxas", "cuobjdump"} <= set(TOOLS) or shutil.which("c++filt") is None,
-    reason=f"needs nvcc, ptxas and cuobjdump (found {sorted(TOOLS)}) and c++filt",
-)
+# .ci/run sets this: there a missing tool fails the gate instead of skipping it
+REQUIRED = os.environ.get("SLSDEEP_KERNELS_REQUIRE_CUDA_TOOLS") == "1"
+MISSING = sorted({"nvcc"} - set(TOOLS)) + ([] if shutil.which("c++filt") else ["c++filt"])
+needs_tools = pytest.mark.skipif(bool(MISSING) and not REQUIRED, reason=f"needs {', '.join(MISSING)} (CUDA_HOME or PATH)")
+needs_cuobjdump = pytest.mark.skipif("cuobjdump" not in TOOLS and not REQUIRED,
+                                     reason="needs a cuobjdump (the CUDA toolkit's or the triton wheel's)")  # fmt: skip
 
 # The BatchNorm passes: every element type at its 16-byte width (16 / sizeof) in both layouts.
 WIDE = {"float": 4, "__half": 8, "__nv_bfloat16": 8}
@@ -66,6 +69,7 @@ def compiled():
 
 @needs_tools
 def test_every_kernel_compiles_alone_for_sm90_without_spills(compiled):
+    assert not MISSING, f"missing tools: {MISSING}"
     assert set(compiled) == {"conv_bn_relu.cu", "nll_epe_loss.cu", "pyramid.cu"}
     for source, kernels in compiled.items():
         assert kernels, f"{source}: no entry function found"
@@ -76,7 +80,7 @@ def test_every_kernel_compiles_alone_for_sm90_without_spills(compiled):
 
 def check_16_byte_hot_loops(kernels: dict, names: list[str], reads: bool, writes: bool) -> None:
     """Every kernel of `names` loads (if reads) and stores (if writes) in its innermost loops, only
-    16-byte packs there, and ptxas kept 16-byte instructions for them in the SASS."""
+    16-byte packs there, and (where a cuobjdump read the SASS) ptxas kept 16-byte instructions."""
     missing = [name for name in names if name not in kernels]
     assert not missing, f"kernels not found (renamed? update the lists): {missing}\nfound: {sorted(kernels)}"
     for name in names:
@@ -85,10 +89,19 @@ def check_16_byte_hot_loops(kernels: dict, names: list[str], reads: bool, writes
         assert set(loop["ld"]) <= {"16"} and set(loop["st"]) <= {"16"}, f"{name}: innermost loops {loop}"
         if reads:
             assert loop["ld"], f"{name}: no load in the innermost loops"
-            assert sass["LDG"].get("16"), f"{name}: ptxas kept no 16-byte load (LDG by width {sass['LDG']})"
+            assert sass is None or sass["LDG"].get("16"), f"{name}: ptxas kept no 16-byte load (LDG {sass['LDG']})"
         if writes:
             assert loop["st"], f"{name}: no store in the innermost loops"
-            assert set(sass["STG"]) == {"16"}, f"{name}: stores by width {sass['STG']}"
+            assert sass is None or set(sass["STG"]) == {"16"}, f"{name}: stores by width {sass['STG']}"
+
+
+@needs_tools
+@needs_cuobjdump
+def test_the_sass_of_every_kernel_is_read(compiled):
+    # the SASS half of the checks above runs wherever a cuobjdump is found (CI: the triton wheel's)
+    for source, kernels in compiled.items():
+        unread = [name for name, record in kernels.items() if record["sass"] is None or not record["sass"]["LDG"]]
+        assert not unread, f"{source}: no SASS (or no global load in it) for {unread}"
 
 
 @needs_tools
@@ -111,7 +124,8 @@ def test_upsample_forward_writes_16_byte_packs(compiled):
     check_16_byte_hot_loops(kernels, UPSAMPLE_NHWC, reads=True, writes=True)
     for name in UPSAMPLE_NCHW:
         assert name in kernels, f"{name} not found in pyramid.cu: {sorted(kernels)}"
-        assert set(kernels[name]["sass"]["STG"]) == {"16"}, f"{name}: stores by width {kernels[name]['sass']['STG']}"
+        sass = kernels[name]["sass"]
+        assert sass is None or set(sass["STG"]) == {"16"}, f"{name}: stores by width {sass['STG']}"
 
 
 @needs_tools

@@ -220,3 +220,19 @@ def test_fused_slsdeep_runs_in_inference_mode():
         expected = model(x)
     with torch.inference_mode():
         assert relative_error(model(x), expected) < TOLERANCE[torch.float32]
+
+
+@needs_cpu
+def test_a_head_pooled_past_the_compiled_tables_fuses_and_runs():
+    # bins summing past MAX_BIN_SUM: the one pyramid_pool pass runs the reference, the model still works
+    from peer_heads import PSPHead
+
+    torch.manual_seed(0)
+    scales = (1, 2, 3, 6, 20, 40)
+    assert sum(scales) > P.MAX_BIN_SUM
+    head = randomise(PSPHead(scales, in_channels=32, channels=8, num_classes=3, norm_cfg={"type": "BN"}))
+    reference = copy.deepcopy(head)
+    fused = slsdeep_kernels.fuse_pyramid_pooling(head)
+    inputs = head_inputs("mmseg_psp_head", torch.randn(2, 32, 41, 43))
+    for train in (False, True):
+        assert_same_step(reference, fused, inputs, train)

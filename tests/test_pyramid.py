@@ -82,23 +82,63 @@ def test_pyramid_pool_other_bins(backend):
     )
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_pyramid_pool_at_the_bin_limit(backend):
-    # one bin of MAX_BIN_SUM on a 5×7 map: every window overlaps its neighbours; the most cuts the
-    # compiled kernels' segment tables hold
-    x = image((2, 3, 5, 7)).requires_grad_()
-    bins = (P.MAX_BIN_SUM - 3, 2, 1)
+CPU_KERNELS = [p for p in CPU_BACKENDS if p.values[0] == "cpu"]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+def test_pyramid_pool_at_the_segment_tables_limit(backend, channels_last):
+    # one bin of MAX_BIN_SUM over 1001 rows: 127 row segments, the most the compiled kernels' tables
+    # hold; over 67 columns every window overlaps its neighbours
+    x = image((1, 2, 1001, 67), channels_last=channels_last).requires_grad_()
+    bins = (P.MAX_BIN_SUM,)
     assert_matches_reference(
         lambda x: slsdeep_kernels.pyramid_pool(x, bins, backend=backend), lambda x: P.pyramid_pool_reference(x, bins), [x]
     )
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    "shape", [(2, 65, 7, 5), (1, 130, 3, 4), (2, 1, 6, 6), (2, 3, 1, 9), (2, 3, 9, 1)], ids=lambda s: "x".join(map(str, s))
+)
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+def test_pyramid_pool_channel_chunks_and_thin_maps(backend, shape, channels_last):
+    # channels past one 64-channel chunk of the channel walk (a partial last chunk), C == 1, H or W == 1
+    x = image(shape, channels_last=channels_last).requires_grad_()
+    assert_matches_reference(
+        lambda x: slsdeep_kernels.pyramid_pool(x, BINS, backend=backend), lambda x: P.pyramid_pool_reference(x, BINS), [x]
+    )
+
+
+@pytest.mark.parametrize("view", ["channel slice of NHWC", "row-strided NHWC", "column-strided NCHW", "expanded"])
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+def test_pyramid_pool_of_views(backend, view):
+    # inputs whose strides are no memory format: each walk reads through the strides
+    base = image((2, 80, 10, 12), channels_last=view != "column-strided NCHW")
+    x = {
+        "channel slice of NHWC": lambda: base[:, 8:72],
+        "row-strided NHWC": lambda: base[:, :, ::2],
+        "column-strided NCHW": lambda: base[:, :, :, ::3],
+        "expanded": lambda: base[:, :, :1].expand(2, 80, 10, 12),
+    }[view]().detach().requires_grad_()
+    assert_matches_reference(
+        lambda x: slsdeep_kernels.pyramid_pool(x, BINS, backend=backend), lambda x: P.pyramid_pool_reference(x, BINS), [x]
+    )
+
+
 @needs_cpu
-def test_compiled_pool_refuses_bins_past_its_tables():
-    # the Python check (MAX_BIN_SUM) and the C++ one (pyramid::kMaxAxisCells) agree
+def test_bins_past_the_compiled_tables_run_the_reference_or_raise_when_asked():
     x = image((1, 2, 5, 5))
+    bins = (P.MAX_BIN_SUM, 1)
+    torch.testing.assert_close(slsdeep_kernels.pyramid_pool(x, bins), P.pyramid_pool_reference(x, bins))
+    with pytest.raises(ValueError, match="bins"):
+        slsdeep_kernels.pyramid_pool(x, (1,) * (P.MAX_BINS + 1), backend="cpu")
+    # the Python limits and the C++ ones (pyramid::kMaxBins, kMaxAxisCells) agree
     with pytest.raises(RuntimeError, match=f"sum to at most {P.MAX_BIN_SUM}"):
-        backends.COMPILED.pyramid_pool_kernel(x, [P.MAX_BIN_SUM, 1])
+        backends.COMPILED.pyramid_pool_kernel(x, list(bins))
+    with pytest.raises(RuntimeError, match=f"between 1 and {P.MAX_BINS} bins"):
+        backends.COMPILED.pyramid_pool_kernel(x, [1] * (P.MAX_BINS + 1))
+    backends.COMPILED.pyramid_pool_kernel(x, [4] * P.MAX_BINS)  # exactly at both limits
 
 
 # ---------------------------------------------------------------- upsample_concat
@@ -443,8 +483,7 @@ def test_bad_input_raises_value_error_naming_the_argument():
         (lambda: slsdeep_kernels.pyramid_pool(x, bins=(1, 0)), "bin"),
         (lambda: slsdeep_kernels.pyramid_pool(x, bins=(2, -1)), "bin"),
         (lambda: slsdeep_kernels.pyramid_pool(x, bins=3), "bins"),
-        (lambda: slsdeep_kernels.pyramid_pool(x, bins=(64, 1)), "bins"),
-        (lambda: slsdeep_kernels.pyramid_pool(x, bins=(1,) * 17), "bins"),
+
         (lambda: slsdeep_kernels.pyramid_pool(x[0]), "x"),
         (lambda: slsdeep_kernels.pyramid_pool(x.long()), "x"),
         (lambda: slsdeep_kernels.upsample_concat(x, [good[0], torch.randn(3, 2, 2, 2)]), r"branches\[1\]"),

@@ -5,7 +5,9 @@
 // * Bilinear resizing along one axis, PyTorch's rule (ATen's area_pixel_compute_source_index and
 //   guard_index_and_lambda): output index o reads input indices index0/index1 with weights
 //   weight0/weight1, computed in the accumulation type.
-// * The adjoints are gathers: the cells containing a pixel, and the output indices whose stencil
+// * Pooling by segments (AxisPlan, below): the forward sums every segment once, the adjoint gives
+//   every segment the gradients of the cells containing it.
+// * The adjoints are gathers: the cells containing a segment, and the output indices whose stencil
 //   reads an input index (a contiguous range, found by bisection because the stencils are
 //   monotone in o), so backward passes need no atomics.
 // Torch-free on purpose (nvcc compiles it without torch headers).
@@ -24,13 +26,6 @@ SLSDEEP_HD int64_t window_begin(int64_t cell, int64_t size, int64_t cells) { ret
 // One past the last pixel of that window.
 SLSDEEP_HD int64_t window_end(int64_t cell, int64_t size, int64_t cells) {
   return ((cell + 1) * size + cells - 1) / cells;
-}
-
-// The cells whose windows contain `pixel`: [cells_begin, cells_end).
-SLSDEEP_HD int64_t cells_begin(int64_t pixel, int64_t size, int64_t cells) { return pixel * cells / size; }
-
-SLSDEEP_HD int64_t cells_end(int64_t pixel, int64_t size, int64_t cells) {
-  return ((pixel + 1) * cells + size - 1) / size;
 }
 
 // Pooling by segments. One axis of `size` pixels is cut at every window boundary of every bin, so

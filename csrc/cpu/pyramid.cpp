@@ -1,9 +1,11 @@
 // CPU kernels of pyramid pooling (slsdeep_kernels/ops/pyramid.py, docs/design.md §4.2).
 //
-// Every kernel works plane by plane ((n, c) planes, at::parallel_for over planes), reads its input
-// through its strides (NCHW or channels_last alike) and accumulates in at::opmath_type. Resizing is
-// separable: a pass along the width into a small per-plane buffer, then one along the height.
-// Backward passes gather (per-axis reader lists built from csrc/common/pyramid.h): deterministic.
+// Every kernel reads its input through its strides and accumulates in at::opmath_type. The pool
+// works by segments (csrc/common/pyramid.h), plane by plane or, where channels are innermost, pixel
+// row by pixel row over chunks of channels. The resizes and taps work plane by plane ((n, c) planes,
+// at::parallel_for over planes), separably: a pass along the width into a small per-plane buffer,
+// then one along the height. Backward passes gather (the cells containing a segment; per-axis
+// reader lists built from csrc/common/pyramid.h): deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -114,10 +116,11 @@ inline void gather_rows(acc_t* acc, const AxisReaders<acc_t>& readers, int64_t i
 // (NCHW and any other strides), or, where channels are contiguous (channels_last), pixel rows of a
 // chunk of channels, so that both layouts stream through memory once.
 
-constexpr int64_t kChannelChunk = 64;  // channels per task of the channel walk
+constexpr int64_t kChannelChunk = 64;     // channels per task of the channel walk
+constexpr int64_t kChannelWalkFrom = 16;  // fewer channels: the plane walk (short channel runs are slow)
 
-// The plan of both axes and the adjoint's terms: for every segment pair, the cells containing it
-// (their index in a plane's Σ b² cells) with weight 1 / area.
+// The plan of both axes and, for the backward, the adjoint's terms: for every segment pair, the
+// cells containing it (their index in a plane's Σ b² cells) with weight 1 / area.
 template <typename acc_t>
 struct PoolPlan {
   pyramid::AxisPlan rows, cols;
@@ -131,16 +134,18 @@ struct PoolPlan {
 };
 
 template <typename acc_t>
-PoolPlan<acc_t> pool_plan(const std::vector<int64_t>& bins, int64_t H, int64_t W) {
+PoolPlan<acc_t> pool_plan(const std::vector<int64_t>& bins, int64_t H, int64_t W, bool with_terms) {
   PoolPlan<acc_t> plan;
   TORCH_CHECK(pyramid::axis_plan(H, bins.data(), static_cast<int>(bins.size()), &plan.rows) &&
                   pyramid::axis_plan(W, bins.data(), static_cast<int>(bins.size()), &plan.cols),
-              "pyramid_pool: the bins must sum to at most ", pyramid::kMaxAxisCells);
+              "pyramid_pool: an image of ", H, "x", W, " (each side in [1, 2^31)) and bins summing to at most ",
+              pyramid::kMaxAxisCells);
   int offset = 0;
   for (const int64_t bin : bins) {
     plan.axis_offset.push_back(offset);
     offset += static_cast<int>(bin);
   }
+  if (!with_terms) return plan;
   plan.term_begin.push_back(0);
   for (int sh = 0; sh < plan.rows.segments; ++sh) {
     for (int sw = 0; sw < plan.cols.segments; ++sw) {
@@ -165,8 +170,8 @@ PoolPlan<acc_t> pool_plan(const std::vector<int64_t>& bins, int64_t H, int64_t W
   return plan;
 }
 
-// Whether the image's channels are contiguous (and more than one): the channel walk.
-bool walks_channels(const at::Tensor& t) { return t.size(1) > 1 && t.stride(1) == 1; }
+// The channel walk: channels innermost, and enough of them.
+bool walks_channels(const at::Tensor& t) { return channels_innermost(t) && t.size(1) >= kChannelWalkFrom; }
 
 // out[c · out_channel_stride + cell] for `count` channels, from segment sums laid out
 // sums[pair · pair_stride + c · channel_stride]: every cell the sum of its segments over its area.
@@ -201,7 +206,7 @@ void pool_forward(const at::Tensor& x, const at::Tensor& out, const std::vector<
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), cells = out.size(2);
   const Strides4 s = strides_of(x);
-  const PoolPlan<acc_t> plan = pool_plan<acc_t>(bins, H, x.size(3));
+  const PoolPlan<acc_t> plan = pool_plan<acc_t>(bins, H, x.size(3), false);
   const int segments_w = plan.cols.segments, pairs = plan.pairs();
   const scalar_t* data = x.const_data_ptr<scalar_t>();
   scalar_t* result = out.mutable_data_ptr<scalar_t>();
@@ -265,7 +270,7 @@ void pool_backward(const at::Tensor& grad, const at::Tensor& out, const std::vec
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = out.size(0), C = out.size(1), H = out.size(2), W = out.size(3), cells = grad.size(2);
   const Strides4 s = strides_of(out);
-  const PoolPlan<acc_t> plan = pool_plan<acc_t>(bins, H, W);
+  const PoolPlan<acc_t> plan = pool_plan<acc_t>(bins, H, W, true);
   const int segments_w = plan.cols.segments, pairs = plan.pairs();
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   scalar_t* result = out.mutable_data_ptr<scalar_t>();
@@ -569,6 +574,8 @@ at::Tensor pyramid_pool_kernel(const at::Tensor& x, at::IntArrayRef bins) {
 at::Tensor pyramid_pool_backward_kernel(const at::Tensor& grad, at::IntArrayRef bins, int64_t height, int64_t width,
                                         bool channels_last) {
   const std::vector<int64_t> bin_list(bins.begin(), bins.end());
+  TORCH_CHECK(height > 0 && width > 0, "pyramid_pool_backward_kernel: height and width must be positive, got ", height,
+              "x", width);
   TORCH_CHECK(grad.dim() == 3 && grad.size(2) == checked_pool_cells(bins),
               "pyramid_pool_backward_kernel: grad must be (N, C, sum of bin^2)");
   const at::Tensor g = grad.contiguous();

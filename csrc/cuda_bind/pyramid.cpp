@@ -47,16 +47,13 @@ at::Tensor pool_workspace(const at::Tensor& like, at::IntArrayRef bins, int64_t 
   return at::empty({floats}, like.options().dtype(at::kFloat));
 }
 
-// Whether a pool pass walks x channel-fastest (NHWC threads): channels_last, or any view whose
-// channel stride is the smallest (a channel slice of a channels_last tensor).
-bool walks_channels(const at::Tensor& x) { return is_channels_last(x) || (x.size(1) > 1 && x.stride(1) < x.stride(3)); }
 
 at::Tensor pyramid_pool_kernel(const at::Tensor& x, at::IntArrayRef bins) {
   TORCH_CHECK(x.dim() == 4 && x.size(2) > 0 && x.size(3) > 0, "pyramid_pool_kernel: x must be (N, C, H, W), H, W > 0");
   const CudaCall cuda(x);
   at::Tensor out = new_output({x.size(0), x.size(1), checked_pool_cells(bins)}, x.options());
   at::Tensor workspace = pool_workspace(x, bins, x.size(2), x.size(3));
-  C10_CUDA_CHECK(kernels::pool_forward(dtype_of(x, kTensors), x.const_data_ptr(), strides_of(x), walks_channels(x),
+  C10_CUDA_CHECK(kernels::pool_forward(dtype_of(x, kTensors), x.const_data_ptr(), strides_of(x), channels_innermost(x),
                                        x.size(0), x.size(1), x.size(2), x.size(3), bins.data(),
                                        static_cast<int>(bins.size()), workspace.data_ptr<float>(),
                                        out.mutable_data_ptr(), cuda.stream));

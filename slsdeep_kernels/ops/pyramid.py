@@ -33,6 +33,7 @@ CPU shape (4, 512, 48, 48; branches 4×256; conv to 128) in fp32: pool+upsample_
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -43,8 +44,8 @@ from slsdeep_kernels import backend as backends
 from slsdeep_kernels.ops.conv_bn_relu import fold_batch_norm
 
 PYRAMID_BINS = (1, 2, 3, 6)  # PSPNet's bins, the default everywhere
-MAX_BINS = 16  # csrc/cuda/pyramid.h kMaxBins
-MAX_BIN_SUM = 64  # csrc/common/pyramid.h kMaxAxisCells: the pool kernels' segment tables
+MAX_BINS = 16  # csrc/common/pyramid.h kMaxBins: the compiled pool kernels' tables
+MAX_BIN_SUM = 64  # csrc/common/pyramid.h kMaxAxisCells
 
 # ---------------------------------------------------------------------------------------------
 # 1. Reference: plain differentiable PyTorch, the spec.
@@ -405,10 +406,12 @@ def _check_bins(op: str, bins) -> tuple[int, ...]:
     for b in bins:
         if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
             raise ValueError(f"{op}: every bin must be a positive int; got bins={tuple(bins)!r}")
-    if len(bins) > MAX_BINS or sum(bins) > MAX_BIN_SUM:
-        raise ValueError(f"{op}: bins must be at most {MAX_BINS} bins summing to at most {MAX_BIN_SUM} (the compiled "
-                         f"kernels' segment tables); got bins={tuple(bins)!r}")
     return tuple(bins)
+
+
+def _compiled_kernels_take(bins: Sequence[int]) -> bool:
+    """Whether the compiled pool kernels' segment tables hold these bins (``cpu`` and ``cuda``)."""
+    return len(bins) <= MAX_BINS and sum(bins) <= MAX_BIN_SUM
 
 
 def _check_image(op: str, x, name: str = "x") -> None:
@@ -453,12 +456,19 @@ def pyramid_pool(x: Tensor, bins: Sequence[int] = PYRAMID_BINS, backend: str | N
     """Adaptive average pooling of ``x (N, C, H, W)`` at every bin, one read of ``x``.
 
     Returns ``(N, C, Σ b²)``: the bins in the given order, each b×b row-major (``[:, :, o:o+b*b]``
-    viewed as ``(N, C, b, b)`` equals ``adaptive_avg_pool2d(x, b)``).
+    viewed as ``(N, C, b, b)`` equals ``adaptive_avg_pool2d(x, b)``). The compiled kernels (``cpu``,
+    ``cuda``) take at most ``MAX_BINS`` bins summing to at most ``MAX_BIN_SUM``: more runs the
+    reference by default, and raises ``ValueError`` where one of them is asked for.
     """
     op = "pyramid_pool"
     bins = _check_bins(op, bins)
     _check_image(op, x)
     name = backends.resolve(op, x.device, x.dtype, backend)
+    if name in ("cpu", "cuda") and not _compiled_kernels_take(bins):
+        if backend is not None or os.environ.get(backends.ENV_BACKEND):
+            raise ValueError(f"{op}: backend {name!r} takes at most {MAX_BINS} bins summing to at most {MAX_BIN_SUM} "
+                             f"(its segment tables); got bins={tuple(bins)!r}")
+        name = "reference"
     if name == "reference":
         return pyramid_pool_reference(x, bins)
     return _pyramid_pool_op(x, list(bins), name)
