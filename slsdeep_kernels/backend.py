@@ -191,6 +191,13 @@ def _why_not(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 @torch.compiler.assume_constant_result
+def requested_backend(backend: str | None = None) -> str | None:
+    """The backend a call asks for: its ``backend=`` argument, else ``$SLSDEEP_KERNELS_BACKEND``;
+    None when neither names one (the automatic choice). A constant of a compiled graph, as resolve."""
+    return backend if backend is not None else (os.environ.get(ENV_BACKEND) or None)
+
+
+@torch.compiler.assume_constant_result
 def resolve(
     op: str,
     device: torch.device,
@@ -204,7 +211,7 @@ def resolve(
     Under ``torch.compile`` the choice is made once at trace time and is a constant of the graph
     (it imports extensions and reads the environment, which Dynamo cannot trace).
     """
-    requested = backend if backend is not None else (os.environ.get(ENV_BACKEND) or None)
+    requested = requested_backend(backend)
     if requested is not None:
         if requested not in BACKENDS:
             source = "backend" if backend is not None else ENV_BACKEND

@@ -1071,7 +1071,7 @@ def analyse_ptx(ptx: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The CUDA kernels (csrc/cuda/*.cu): nvcc's PTX, ptxas -v and the SASS, per entry function
+# The CUDA kernels (csrc/cuda/*.cu): nvcc's PTX and ptxas -v, and the SASS, per entry function
 # ---------------------------------------------------------------------------------------------
 
 _PTX_ENTRY = re.compile(r"^(?:\.visible\s+)?\.entry\s+(\w+)\s*\(", re.M)
@@ -1082,11 +1082,11 @@ _SASS_WIDTH = re.compile(r"^[US]?(8|16|32|64|128)$")
 
 
 def cuda_tools() -> dict:
-    """Paths of nvcc, its ptxas and a cuobjdump (the toolkit's, else the one Triton bundles); a
-    missing tool is absent from the result."""
+    """Paths of nvcc and a cuobjdump (the toolkit's, else the one Triton bundles); a missing tool is
+    absent from the result."""
     home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     tools = {}
-    for name in ("nvcc", "ptxas", "cuobjdump"):
+    for name in ("nvcc", "cuobjdump"):
         path = os.path.join(home, "bin", name)
         if os.access(path, os.X_OK):
             tools[name] = path

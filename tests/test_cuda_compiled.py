@@ -1,10 +1,11 @@
 """The CUDA kernels as compiled, without a GPU (issue 12's compile-level gate): each csrc/cuda/*.cu
-compiles alone for sm_90 (nvcc -c, host and device code, torch-free: only -Icsrc), no kernel spills, and the kernels rewritten to
-the roofline design (the BatchNorm passes of conv_bn_relu.cu; the pool passes and the upsample
-forward of pyramid.cu) move their data in 16-byte accesses in their hot loops (ld/st.global.v4 in
-the PTX, LDG/STG.E.128 in the SASS) with no 64-bit division in the kernel. The analysis is
-slsdeep_kernels.compile_check.analyse_cuda (nvcc, ptxas -v, cuobjdump). The upsample backward, tap
-and loss kernels are checked for spills only until their rewrite (issue 12)."""
+compiles alone for sm_90 (nvcc -c: host and device code, torch-free, only -Icsrc) and no kernel
+spills; the kernels rewritten to the roofline design (the BatchNorm passes of conv_bn_relu.cu; the
+pool passes and the upsample forward of pyramid.cu) move their data in 16-byte accesses in their
+hot loops (ld/st.global.v4 in the PTX, LDG/STG.E.128 in the SASS) with no 64-bit division in the
+kernel. The analysis is slsdeep_kernels.compile_check.analyse_cuda (nvcc with ptxas -v, then
+cuobjdump). The upsample backward, tap and loss kernels are checked for spills only until their
+rewrite (issue 12)."""
 
 import os
 import re

@@ -483,7 +483,6 @@ def test_bad_input_raises_value_error_naming_the_argument():
         (lambda: slsdeep_kernels.pyramid_pool(x, bins=(1, 0)), "bin"),
         (lambda: slsdeep_kernels.pyramid_pool(x, bins=(2, -1)), "bin"),
         (lambda: slsdeep_kernels.pyramid_pool(x, bins=3), "bins"),
-
         (lambda: slsdeep_kernels.pyramid_pool(x[0]), "x"),
         (lambda: slsdeep_kernels.pyramid_pool(x.long()), "x"),
         (lambda: slsdeep_kernels.upsample_concat(x, [good[0], torch.randn(3, 2, 2, 2)]), r"branches\[1\]"),

@@ -85,6 +85,9 @@ inline bool axis_plan(int64_t size, const int64_t* bins, int num_bins, AxisPlan*
   return true;
 }
 
+// Pixels in the window of axis cell k.
+SLSDEEP_HD int64_t cell_extent(const AxisPlan& plan, int k) { return plan.bound[plan.last[k]] - plan.bound[plan.first[k]]; }
+
 // The cells [*begin, *end) of one bin (its `count` cells numbered from `offset` along the axis)
 // that contain segment s: consecutive, found from the plan without a division.
 SLSDEEP_HD void cells_containing(const AxisPlan& plan, int offset, int count, int s, int* begin, int* end) {
@@ -93,6 +96,31 @@ SLSDEEP_HD void cells_containing(const AxisPlan& plan, int offset, int count, in
   *begin = i;
   while (i < count && plan.first[offset + i] <= s) ++i;
   *end = i;
+}
+
+// f(cell, area) for every cell containing the segment pair (sh, sw) of the plans `rows` and `cols`:
+// `cell` its index among a plane's Σ b² cells (bins in order, each b×b row-major), `area` the
+// pixels of its window. The pool's adjoint, CPU and CUDA alike. `bins` has `bins.count` sizes
+// `bins.size[k]` (an array or a pointer).
+template <typename Bins, typename F>
+SLSDEEP_HD void for_cells_containing(const AxisPlan& rows, const AxisPlan& cols, const Bins& bins, int sh, int sw,
+                                     const F& f) {
+  int axis_offset = 0;
+  int64_t cell_offset = 0;
+  for (int k = 0; k < bins.count; ++k) {
+    const int b = static_cast<int>(bins.size[k]);
+    int i0, i1, j0, j1;
+    cells_containing(rows, axis_offset, b, sh, &i0, &i1);
+    cells_containing(cols, axis_offset, b, sw, &j0, &j1);
+    for (int i = i0; i < i1; ++i) {
+      for (int j = j0; j < j1; ++j) {
+        f(cell_offset + static_cast<int64_t>(i) * b + j,
+          cell_extent(rows, axis_offset + i) * cell_extent(cols, axis_offset + j));
+      }
+    }
+    axis_offset += b;
+    cell_offset += static_cast<int64_t>(b) * b;
+  }
 }
 
 // Output index -> input index scale of bilinear resizing from in_size to out_size.

@@ -129,8 +129,12 @@ struct PoolPlan {
   std::vector<int64_t> term_cell;
   std::vector<acc_t> term_weight;
   int pairs() const { return rows.segments * cols.segments; }
-  int64_t height(int row_cell) const { return rows.bound[rows.last[row_cell]] - rows.bound[rows.first[row_cell]]; }
-  int64_t width(int col_cell) const { return cols.bound[cols.last[col_cell]] - cols.bound[cols.first[col_cell]]; }
+};
+
+// The bins as for_cells_containing reads them.
+struct BinSizes {
+  int count;
+  const int64_t* size;
 };
 
 template <typename acc_t>
@@ -147,23 +151,13 @@ PoolPlan<acc_t> pool_plan(const std::vector<int64_t>& bins, int64_t H, int64_t W
   }
   if (!with_terms) return plan;
   plan.term_begin.push_back(0);
+  const BinSizes sizes{static_cast<int>(bins.size()), bins.data()};
   for (int sh = 0; sh < plan.rows.segments; ++sh) {
     for (int sw = 0; sw < plan.cols.segments; ++sw) {
-      int64_t cell_offset = 0;
-      for (size_t k = 0; k < bins.size(); ++k) {
-        const int b = static_cast<int>(bins[k]);
-        int i0, i1, j0, j1;
-        pyramid::cells_containing(plan.rows, plan.axis_offset[k], b, sh, &i0, &i1);
-        pyramid::cells_containing(plan.cols, plan.axis_offset[k], b, sw, &j0, &j1);
-        for (int i = i0; i < i1; ++i) {
-          for (int j = j0; j < j1; ++j) {
-            const int64_t area = plan.height(plan.axis_offset[k] + i) * plan.width(plan.axis_offset[k] + j);
-            plan.term_cell.push_back(cell_offset + static_cast<int64_t>(i) * b + j);
-            plan.term_weight.push_back(acc_t(1) / static_cast<acc_t>(area));
-          }
-        }
-        cell_offset += static_cast<int64_t>(b) * b;
-      }
+      pyramid::for_cells_containing(plan.rows, plan.cols, sizes, sh, sw, [&](int64_t cell, int64_t area) {
+        plan.term_cell.push_back(cell);
+        plan.term_weight.push_back(acc_t(1) / static_cast<acc_t>(area));
+      });
       plan.term_begin.push_back(static_cast<int64_t>(plan.term_cell.size()));
     }
   }
@@ -187,7 +181,8 @@ void cells_from_sums(const PoolPlan<acc_t>& plan, const std::vector<int64_t>& bi
       for (int64_t j = 0; j < bins[k]; ++j, ++cell) {
         const int col_cell = plan.axis_offset[k] + static_cast<int>(j);
         const int q0 = plan.cols.first[col_cell], q1 = plan.cols.last[col_cell];
-        const acc_t inverse_area = acc_t(1) / static_cast<acc_t>(plan.height(row_cell) * plan.width(col_cell));
+        const acc_t inverse_area =
+            acc_t(1) / static_cast<acc_t>(pyramid::cell_extent(plan.rows, row_cell) * pyramid::cell_extent(plan.cols, col_cell));
         for (int64_t c = 0; c < count; ++c) {
           acc_t sum = 0;
           for (int r = r0; r < r1; ++r) {

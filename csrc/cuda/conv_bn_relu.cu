@@ -24,6 +24,7 @@
 #include <climits>
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 #include "common/conv_bn_relu.h"
 #include "common/dtype.h"
@@ -550,20 +551,15 @@ unsigned channel_threads_blocks(int64_t C) { return static_cast<unsigned>((C + k
 
 // f(element tag, vector-width tag) for a floating dtype (the one dispatch macro of csrc/common/dtype.h),
 // the width 16 / sizeof(T) where vector_width allows it, then the launch's error.
-template <int kValue>
-struct Width {
-  static constexpr int value = kValue;
-};
-
 template <typename F>
 cudaError_t dispatch(DType dtype, const Activation& a, std::initializer_list<const void*> pointers, F&& f) {
   if (!fits_grid(a)) return cudaErrorInvalidConfiguration;
   SLSDEEP_DISPATCH_FLOATING(dtype, {
     constexpr int kWide = 16 / sizeof(scalar_t);
     if (vector_width<scalar_t>(a, pointers) == kWide) {
-      f(scalar_t{}, Width<kWide>{});
+      f(scalar_t{}, std::integral_constant<int, kWide>{});
     } else {
-      f(scalar_t{}, Width<1>{});
+      f(scalar_t{}, std::integral_constant<int, 1>{});
     }
   })
   return cudaGetLastError();
@@ -630,7 +626,8 @@ cudaError_t bn_act(DType dtype, const void* y, void* out, const Activation& a, c
   });
 }
 
-int64_t workspace_floats(const Activation& a) { return 3 * max_parts(a) * a.C + 5 * a.C; }
+// channel_stats: three arrays of parts × C; bn_backward: two, then the 5 × C coefficients.
+int64_t workspace_floats(const Activation& a) { return std::max(3 * max_parts(a) * a.C, 2 * max_parts(a) * a.C + 5 * a.C); }
 
 cudaError_t channel_stats(DType dtype, const void* y, const Activation& a, const float* gamma, const float* beta,
                           float eps, float* workspace, float* mean, float* var, float* scale, float* shift,
@@ -667,7 +664,7 @@ cudaError_t bn_backward(DType dtype, const void* grad, const void* y, void* grad
   const int64_t stride = max_parts(a) * a.C;
   float* part_g = workspace;
   float* part_gc = workspace + stride;
-  float* coef = workspace + 3 * stride;
+  float* coef = workspace + 2 * stride;
   cudaError_t launched = reduction(dtype, a, {grad, y}, parts, [&](auto tag, auto width, const cbr::Split& split,
                                                                 const dim3& grid, const dim3& block) {
     using T = decltype(tag);

@@ -203,8 +203,7 @@ __global__ void pool_cells_kernel(const float* __restrict__ sums, bool channels_
       sum += sums[pair_index(channels_last, plane / C, plane % C, r * plan.cols.segments + q, C, pairs)];
     }
   }
-  const float area = static_cast<float>(plan.rows.bound[r1] - plan.rows.bound[r0]) *
-                     static_cast<float>(plan.cols.bound[q1] - plan.cols.bound[q0]);
+  const float area = static_cast<float>(pyramid::cell_extent(plan.rows, row_cell) * pyramid::cell_extent(plan.cols, col_cell));
   out[t] = from_float<T>(sum / area);
 }
 
@@ -219,22 +218,9 @@ __global__ void pool_segment_grads_kernel(const T* __restrict__ grad, bool chann
   const unsigned sh = seg.pair / plan.cols.segments, sw = seg.pair - sh * plan.cols.segments;
   const T* g = grad + (static_cast<int64_t>(seg.n) * C + seg.c) * plan.cells;
   float sum = 0.f;
-  for (int k = 0; k < plan.count; ++k) {
-    const int b = static_cast<int>(plan.size[k]);
-    int i0, i1, j0, j1;
-    pyramid::cells_containing(plan.rows, plan.axis_offset[k], b, sh, &i0, &i1);
-    pyramid::cells_containing(plan.cols, plan.axis_offset[k], b, sw, &j0, &j1);
-    for (int i = i0; i < i1; ++i) {
-      const int row_cell = plan.axis_offset[k] + i;
-      const float rows = static_cast<float>(plan.rows.bound[plan.rows.last[row_cell]] - plan.rows.bound[plan.rows.first[row_cell]]);
-      for (int j = j0; j < j1; ++j) {
-        const int col_cell = plan.axis_offset[k] + j;
-        const float cols =
-            static_cast<float>(plan.cols.bound[plan.cols.last[col_cell]] - plan.cols.bound[plan.cols.first[col_cell]]);
-        sum += to_float(g[plan.cell_offset[k] + i * b + j]) / (rows * cols);
-      }
-    }
-  }
+  pyramid::for_cells_containing(plan.rows, plan.cols, plan, sh, sw, [&](int64_t cell, int64_t area) {
+    sum += to_float(g[cell]) / static_cast<float>(area);
+  });
   grads[t] = sum;  // t is the value's index in its layout (SegmentThread walks that order)
 }
 
@@ -254,17 +240,28 @@ __global__ void pool_fill_kernel(const float* __restrict__ grads, Strides s, uns
   for_each_pack<kVec, kChannelsLast>(seg, grad_x + seg.n * s.n + seg.c * s.c, s, [&](T* p) { store<T, kVec>(p, v); });
 }
 
-// The pack width of a pool pass over a tensor with strides s at p: 16 bytes where the layout's
-// contiguous axis, the other strides, every bound along it and the pointer allow it, else 1.
+// Whether 16-byte packs of kWide elements stay aligned along a dimension of this size and stride: a
+// stride that is a multiple of the width, or any stride of a size-1 dimension (torch gives those any).
+template <int kWide>
+bool keeps_packs(int64_t size, int64_t stride) {
+  return size == 1 || stride % kWide == 0;
+}
+
+bool packed(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The pack width of a pool pass over an (N, C, H, W) tensor with strides s at p: 16 bytes where the
+// layout's contiguous axis, the other strides, every bound along it and the pointer allow it, else 1.
 template <typename T>
-int pool_vector_width(const void* p, const Strides& s, bool channels_last, int64_t C, const PoolPlan& plan) {
+int pool_vector_width(const void* p, const Strides& s, bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W,
+                      const PoolPlan& plan) {
   constexpr int kWide = 16 / sizeof(T);
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+  if (!packed(p)) return 1;
   if (channels_last) {
-    const bool ok = s.c == 1 && C % kWide == 0 && s.w % kWide == 0 && s.h % kWide == 0 && s.n % kWide == 0;
+    const bool ok = s.c == 1 && C % kWide == 0 && keeps_packs<kWide>(W, s.w) && keeps_packs<kWide>(H, s.h) &&
+                    keeps_packs<kWide>(N, s.n);
     return ok ? kWide : 1;
   }
-  if (s.w != 1 || s.h % kWide != 0 || s.c % kWide != 0 || s.n % kWide != 0) return 1;
+  if (s.w != 1 || !keeps_packs<kWide>(H, s.h) || !keeps_packs<kWide>(C, s.c) || !keeps_packs<kWide>(N, s.n)) return 1;
   for (int k = 0; k <= plan.cols.segments; ++k) {
     if (plan.cols.bound[k] % kWide != 0) return 1;
   }
@@ -284,7 +281,8 @@ void with_width_and_layout(int vec, bool channels_last, const F& f) {
   }
 }
 
-unsigned pool_blocks(int64_t threads) { return static_cast<unsigned>((threads + kThreads - 1) / kThreads); }
+// Blocks of kThreads for one thread per item (the kernels check the last block's overhang).
+unsigned blocks_covering(int64_t threads) { return static_cast<unsigned>((threads + kThreads - 1) / kThreads); }
 
 // ---------------------------------------------------------------- upsample_concat
 
@@ -477,16 +475,16 @@ cudaError_t pool_forward(DType dtype, const void* x, Strides x_strides, bool cha
   if (cells == 0) return cudaSuccess;
   if (values > UINT_MAX || cells > UINT_MAX) return cudaErrorInvalidValue;
   SLSDEEP_DISPATCH_FLOATING(dtype, {
-    const int vec = pool_vector_width<scalar_t>(x, x_strides, channels_last, C, plan);
+    const int vec = pool_vector_width<scalar_t>(x, x_strides, channels_last, N, C, H, W, plan);
     with_width_and_layout<scalar_t>(vec, channels_last, [&](auto width, auto layout) {
       constexpr int kVec = decltype(width)::value;
       constexpr bool kChannelsLast = decltype(layout)::value;
       const int64_t packs = kChannelsLast ? C / kVec : 1, threads = values / (kChannelsLast ? kVec : 1);
-      pool_segment_sums_kernel<scalar_t, kVec, kChannelsLast><<<pool_blocks(threads), kThreads, 0, stream>>>(
+      pool_segment_sums_kernel<scalar_t, kVec, kChannelsLast><<<blocks_covering(threads), kThreads, 0, stream>>>(
           static_cast<const scalar_t*>(x), x_strides, static_cast<unsigned>(C), static_cast<unsigned>(packs), plan,
           workspace, static_cast<unsigned>(threads));
     });
-    pool_cells_kernel<scalar_t><<<pool_blocks(cells), kThreads, 0, stream>>>(
+    pool_cells_kernel<scalar_t><<<blocks_covering(cells), kThreads, 0, stream>>>(
         workspace, channels_last, static_cast<unsigned>(C), plan, static_cast<scalar_t*>(out), static_cast<unsigned>(cells));
   })
   return cudaGetLastError();
@@ -501,15 +499,15 @@ cudaError_t pool_backward(DType dtype, const void* grad, const int64_t* bins, in
   if (values == 0) return cudaSuccess;
   if (values > UINT_MAX) return cudaErrorInvalidValue;
   SLSDEEP_DISPATCH_FLOATING(dtype, {
-    pool_segment_grads_kernel<scalar_t><<<pool_blocks(values), kThreads, 0, stream>>>(
+    pool_segment_grads_kernel<scalar_t><<<blocks_covering(values), kThreads, 0, stream>>>(
         static_cast<const scalar_t*>(grad), channels_last, static_cast<unsigned>(C), plan, workspace,
         static_cast<unsigned>(values));
-    const int vec = pool_vector_width<scalar_t>(grad_x, out_strides, channels_last, C, plan);
+    const int vec = pool_vector_width<scalar_t>(grad_x, out_strides, channels_last, N, C, H, W, plan);
     with_width_and_layout<scalar_t>(vec, channels_last, [&](auto width, auto layout) {
       constexpr int kVec = decltype(width)::value;
       constexpr bool kChannelsLast = decltype(layout)::value;
       const int64_t packs = kChannelsLast ? C / kVec : 1, threads = values / (kChannelsLast ? kVec : 1);
-      pool_fill_kernel<scalar_t, kVec, kChannelsLast><<<pool_blocks(threads), kThreads, 0, stream>>>(
+      pool_fill_kernel<scalar_t, kVec, kChannelsLast><<<blocks_covering(threads), kThreads, 0, stream>>>(
           workspace, out_strides, static_cast<unsigned>(C), static_cast<unsigned>(packs), plan,
           static_cast<scalar_t*>(grad_x), static_cast<unsigned>(threads));
     });
@@ -525,10 +523,7 @@ cudaError_t upsample_branch(DType dtype, const void* z, Strides z_strides, int64
   if (total > UINT_MAX || H > INT_MAX || W > INT_MAX || h > INT_MAX || w > INT_MAX) return cudaErrorInvalidValue;
   SLSDEEP_DISPATCH_FLOATING(dtype, {
     constexpr int kWide = 16 / sizeof(scalar_t);
-    auto packed = [&](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-    // a stride keeps packs aligned when it is a multiple of the width or its dimension has size 1
-    // (torch gives a (N, C, 1, 1) tensor any stride there)
-    auto fits = [&](int64_t size, int64_t stride) { return size == 1 || stride % kWide == 0; };
+    auto fits = [](int64_t size, int64_t stride) { return keeps_packs<kWide>(size, stride); };
     const Strides& s = out_strides;
     const Strides& zs = z_strides;
     const bool wide =
@@ -540,7 +535,7 @@ cudaError_t upsample_branch(DType dtype, const void* z, Strides z_strides, int64
       constexpr int kVec = decltype(width)::value;
       constexpr bool kChannelsLast = decltype(layout)::value;
       const int64_t threads = kChannelsLast ? N * H * ((W + kRunColumns - 1) / kRunColumns) * (Cb / kVec) : total / kVec;
-      upsample_branch_kernel<scalar_t, kVec, kChannelsLast><<<pool_blocks(threads), kThreads, 0, stream>>>(
+      upsample_branch_kernel<scalar_t, kVec, kChannelsLast><<<blocks_covering(threads), kThreads, 0, stream>>>(
           static_cast<const scalar_t*>(z), z_strides, static_cast<unsigned>(Cb), static_cast<int>(h), static_cast<int>(w),
           static_cast<scalar_t*>(out), out_strides, channel_offset, static_cast<int>(H), static_cast<int>(W),
           align_corners, static_cast<unsigned>(threads));

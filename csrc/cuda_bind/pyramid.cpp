@@ -47,7 +47,6 @@ at::Tensor pool_workspace(const at::Tensor& like, at::IntArrayRef bins, int64_t 
   return at::empty({floats}, like.options().dtype(at::kFloat));
 }
 
-
 at::Tensor pyramid_pool_kernel(const at::Tensor& x, at::IntArrayRef bins) {
   TORCH_CHECK(x.dim() == 4 && x.size(2) > 0 && x.size(3) > 0, "pyramid_pool_kernel: x must be (N, C, H, W), H, W > 0");
   const CudaCall cuda(x);

@@ -33,7 +33,6 @@ CPU shape (4, 512, 48, 48; branches 4×256; conv to 128) in fp32: pool+upsample_
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -465,7 +464,7 @@ def pyramid_pool(x: Tensor, bins: Sequence[int] = PYRAMID_BINS, backend: str | N
     _check_image(op, x)
     name = backends.resolve(op, x.device, x.dtype, backend)
     if name in ("cpu", "cuda") and not _compiled_kernels_take(bins):
-        if backend is not None or os.environ.get(backends.ENV_BACKEND):
+        if backends.requested_backend(backend) is not None:
             raise ValueError(f"{op}: backend {name!r} takes at most {MAX_BINS} bins summing to at most {MAX_BIN_SUM} "
                              f"(its segment tables); got bins={tuple(bins)!r}")
         name = "reference"
