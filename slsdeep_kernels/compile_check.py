@@ -305,7 +305,7 @@ def _pyramid_conv_case(group, label, x: Geometry, branches: Sequence[Geometry], 
         ys, kernel_size = [g.empty(d, "meta") for g in branches], weight.shape[-1]
         parts, full = [x.empty(d, "meta"), *ys], [True] + [False] * len(ys)
         _, branch_weights = _op_module("pyramid")._split_weight(weight.empty(d, "meta"), parts, full)
-        taps = [Geometry.of(z).empty(d) for z in _op_module("pyramid")._taps(branch_weights, ys, kernel_size)]
+        taps = [Geometry.of(z).empty(d) for z in _op_module("pyramid")._taps(branch_weights, ys, kernel_size, "triton")]
         out_shape = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
         out = Geometry.dense(out_shape, layout == "channels_last").empty(d)
         _launcher("pyramid", "taps_add")(out, taps, align_corners)

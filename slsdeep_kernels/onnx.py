@@ -17,7 +17,7 @@ become constants). Every one is shape-generic: the batch, and also H and W, may 
   coordinate clamped at 0, which ``Resize`` does too; ``pytorch_half_pixel`` differs where an output side is 1.
 * ``pyramid_conv`` -> the low-resolution form (see :mod:`slsdeep_kernels.ops.pyramid`): ``Conv`` over
   the full-resolution parts (``Concat`` of them where there are several) with their weight slice,
-  and per branch its ``(C_out·k², C_b)`` matrix as one 1×1 ``Conv`` to ``k²·C_out`` channels at the
+  and per branch its ``(k²·C_out, C_b)`` matrix as one 1×1 ``Conv`` to ``k²·C_out`` channels at the
   branch's own size (``z_t = W_t·y`` for the k×k taps), ``Resize`` to H×W (a per-channel linear map,
   so it commutes with the 1×1 conv), summed over branches, zero-padded by k//2, and the taps' shifted
   ``Slice`` s added to the conv: ``conv(up(y))(p) = Σ_t up(W_t·y)(p + t − k//2)``, zero outside the
@@ -94,9 +94,9 @@ def _ops(opset: int):
         out = op.Conv(x, weight_x, bias, pads=[half] * 4)
         taps = None
         for y, weight in zip((p for p, f in zip(parts, full) if not f), branch_weights):
-            # (C_out·k², C_b), rows (out channel, ky, kx), as a 1×1 conv to channels ordered (ky, kx, out
-            # channel): tap t is the block [t·C_out, (t+1)·C_out).
-            by_tap = op.Reshape(op.Transpose(op.Reshape(weight, [out_channels, k * k, -1]), perm=[1, 0, 2]), [k * k * out_channels, -1, 1, 1])
+            # (k²·C_out, C_b), rows (ky, kx, out channel), as a 1×1 conv: tap t is the block of channels
+            # [t·C_out, (t+1)·C_out).
+            by_tap = op.Reshape(weight, [k * k * out_channels, -1, 1, 1])
             z = resize(op.Conv(y, by_tap), spatial, align_corners)
             taps = z if taps is None else op.Add(taps, z)
         if taps is not None and k == 1:

@@ -1,11 +1,11 @@
 """The CUDA kernels as compiled, without a GPU (issue 12's compile-level gate): each csrc/cuda/*.cu
 compiles alone for sm_90 (nvcc -c: host and device code, torch-free, only -Icsrc) and no kernel
 spills; the kernels rewritten to the roofline design (the BatchNorm passes of conv_bn_relu.cu; the
-pool passes and the upsample forward of pyramid.cu) move their data in 16-byte accesses in their
-hot loops (ld/st.global.v4 in the PTX, LDG/STG.E.128 in the SASS) with no 64-bit division in the
-kernel. The analysis is slsdeep_kernels.compile_check.analyse_cuda (nvcc with ptxas -v, then
-cuobjdump). The upsample backward, tap and loss kernels are checked for spills only until their
-rewrite (issue 12)."""
+pool passes, the upsample forward, the taps forward and the taps backward, which is also the
+upsample backward, of pyramid.cu) move their data in 16-byte accesses in their hot loops
+(ld/st.global.v4 in the PTX, LDG/STG.E.128 in the SASS) with no 64-bit division in the kernel. The
+analysis is slsdeep_kernels.compile_check.analyse_cuda (nvcc with ptxas -v, then cuobjdump). The
+loss kernels are checked for spills only until their rewrite (issue 12)."""
 
 import os
 import re
@@ -53,6 +53,19 @@ POOL_KERNELS = [
 UPSAMPLE_NHWC = [f"upsample_branch_kernel<{dtype}, {width}, true>" for dtype, width in WIDE.items()]
 UPSAMPLE_NCHW = [f"upsample_branch_kernel<{dtype}, {width}, false>" for dtype, width in WIDE.items()]
 POOL_SMALL_KERNELS = [f"{family}<{dtype}>" for family in ("pool_cells_kernel", "pool_segment_grads_kernel") for dtype in WIDE]
+# The pyramid conv's taps forward: NHWC blocks read z in 16-byte channel packs in their innermost
+# loops (the kx-sums); both layouts read and write the output in 16-byte packs. Width 1 (unaligned or
+# odd-sized tensors) runs the same code an element at a time, without 64-bit division either.
+TAPS_NHWC = [f"taps_add_kernel<{dtype}, {width}, true>" for dtype, width in WIDE.items()]
+TAPS_NCHW = [f"taps_add_kernel<{dtype}, {width}, false>" for dtype, width in WIDE.items()]
+TAPS_NARROW = [f"taps_add_kernel<{dtype}, 1, {layout}>" for dtype in WIDE for layout in ("true", "false")]
+# The taps backward (and, as its k = 1 case, the upsample backward): every read of grad is a 16-byte
+# pack in both layouts (its only global loads); the strips' second pass and the width-1 forms must not
+# divide in 64 bits either.
+ADJOINT_WIDE = [f"taps_backward_kernel<{dtype}, {width}, {layout}>" for dtype, width in WIDE.items() for layout in ("true", "false")]
+ADJOINT_OTHERS = [f"taps_backward_kernel<{dtype}, 1, {layout}>" for dtype in WIDE for layout in ("true", "false")] + [
+    f"taps_backward_strips_kernel<{dtype}>" for dtype in WIDE
+]
 
 
 def short_name(demangled: str) -> str:
@@ -130,13 +143,34 @@ def test_upsample_forward_writes_16_byte_packs(compiled):
 
 
 @needs_tools
+def test_taps_forward_moves_16_byte_packs(compiled):
+    kernels = compiled["pyramid.cu"]
+    check_16_byte_hot_loops(kernels, TAPS_NHWC, reads=True, writes=False)
+    for name in TAPS_NHWC + TAPS_NCHW:
+        assert name in kernels, f"{name} not found in pyramid.cu: {sorted(kernels)}"
+        sass = kernels[name]["sass"]
+        assert sass is None or (set(sass["STG"]) == {"16"} and sass["LDG"].get("16")), f"{name}: SASS {sass}"
+
+
+@needs_tools
+def test_taps_backward_reads_grad_in_16_byte_packs(compiled):
+    kernels = compiled["pyramid.cu"]
+    missing = [name for name in ADJOINT_WIDE + ADJOINT_OTHERS if name not in kernels]
+    assert not missing, f"kernels not found (renamed? update the lists): {missing}\nfound: {sorted(kernels)}"
+    for name in ADJOINT_WIDE:
+        loads, sass = kernels[name]["global_memory"]["all"]["ld"], kernels[name]["sass"]
+        assert set(loads) == {"16"}, f"{name}: loads by width {loads}"
+        assert sass is None or set(sass["LDG"]) == {"16"}, f"{name}: SASS loads by width {sass['LDG']}"
+
+
+@needs_tools
 def test_rewritten_kernels_have_no_64bit_division(compiled):
     for name, record in compiled["conv_bn_relu.cu"].items():
         assert record["int64_division"]["loop"] == 0, f"{name}: {record['int64_division']}"
         if name in ROOFLINE_KERNELS:
             assert record["int64_division"]["all"] == 0, f"{name}: {record['int64_division']}"
     pool = compiled["pyramid.cu"]
-    for name in POOL_KERNELS + POOL_SMALL_KERNELS + UPSAMPLE_NHWC + UPSAMPLE_NCHW:
+    for name in POOL_KERNELS + POOL_SMALL_KERNELS + UPSAMPLE_NHWC + UPSAMPLE_NCHW + TAPS_NHWC + TAPS_NCHW + TAPS_NARROW + ADJOINT_WIDE + ADJOINT_OTHERS:
         assert name in pool, f"{name} not found in pyramid.cu: {sorted(pool)}"
         assert pool[name]["int64_division"]["all"] == 0, f"{name}: {pool[name]['int64_division']}"
 

@@ -118,7 +118,7 @@ def test_pyramid_batch_is_on_grid_axis_0():
         pyramid_triton.upsample_concat_backward(torch.empty(LARGE, 3, 2, 3), 1, [1, 1, 1, 1, 2, 2], False)
         _, branch_weights = pyramid._split_weight(weight, [x, *branches], [True, False, False])
         out = torch.empty(LARGE, 2, 2, 3)
-        pyramid_triton.taps_add(out, pyramid._taps(branch_weights, branches, 3), False)
+        pyramid_triton.taps_add(out, pyramid._taps(branch_weights, branches, 3, "triton"), False)
         pyramid_triton.taps_backward(out, [1, 1, 2, 2], 3, False)
 
     _assert_within_limits(_grids(run), LARGE)

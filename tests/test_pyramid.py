@@ -295,6 +295,33 @@ def test_pyramid_conv_batch_1_with_two_full_resolution_parts(backend):
     )
 
 
+@needs_cpu
+@pytest.mark.parametrize("kernel,order", LAYOUTS, ids=[layout_id(*layout) for layout in LAYOUTS])
+def test_pyramid_conv_with_the_cuda_backends_tap_layout(kernel, order, monkeypatch):
+    """The CUDA kernels take z, and give its gradient, channels innermost ((N, h, w, k, k, C_out)
+    storage): the op's matmuls for that layout, forward and every gradient, through the CPU kernels
+    (which read and write any strides), so that CI checks the algebra the GPU runs."""
+    monkeypatch.setattr(P, "_taps_channels_innermost", lambda backend: backend == "cpu")
+    seen = []
+    real_add = backends.COMPILED.pyramid_taps_add_kernel
+
+    def add(out, taps, align_corners):
+        seen.extend(z.stride() for z in taps)
+        return real_add(out, taps, align_corners)
+
+    monkeypatch.setattr(backends.COMPILED, "pyramid_taps_add_kernel", add)
+    parts = conv_parts(order, channels_last=True)
+    weight = (torch.randn(5, sum(p.shape[1] for p in parts), kernel, kernel) / 3).requires_grad_()
+    bias = torch.randn(5, requires_grad=True)
+    assert_matches_reference(
+        lambda w, b, *ps: slsdeep_kernels.pyramid_conv(list(ps), w, b, (7, 9), False, True, backend="cpu"),
+        lambda w, b, *ps: P.pyramid_conv_reference(list(ps), w, b, (7, 9), False, True),
+        [weight, bias, *parts],
+        names=["weight", "bias"] + list(order),
+    )
+    assert seen and all(stride[1] == 1 and stride[3] == 5 for stride in seen), seen  # (N, h, w, k, k, C_out)
+
+
 @pytest.mark.parametrize("backend", backends_to_test("pyramid", dtype=torch.float64))
 def test_pyramid_conv_gradcheck_fp64(backend):
     for kernel, order in LAYOUTS[:2]:
@@ -601,6 +628,34 @@ def test_gpu_ops(backend, channels_last, dtype):
             lambda w, *ps: P.pyramid_conv_reference(list(ps), w, None, (48, 48), align_corners),
             [weight_1x1, *branches, x],
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_taps_and_upsample_at_odd_sizes(backend, channels_last, dtype):
+    """The taps kernels' tiles at their edges (the backward's k = 1 case is the upsample backward):
+    out channels and columns not multiples of the tile (13, 37), a height whose stencil table
+    overflows shared memory (300 rows: the forward's row strip splits), a branch larger than the
+    output (resized down: the stencils jump), out channels a 16-byte multiple (24) and not (13), branch
+    channel slices off the 16-byte grid (offsets 8, 11, 16: one element at a time; test_gpu_ops has the
+    packed slices)."""
+    for out_channels, size in ((13, (300, 37)), (24, (41, 64))):
+        x = image((2, 8, *size), dtype, channels_last, "cuda").requires_grad_()
+        branches = [torch.randn(2, c, h, w, dtype=dtype, device="cuda", requires_grad=True)
+                    for c, (h, w) in ((3, (1, 1)), (5, (6, 5)), (4, (size[0] + 11, size[1] + 7)))]  # fmt: skip
+        for align_corners in (False, True):
+            fused, reference = upsample_case(backend, align_corners)
+            assert_matches_reference(fused, reference, [x, *branches])
+        for kernel in (1, 3):
+            weight = (torch.randn(out_channels, 8 + 12, kernel, kernel, dtype=dtype, device="cuda") / 8).requires_grad_()
+            for align_corners in (False, True):
+                assert_matches_reference(
+                    lambda w, *ps: slsdeep_kernels.pyramid_conv(list(ps), w, None, size, align_corners, backend=backend),
+                    lambda w, *ps: P.pyramid_conv_reference(list(ps), w, None, size, align_corners),
+                    [weight, x, *branches],
+                )
 
 
 @pytest.mark.gpu

@@ -158,6 +158,18 @@ SLSDEEP_HD LinearTap<acc_t> linear_tap(int64_t out_index, int64_t in_size, acc_t
   return tap;
 }
 
+// The input indices [*begin, *end) that the stencils of the outputs [first, last] (clamped to
+// [0, out_size)) read: index0 and index1 never decrease along the output, so the span runs from the
+// first output's index0 to the last one's index1. The taps kernels stage this span of each branch.
+template <typename acc_t>
+SLSDEEP_HD void source_span(int64_t first, int64_t last, int64_t in_size, int64_t out_size, acc_t scale,
+                            bool align_corners, int64_t* begin, int64_t* end) {
+  first = first < 0 ? 0 : first;
+  last = last > out_size - 1 ? out_size - 1 : last;
+  *begin = linear_tap<acc_t>(first, in_size, scale, align_corners).index0;
+  *end = linear_tap<acc_t>(last, in_size, scale, align_corners).index1 + 1;
+}
+
 // Weight of input index `in_index` in the stencil `tap` (both taps may name the same index).
 template <typename acc_t>
 SLSDEEP_HD acc_t tap_weight(const LinearTap<acc_t>& tap, int64_t in_index) {

@@ -424,7 +424,7 @@ void upsample_branch_backward(const at::Tensor& grad, const at::Tensor& grad_z, 
 
 // ---------------------------------------------------------------- pyramid_conv taps
 //
-// A tap tensor z (N, Co, k, k, h, w), k odd, any strides (the op keeps it in the (Co, k, k, N, h, w) order
+// A tap tensor z (N, Co, k, k, h, w), k odd, any strides (the op keeps it in the (k, k, Co, N, h, w) order
 // of the matmul that makes it), holds z_t = W_t . y of one branch for the k*k taps t = (ky, kx) of the
 // k x k conv. Its contribution to the conv output is sum_t up(z_t)(p + t - k/2) (k/2 rounded down),
 // zero outside the image (k = 1: the plain upsample). Separable: for every (ky, cell row i) the kx-sum
@@ -627,7 +627,7 @@ void pyramid_taps_add_kernel(const at::Tensor& out, at::TensorList taps, bool al
                                   [&] { taps_add<scalar_t>(out, taps, align_corners); });
 }
 
-// Each grad is returned as (N, C_out, k, k, h, w), k = kernel_size, over (C_out, k, k, N, h, w) storage:
+// Each grad is returned as (N, C_out, k, k, h, w), k = kernel_size, over (k, k, C_out, N, h, w) storage:
 // the order in which the op's matmuls read it.
 std::vector<at::Tensor> pyramid_taps_backward_kernel(const at::Tensor& grad, at::IntArrayRef tap_sizes,
                                                      int64_t kernel_size, bool align_corners) {
@@ -638,8 +638,8 @@ std::vector<at::Tensor> pyramid_taps_backward_kernel(const at::Tensor& grad, at:
   const int64_t k = kernel_size;
   std::vector<at::Tensor> grads;
   for (size_t b = 0; b < tap_sizes.size(); b += 2) {
-    at::Tensor grad_z = new_output({grad.size(1), k, k, grad.size(0), tap_sizes[b], tap_sizes[b + 1]}, grad.options())
-                            .permute({3, 0, 1, 2, 4, 5});
+    at::Tensor grad_z = new_output({k, k, grad.size(1), grad.size(0), tap_sizes[b], tap_sizes[b + 1]}, grad.options())
+                            .permute({3, 2, 0, 1, 4, 5});
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "pyramid_taps_backward_kernel",
                                     [&] { taps_backward<scalar_t>(grad, grad_z, align_corners); });
     grads.push_back(grad_z);

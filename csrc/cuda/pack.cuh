@@ -16,17 +16,32 @@ struct alignas(sizeof(T) * kVec) Pack {
   T v[kVec];
 };
 
-template <typename T, int kVec>
-__device__ __forceinline__ void load(const T* p, float (&out)[kVec]) {
+namespace detail {
+template <bool kCached, typename T, int kVec>
+__device__ __forceinline__ void load_pack(const T* p, float (&out)[kVec]) {
   Pack<T, kVec> pack;
   if constexpr (sizeof(pack) == 16) {
-    const uint4 bits = __ldcg(reinterpret_cast<const uint4*>(p));
+    const uint4* bits_at = reinterpret_cast<const uint4*>(p);
+    const uint4 bits = kCached ? __ldg(bits_at) : __ldcg(bits_at);
     memcpy(&pack, &bits, 16);
   } else {
     pack = *reinterpret_cast<const Pack<T, kVec>*>(p);
   }
 #pragma unroll
   for (int j = 0; j < kVec; ++j) out[j] = to_float(pack.v[j]);
+}
+}  // namespace detail
+
+// A pack read once (streamed through L2).
+template <typename T, int kVec>
+__device__ __forceinline__ void load(const T* p, float (&out)[kVec]) {
+  detail::load_pack<false>(p, out);
+}
+
+// A pack the block reads again (ld.global.nc: kept in L1 as well).
+template <typename T, int kVec>
+__device__ __forceinline__ void load_cached(const T* p, float (&out)[kVec]) {
+  detail::load_pack<true>(p, out);
 }
 
 template <typename T, int kVec>

@@ -46,12 +46,6 @@ cudaError_t upsample_branch(DType dtype, const void* z, Strides z_strides, int64
                             void* out, Strides out_strides, bool channels_last, int64_t channel_offset, int64_t H,
                             int64_t W, bool align_corners, cudaStream_t stream);
 
-// grad_z (N, Cb, h, w) contiguous = adjoint of upsample_branch, reading channels
-// [channel_offset, channel_offset + Cb) of grad (N, *, H, W).
-cudaError_t upsample_branch_backward(DType dtype, const void* grad, Strides grad_strides, int64_t channel_offset, int64_t H,
-                                     int64_t W, void* grad_z, int64_t N, int64_t Cb, int64_t h, int64_t w, bool align_corners,
-                                     cudaStream_t stream);
-
 // Element strides of a tap tensor z (N, C_out, k, k, h, w).
 struct TapStrides {
   int64_t n, c, ky, kx, i, j;
@@ -69,11 +63,17 @@ struct TapTensor {
 cudaError_t taps_add(DType dtype, void* out, Strides out_strides, bool channels_last, int64_t N, int64_t C_out, int64_t H,
                      int64_t W, const TapTensor* taps, int num_taps, bool align_corners, cudaStream_t stream);
 
-// grad_z (N, C_out, k, k, h, w), k = kernel_size (odd), with strides grad_z_strides, of one branch = adjoint
-// of its part of taps_add.
-cudaError_t taps_backward(DType dtype, const void* grad, Strides grad_strides, int64_t N, int64_t C_out, int64_t H, int64_t W,
-                          void* grad_z, TapStrides grad_z_strides, int64_t kernel_size, int64_t h, int64_t w,
-                          bool align_corners, cudaStream_t stream);
+// The adjoint of taps_add: every grad_taps[b] (N, C, k_b, k_b, h_b, w_b), through its strides (its data
+// is written), from channels [channel_offset, channel_offset + C) of grad (N, *, H, W) (channels_last:
+// NHWC in memory). The upsample_branch adjoint is its k = 1 case. `workspace`: the fp32 floats
+// taps_backward_workspace_floats gives for the same arguments (0: pass nullptr; -1: no tile of the
+// kernel fits this device's shared memory, and taps_backward fails with cudaErrorInvalidValue).
+int64_t taps_backward_workspace_floats(DType dtype, const void* grad, Strides grad_strides, bool channels_last,
+                                       int64_t channel_offset, int64_t N, int64_t C, int64_t H, int64_t W,
+                                       const TapTensor* grad_taps, int count, bool align_corners);
+cudaError_t taps_backward(DType dtype, const void* grad, Strides grad_strides, bool channels_last, int64_t channel_offset,
+                          int64_t N, int64_t C, int64_t H, int64_t W, const TapTensor* grad_taps, int count,
+                          bool align_corners, float* workspace, cudaStream_t stream);
 
 }  // namespace pyramid_cuda
 }  // namespace slsdeep

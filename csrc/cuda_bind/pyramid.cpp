@@ -105,23 +105,59 @@ at::Tensor upsample_concat_kernel(const at::Tensor& x, at::TensorList branches, 
   return out;
 }
 
+// Every grad in `grads` ((N, C, k, k, h, w) views; written) = the adjoint of taps_add from channels
+// [channel_offset, channel_offset + C) of grad: kernels::taps_backward with the workspace it asks for.
+void taps_backward_into(const char* op, const at::Tensor& grad, int64_t channel_offset, int64_t C,
+                        const std::vector<at::Tensor>& grads, bool align_corners, const CudaCall& cuda) {
+  if (grad.numel() == 0) {  // an empty output reads nothing: the branches' gradients are zero
+    for (const at::Tensor& g : grads) g.zero_();
+    return;
+  }
+  std::vector<kernels::TapTensor> tensors;
+  for (const at::Tensor& g : grads) tensors.push_back({g.data_ptr(), g.size(2), g.size(4), g.size(5), tap_strides_of(g)});
+  const DType dtype = dtype_of(grad, kTensors);
+  const bool channels_last = is_channels_last(grad);
+  const int64_t N = grad.size(0), H = grad.size(2), W = grad.size(3);
+  const int64_t floats = kernels::taps_backward_workspace_floats(dtype, grad.const_data_ptr(), strides_of(grad),
+                                                                 channels_last, channel_offset, N, C, H, W,
+                                                                 tensors.data(), static_cast<int>(tensors.size()), align_corners);
+  TORCH_CHECK(floats >= 0, op, " (CUDA): the branches' source rows (sum of k·h = ", [&] {
+    int64_t rows = 0;
+    for (const at::Tensor& g : grads) rows += g.size(2) * g.size(4);
+    return rows;
+  }(), ") do not fit the kernel's shared memory on this device, or a size passes its 32-bit limits");
+  at::Tensor workspace = at::empty({floats}, grad.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(kernels::taps_backward(dtype, grad.const_data_ptr(), strides_of(grad), channels_last, channel_offset,
+                                        N, C, H, W, tensors.data(), static_cast<int>(tensors.size()), align_corners,
+                                        floats > 0 ? workspace.data_ptr<float>() : nullptr, cuda.stream));
+}
+
 std::vector<at::Tensor> upsample_concat_backward_kernel(const at::Tensor& grad, int64_t channels,
                                                         at::IntArrayRef branch_sizes, bool align_corners) {
   TORCH_CHECK(grad.dim() == 4 && branch_sizes.size() % 3 == 0,
               "upsample_concat_backward_kernel: grad (N, C_total, H, W) and (C_b, h, w) per branch");
+  int64_t total = channels;
+  for (size_t b = 0; b < branch_sizes.size(); b += 3) {
+    TORCH_CHECK(branch_sizes[b] >= 0 && branch_sizes[b + 1] > 0 && branch_sizes[b + 2] > 0,
+                "upsample_concat_backward_kernel: branch sizes (C_b, h, w) must be >= 0, > 0, > 0; got (",
+                branch_sizes[b], ", ", branch_sizes[b + 1], ", ", branch_sizes[b + 2], ")");
+    total += branch_sizes[b];
+  }
+  TORCH_CHECK(channels >= 0 && total == grad.size(1), "upsample_concat_backward_kernel: channels (", channels,
+              " + the branches') do not add up to grad's ", grad.size(1));
   const CudaCall cuda(grad);
   std::vector<at::Tensor> grads;
   int64_t offset = channels;
   for (size_t b = 0; b < branch_sizes.size(); b += 3) {
     const int64_t cb = branch_sizes[b], h = branch_sizes[b + 1], w = branch_sizes[b + 2];
     at::Tensor grad_z = new_output({grad.size(0), cb, h, w}, grad.options());
-    C10_CUDA_CHECK(kernels::upsample_branch_backward(dtype_of(grad, kTensors), grad.const_data_ptr(), strides_of(grad),
-                                                     offset, grad.size(2), grad.size(3), grad_z.mutable_data_ptr(),
-                                                     grad.size(0), cb, h, w, align_corners, cuda.stream));
+    if (cb > 0) {  // the k = 1 adjoint, (N, C_b, 1, 1, h, w)
+      taps_backward_into("upsample_concat_backward_kernel", grad, offset, cb, {grad_z.view({grad.size(0), cb, 1, 1, h, w})},
+                         align_corners, cuda);
+    }
     offset += cb;
     grads.push_back(grad_z);
   }
-  TORCH_CHECK(offset == grad.size(1), "upsample_concat_backward_kernel: channels do not add up to grad's");
   return grads;
 }
 
@@ -145,27 +181,25 @@ void pyramid_taps_add_kernel(const at::Tensor& out, at::TensorList taps, bool al
                                    tensors.data(), static_cast<int>(tensors.size()), align_corners, cuda.stream));
 }
 
-// Each grad is returned as (N, C_out, k, k, h, w), k = kernel_size, over (C_out, k, k, N, h, w) storage, as on
-// CPU.
+// Each grad is returned as (N, C_out, k, k, h, w), k = kernel_size, over (N, h, w, k, k, C_out) storage: the
+// layout the op gives the CUDA kernels z in (channels innermost, ops/pyramid.py), read by its matmuls as is.
 std::vector<at::Tensor> pyramid_taps_backward_kernel(const at::Tensor& grad, at::IntArrayRef tap_sizes,
                                                      int64_t kernel_size, bool align_corners) {
   TORCH_CHECK(grad.dim() == 4 && tap_sizes.size() % 2 == 0,
               "pyramid_taps_backward_kernel: grad (N, C_out, H, W) and (h, w) per branch");
   TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1,
               "pyramid_taps_backward_kernel: kernel_size must be odd and >= 1, got ", kernel_size);
+  TORCH_CHECK(static_cast<int64_t>(tap_sizes.size() / 2) <= kernels::kMaxBranches, "pyramid_taps_backward_kernel: at most ",
+              kernels::kMaxBranches, " branches on CUDA, got ", tap_sizes.size() / 2);
   const int64_t k = kernel_size;
   const CudaCall cuda(grad);
   std::vector<at::Tensor> grads;
   for (size_t b = 0; b < tap_sizes.size(); b += 2) {
     const int64_t h = tap_sizes[b], w = tap_sizes[b + 1];
-    at::Tensor grad_z =
-        new_output({grad.size(1), k, k, grad.size(0), h, w}, grad.options()).permute({3, 0, 1, 2, 4, 5});
-    C10_CUDA_CHECK(kernels::taps_backward(dtype_of(grad, kTensors), grad.const_data_ptr(), strides_of(grad),
-                                          grad.size(0), grad.size(1), grad.size(2), grad.size(3),
-                                          grad_z.mutable_data_ptr(), tap_strides_of(grad_z), k, h, w, align_corners,
-                                          cuda.stream));
-    grads.push_back(grad_z);
+    TORCH_CHECK(h > 0 && w > 0, "pyramid_taps_backward_kernel: branch sizes must be positive, got ", h, "x", w);
+    grads.push_back(new_output({grad.size(0), h, w, k, k, grad.size(1)}, grad.options()).permute({0, 5, 3, 4, 1, 2}));
   }
+  if (!grads.empty()) taps_backward_into("pyramid_taps_backward_kernel", grad, 0, grad.size(1), grads, align_corners, cuda);
   return grads;
 }
 

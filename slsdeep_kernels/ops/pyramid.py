@@ -220,8 +220,8 @@ def _full_input(parts: list[Tensor], full: list[bool]) -> tuple[Tensor, torch.me
 
 def _split_weight(weight: Tensor, parts: list[Tensor], full: list[bool]) -> tuple[Tensor, list[Tensor]]:
     """The conv weight as the op takes it: the full-resolution parts' slices (C_out, C_full, k, k),
-    dense, for the conv, and per resized part (a branch) its slice as (C_out·k·k, C_b), rows ordered
-    (out channel, ky, kx), for the tap matmuls. Differentiable ATen: autograd turns the pieces'
+    dense, for the conv, and per resized part (a branch) its slice as (k·k·C_out, C_b), rows ordered
+    (ky, kx, out channel), for the tap matmuls. Differentiable ATen: autograd turns the pieces'
     gradients into the weight's."""
     full_slices, branch_weights, offset = [], [], 0
     for p, is_full in zip(parts, full):
@@ -229,7 +229,7 @@ def _split_weight(weight: Tensor, parts: list[Tensor], full: list[bool]) -> tupl
         if is_full:
             full_slices.append(piece)
         else:
-            branch_weights.append(piece.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format).view(-1, p.shape[1]))
+            branch_weights.append(piece.permute(2, 3, 0, 1).clone(memory_format=torch.contiguous_format).view(-1, p.shape[1]))
         offset += p.shape[1]
     if len(full_slices) == 1:
         return full_slices[0].clone(memory_format=torch.contiguous_format), branch_weights
@@ -241,15 +241,51 @@ def _by_channel(y: Tensor) -> Tensor:
     return y.transpose(0, 1).reshape(y.shape[1], -1)
 
 
-def _taps(branch_weights: list[Tensor], branches: list[Tensor], kernel_size: int) -> list[Tensor]:
-    """z_t = W_t·y of every branch at its own size, one matmul each: (N, C_out, k, k, h, w) views
-    of the (C_out, k, k, N, h, w) product (the kernels read any strides)."""
-    taps = []
+def _by_pixel(y: Tensor) -> Tensor:
+    """(N, C_b, h, w) -> (N·h·w, C_b): a branch's cells as matmul rows."""
+    return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+
+
+def _taps_channels_innermost(backend: str) -> bool:
+    """Whether the backend's tap kernels take z (and give its gradient) in (N, h, w, k, k, C_out)
+    storage: the CUDA kernels read 16-byte packs of out channels; the others read (k, k, C_out, N, h, w)
+    storage, (n, out channel) planes."""
+    return backend == "cuda"
+
+
+def _taps(branch_weights: list[Tensor], branches: list[Tensor], kernel_size: int, backend: str) -> list[Tensor]:
+    """z_t = W_t·y of every branch at its own size, one matmul each, as (N, C_out, k, k, h, w) views
+    of the storage :func:`_taps_channels_innermost` names (the kernels read any strides)."""
+    taps, k = [], kernel_size
     for y, weight in zip(branches, branch_weights):
         N, _, h, w = y.shape
-        z = weight @ _by_channel(y)  # (C_out·k·k, N·h·w)
-        taps.append(z.view(-1, kernel_size, kernel_size, N, h, w).permute(3, 0, 1, 2, 4, 5))
+        if _taps_channels_innermost(backend):
+            z = _by_pixel(y) @ weight.t()  # (N·h·w, k·k·C_out)
+            taps.append(z.view(N, h, w, k, k, -1).permute(0, 5, 3, 4, 1, 2))
+        else:
+            z = weight @ _by_channel(y)  # (k·k·C_out, N·h·w)
+            taps.append(z.view(k, k, -1, N, h, w).permute(3, 2, 0, 1, 4, 5))
     return taps
+
+
+def _tap_grads_to_branch(grad_z: Tensor, y: Tensor, weight: Tensor, need_branch: bool, need_weight: bool, backend: str):
+    """The gradients of a branch y and its weight (k·k·C_out, C_b) from grad_z (N, C_out, k, k, h, w)
+    in the storage the backend's kernels give (any other is copied); None where not asked for."""
+    N, cb, h, w = y.shape
+    grad_y = grad_weight = None
+    if _taps_channels_innermost(backend):
+        rows = grad_z.permute(0, 4, 5, 2, 3, 1).reshape(N * h * w, -1)  # (N·h·w, k·k·C_out)
+        if need_branch:
+            grad_y = (rows @ weight).view(N, h, w, cb).permute(0, 3, 1, 2).contiguous()
+        if need_weight:
+            grad_weight = rows.t() @ _by_pixel(y)
+    else:
+        columns = grad_z.permute(2, 3, 1, 0, 4, 5).reshape(-1, N * h * w)  # (k·k·C_out, N·h·w)
+        if need_branch:
+            grad_y = (weight.t() @ columns).view(cb, N, h, w).transpose(0, 1).contiguous()
+        if need_weight:
+            grad_weight = columns @ _by_channel(y).t()
+    return grad_y, grad_weight
 
 
 @torch.library.custom_op("slsdeep_kernels::pyramid_conv", mutates_args=())
@@ -265,11 +301,11 @@ def _pyramid_conv_op(
 ) -> Tensor:
     """The pyramid conv on the weight as :func:`_split_weight` gives it: ``weight_x`` for the
     full-resolution parts (``full``: which parts are, decided when the call is traced, so an
-    exported graph keeps it), one ``(C_out·k·k, C_b)`` matrix per branch (the split is ordinary
+    exported graph keeps it), one ``(k·k·C_out, C_b)`` matrix per branch (the split is ordinary
     differentiable ATen outside the op, so autograd assembles the weight's gradient)."""
     (x, memory_format), kernel_size = _full_input(parts, full), weight_x.shape[-1]
     out = F.conv2d(x, weight_x, bias, padding=kernel_size // 2).contiguous(memory_format=memory_format)
-    taps = _taps(branch_weights, [p for p, f in zip(parts, full) if not f], kernel_size)
+    taps = _taps(branch_weights, [p for p, f in zip(parts, full) if not f], kernel_size, backend)
     if backend == "triton":
         _triton().taps_add(out, taps, align_corners)
     else:
@@ -321,13 +357,11 @@ def _pyramid_conv_backward_op(
         else:
             grad_taps = backends.COMPILED.pyramid_taps_backward_kernel(grad, sizes, kernel_size, align_corners)
         for b, (i, weight, grad_z) in enumerate(zip(branch_index, branch_weights, grad_taps)):
-            y = parts[i]
-            N, cb, h, w = y.shape
-            grad_z = grad_z.permute(1, 2, 3, 0, 4, 5).reshape(-1, N * h * w)  # (C_out·k·k, N·h·w)
+            grad_y, grad_weight = _tap_grads_to_branch(grad_z, parts[i], weight, need_branches, need_branch_weights, backend)
             if need_branches:
-                grad_parts[i] = (weight.t() @ grad_z).view(cb, N, h, w).transpose(0, 1).contiguous()
+                grad_parts[i] = grad_y
             if need_branch_weights:
-                grad_branch_weights[b] = grad_z @ _by_channel(y).t()  # (C_out·k·k, C_b)
+                grad_branch_weights[b] = grad_weight
     return (
         grad_parts,
         grad_weight_x.contiguous() if need_weight_x else grad.new_empty(0),  # oneDNN may give channels_last
