@@ -179,7 +179,9 @@ def _extensions(torch):
             f"{PACKAGE}._C_cuda",
             _sources("csrc/python_module.cpp", "csrc/cuda_bind/*.cpp", "csrc/cuda/*.cu"),
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": ["-O3", "-DSLSDEEP_MODULE=_C_cuda"], "nvcc": ["-O3"]},
+            # host code never fuses a·b + c either (the CUDA launchers' plans match the device's stencils)
+            extra_compile_args={"cxx": ["-O3", "-ffp-contract=off", "-DSLSDEEP_MODULE=_C_cuda"],
+                                "nvcc": ["-O3", "-Xcompiler=-ffp-contract=off"]},
         )
     )
     return extensions

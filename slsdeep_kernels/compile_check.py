@@ -1127,7 +1127,8 @@ def _sass_functions(sass: str) -> dict[str, dict]:
 # nvcc flags of the shipped build that change what the kernels compile to (torch's BuildExtension
 # adds them to every .cu); -Xptxas -v prints the ptxas fields, --keep keeps the PTX.
 CUDA_BUILD_FLAGS = ("-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr")  # fmt: skip
+                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
+                    "-Xcompiler=-ffp-contract=off")  # fmt: skip
 
 
 def analyse_cuda(source: str, arch: int = 90, include: str = "csrc", tools: dict | None = None) -> dict[str, dict]:

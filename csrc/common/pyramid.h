@@ -141,10 +141,27 @@ struct LinearTap {
   acc_t weight1;
 };
 
+// a·b + c rounded after the product and after the sum, on the host and on the device alike: nvcc
+// would fuse it into one FMA on the device, which moves a stencil's index0 by one for some sizes
+// (e.g. 2 -> 50, output 37), and the CUDA kernels' plans (made on the host) must name the rows their
+// stencils (computed on the device) read. The CPU build never fuses (-ffp-contract=off).
+template <typename acc_t>
+SLSDEEP_HD acc_t mul_add_unfused(acc_t a, acc_t b, acc_t c) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(acc_t) == sizeof(float)) {
+    return __fadd_rn(__fmul_rn(a, b), c);
+  } else {
+    return __dadd_rn(__dmul_rn(a, b), c);
+  }
+#else
+  return a * b + c;
+#endif
+}
+
 template <typename acc_t>
 SLSDEEP_HD LinearTap<acc_t> linear_tap(int64_t out_index, int64_t in_size, acc_t scale, bool align_corners) {
   acc_t source = align_corners ? scale * static_cast<acc_t>(out_index)
-                               : scale * (static_cast<acc_t>(out_index) + acc_t(0.5)) - acc_t(0.5);
+                               : mul_add_unfused(scale, static_cast<acc_t>(out_index) + acc_t(0.5), acc_t(-0.5));
   if (source < acc_t(0)) source = acc_t(0);
   int64_t index0 = static_cast<int64_t>(source);  // floor, source >= 0
   if (index0 > in_size - 1) index0 = in_size - 1;

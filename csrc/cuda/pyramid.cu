@@ -366,7 +366,11 @@ struct TapPlan {
   // The pack axis of U and of the threads: channels (NHWC) or columns (NCHW).
   SLSDEEP_HD int inner(bool channels_last) const { return channels_last ? channels : columns; }
   SLSDEEP_HD int outer(bool channels_last) const { return channels_last ? columns : channels; }
-  int shared_bytes() const { return u_floats * 4 + stencils * static_cast<int>(sizeof(RowStencil)); }
+  // U, the stencil table, then each branch's span of source rows (begin, end): all of the block's
+  // shared memory (nothing static: the 48 KB limit counts both).
+  int shared_bytes() const {
+    return u_floats * 4 + stencils * static_cast<int>(sizeof(RowStencil)) + 2 * count * static_cast<int>(sizeof(int));
+  }
   // One thread per (2)'s item, in whole warps, at most kThreads.
   unsigned threads(bool channels_last, int vec) const {
     const int items = (strip_rows + kTapRunRows - 1) / kTapRunRows * outer(channels_last) * (inner(channels_last) / vec);
@@ -403,10 +407,11 @@ __device__ __forceinline__ void store_floats(float* p, const float (&v)[kVec]) {
 
 template <typename T, int kVec, bool kChannelsLast>
 __global__ void taps_add_kernel(T* __restrict__ out, Strides s, int C, int H, int W, TapPlan plan) {
-  extern __shared__ float4 shared[];
+  extern __shared__ float4 shared[];  // U, the stencil table, the spans: plan.shared_bytes()
   float* U = reinterpret_cast<float*>(shared);
   RowStencil* stencils = reinterpret_cast<RowStencil*>(U + plan.u_floats);
-  __shared__ int span_begin[kMaxBranches], span_end[kMaxBranches];
+  int* span_begin = reinterpret_cast<int*>(stencils + plan.stencils);
+  int* span_end = span_begin + plan.count;
 
   // The block's tile: column strips fastest, then row strips, channel tiles, images (32-bit, once).
   unsigned rest = blockIdx.x;
@@ -449,7 +454,9 @@ __global__ void taps_add_kernel(T* __restrict__ out, Strides s, int C, int H, in
     const TapStrides& zs = br.strides;
     const int rows = span_end[b] - span_begin[b], half = br.k / 2;
     for (int e = threadIdx.x; e < br.k * rows * outer * packs; e += blockDim.x) {
-      const int pack = e % packs, o = (e / packs) % outer, r = e / (packs * outer);  // r = ky·rows + source row
+      // NHWC: channel packs fastest; NCHW: channels fastest (z is channels innermost: coalesced reads)
+      const int pack = kChannelsLast ? e % packs : (e / outer) % packs, o = kChannelsLast ? (e / packs) % outer : e % outer;
+      const int r = e / (packs * outer);  // ky·rows + source row
       const int ky = r / rows, i = span_begin[b] + (r - ky * rows);
       const int q = q0 + (kChannelsLast ? o : pack * kVec), c = c0 + (kChannelsLast ? pack * kVec : o);
       if (q >= W || c >= C) continue;
@@ -476,9 +483,7 @@ __global__ void taps_add_kernel(T* __restrict__ out, Strides s, int C, int H, in
           }
         }
       }
-      float* u = U + br.u_offset + (r * outer + o) * inner + pack * kVec;
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) u[j] = v[j];
+      store_floats<kVec>(U + br.u_offset + (r * outer + o) * inner + pack * kVec, v);
     }
   }
   __syncthreads();
@@ -591,19 +596,22 @@ bool make_taps_plan(const TapTensor* taps, int count, int64_t C, int64_t H, int6
                    pyramid::linear_scale<float>(z.h, H, align_corners), pyramid::linear_scale<float>(z.w, W, align_corners),
                    0, 0};
   }
+  const int64_t span_bytes = 2 * count * static_cast<int64_t>(sizeof(int));
   for (;;) {
     int64_t u = 0, stencils = 0;
-    for (int b = 0; b < count; ++b) {
+    for (int b = 0; b < count; ++b) stencils += p.branch[b].k * static_cast<int64_t>(p.strip_rows);
+    bool fits = stencils * static_cast<int64_t>(sizeof(RowStencil)) + span_bytes <= kTapSharedBytes;
+    for (int b = 0, offset = 0; fits && b < count; ++b) {  // the spans only where the table fits (H may be huge)
       TapBranchPlan& br = p.branch[b];
       br.rows = strip_source_rows(br.h, br.k, H, p.strip_rows, br.scale_h, align_corners);
       br.u_offset = static_cast<int>(u);
-      br.stencil_offset = static_cast<int>(stencils);
+      br.stencil_offset = offset;
+      offset += br.k * p.strip_rows;
       u += static_cast<int64_t>(br.k) * br.rows * p.channels * p.columns;
-      stencils += static_cast<int64_t>(br.k) * p.strip_rows;
-      if (u > kTapSharedBytes || stencils > kTapSharedBytes) break;  // too big anyway; no int overflow
+      fits = u * 4 <= kTapSharedBytes;  // (also: no int overflow below)
     }
-    const int64_t bytes = (u + 3) / 4 * 4 * 4 + stencils * static_cast<int64_t>(sizeof(RowStencil));
-    if (bytes <= kTapSharedBytes) {
+    const int64_t bytes = (u + 3) / 4 * 4 * 4 + stencils * static_cast<int64_t>(sizeof(RowStencil)) + span_bytes;
+    if (fits && bytes <= kTapSharedBytes) {
       p.u_floats = static_cast<int>((u + 3) / 4 * 4);
       p.stencils = static_cast<int>(stencils);
       break;
@@ -705,6 +713,13 @@ struct AdjointPlan {
   bool align_corners;
   SLSDEEP_HD int inner(bool channels_last) const { return channels_last ? channels : columns; }
   SLSDEEP_HD int outer(bool channels_last) const { return channels_last ? columns : channels; }
+  // dU's strides in floats, per outer index and per source row: padded by 4 floats along the axis
+  // that neighbouring threads of (2) step over (rows for NHWC, channels for NCHW), so that their
+  // float4 reads fall in different banks.
+  SLSDEEP_HD int outer_stride(bool channels_last) const { return inner(channels_last) + (channels_last ? 0 : 4); }
+  SLSDEEP_HD int row_stride(bool channels_last) const {
+    return outer(channels_last) * outer_stride(channels_last) + (channels_last ? 4 : 0);
+  }
   int shared_bytes() const { return du_floats * 4; }
   // Enough threads for the larger of (1)'s and (2)'s items, in whole warps, at most kThreads.
   unsigned threads(bool channels_last, int vec) const {
@@ -735,7 +750,7 @@ __global__ void taps_backward_kernel(const T* __restrict__ grad, Strides s, int6
   const int64_t n = rest / plan.channel_tiles;
   const int q0 = strip * plan.columns, strip_columns = min(plan.columns, W - q0);
   const int inner = plan.inner(kChannelsLast), outer = plan.outer(kChannelsLast), packs = inner / kVec;
-  const int row_floats = outer * inner;
+  const int outer_floats = plan.outer_stride(kChannelsLast), row_floats = plan.row_stride(kChannelsLast);
 
   // (1) rows, kAdjointPairs pairs at a time.
   const int groups = (plan.pairs + kAdjointPairs - 1) / kAdjointPairs;
@@ -753,7 +768,7 @@ __global__ void taps_backward_kernel(const T* __restrict__ grad, Strides s, int6
       const int b = branch_of_pair(plan, pair), ky = pair - plan.branch[b].pair_offset;
       pair_branch[slot] = group * kAdjointPairs + slot < plan.pairs ? b : -1;
       pair_shift[slot] = ky - plan.branch[b].k / 2;
-      pair_du[slot] = dU + plan.branch[b].du_offset + (ky * plan.branch[b].h * outer + o) * inner + pack * kVec;
+      pair_du[slot] = dU + plan.branch[b].du_offset + ky * plan.branch[b].h * row_floats + o * outer_floats + pack * kVec;
     }
     for (int p0 = 0; p0 < H; p0 += kAdjointRowBatch) {  // a batch of loads in flight, then their sums
       float v[kAdjointRowBatch][kVec];
@@ -798,7 +813,7 @@ __global__ void taps_backward_kernel(const T* __restrict__ grad, Strides s, int6
     const int ky = tap / br.k, kx = tap - ky * br.k;
     const int c = c0 + (kChannelsLast ? lane * kVec : lane);
     if (c >= C) continue;
-    const float* du = dU + br.du_offset + (ky * br.h + a) * row_floats + (kChannelsLast ? lane * kVec : lane * inner);
+    const float* du = dU + br.du_offset + (ky * br.h + a) * row_floats + (kChannelsLast ? lane * kVec : lane * outer_floats);
     T* gz = static_cast<T*>(br.data) + n * br.strides.n + static_cast<int64_t>(c) * br.strides.c + ky * br.strides.ky +
             kx * br.strides.kx + a * br.strides.i;
     float* ws = workspace == nullptr ? nullptr
@@ -819,7 +834,7 @@ __global__ void taps_backward_kernel(const T* __restrict__ grad, Strides s, int6
       const int col = q + kx - br.k / 2;
       if (col < 0 || col >= W) continue;
       float v[kLane];
-      load_floats<kLane>(du + (kChannelsLast ? (q - q0) * inner : q - q0), v);
+      load_floats<kLane>(du + (kChannelsLast ? (q - q0) * outer_floats : q - q0), v);
       walk.add(pyramid::linear_tap<float>(col, br.w, br.scale_w, plan.align_corners), v, store_j);
     }
     walk.finish(br.w, store_j);
@@ -879,7 +894,7 @@ bool make_adjoint_plan(const TapTensor* grads, int count, int64_t channel_offset
   p.count = count;
   p.align_corners = align_corners;
   p.channel_offset = channel_offset;
-  p.channels = channels_last ? vec : 8;
+  p.channels = channels_last && vec > 1 ? vec : 8;  // NHWC: one 16-byte pack, or 8 single lanes
   p.columns = static_cast<int>(W);  // NCHW: a multiple of vec (adjoint_vector_width)
   int64_t pairs = 0, entries = 0, rows = 0;
   int row_offset[kMaxBranches];
@@ -900,8 +915,8 @@ bool make_adjoint_plan(const TapTensor* grads, int count, int64_t channel_offset
   }
   const int64_t limit = shared_memory_limit() / 4;  // floats
   const int unit = channels_last ? 1 : vec;         // the strip stays a whole number of packs
-  while (rows * p.channels * p.columns > limit) {
-    if (!channels_last && p.channels > 1) {
+  while (rows * p.row_stride(channels_last) > limit) {
+    if (p.channels > (channels_last ? vec : 1)) {
       p.channels /= 2;
     } else if (p.columns > unit) {
       p.columns = (p.columns / unit + 1) / 2 * unit;
@@ -911,19 +926,24 @@ bool make_adjoint_plan(const TapTensor* grads, int count, int64_t channel_offset
   }
   p.pairs = static_cast<int>(pairs);
   p.entries = entries;
-  p.du_floats = static_cast<int>(rows * p.channels * p.columns);
+  p.du_floats = static_cast<int>(rows * p.row_stride(channels_last));
   p.channel_tiles = static_cast<int>((C + p.channels - 1) / p.channels);
   p.column_strips = static_cast<int>((W + p.columns - 1) / p.columns);
   const int lanes = channels_last ? p.channels / vec : p.channels;
   for (int b = 0; b < count; ++b) {
     AdjointBranch& br = p.branch[b];
-    br.du_offset = row_offset[b] * p.channels * p.columns;
+    br.du_offset = row_offset[b] * p.row_stride(channels_last);
     br.item_offset = p.column_items;
     p.column_items += br.k * br.k * br.h * lanes;
   }
   if (p.column_strips > 1 && entries * C > UINT_MAX) return false;
   *plan = p;
   return true;
+}
+
+// Whether the grid fits: blocks in 32 bits, and the images in blockIdx.y of the strips' second pass.
+bool launchable(const AdjointPlan& plan, int64_t N) {
+  return N * plan.channel_tiles * plan.column_strips <= INT_MAX && (plan.column_strips == 1 || N <= 65535);
 }
 
 }  // namespace
@@ -1048,7 +1068,8 @@ int64_t taps_backward_workspace_floats(DType dtype, const void* grad, Strides gr
   SLSDEEP_DISPATCH_FLOATING(dtype, {
     const int vec = adjoint_vector_width<scalar_t>(grad, grad_strides, channels_last, channel_offset, N, C, H, W);
     AdjointPlan plan;
-    if (make_adjoint_plan(grad_taps, count, channel_offset, C, H, W, channels_last, vec, align_corners, &plan)) {
+    if (make_adjoint_plan(grad_taps, count, channel_offset, C, H, W, channels_last, vec, align_corners, &plan) &&
+        launchable(plan, N)) {
       floats = plan.workspace_floats(N, C);
     }
   })
@@ -1068,7 +1089,7 @@ cudaError_t taps_backward(DType dtype, const void* grad, Strides grad_strides, b
       AdjointPlan plan;
       const bool planned = make_adjoint_plan(grad_taps, count, channel_offset, C, H, W, kChannelsLast, kVec, align_corners, &plan);
       const int64_t blocks = planned ? N * plan.channel_tiles * plan.column_strips : 0;
-      if (!planned || blocks > INT_MAX || (plan.column_strips > 1 && (workspace == nullptr || N > 65535))) {
+      if (!planned || !launchable(plan, N) || (plan.column_strips > 1 && workspace == nullptr)) {
         status = cudaErrorInvalidValue;
         return;
       }

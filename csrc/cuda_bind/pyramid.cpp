@@ -176,9 +176,13 @@ void pyramid_taps_add_kernel(const at::Tensor& out, at::TensorList taps, bool al
                 out.scalar_type(), " on ", out.device());
     tensors.push_back({z.const_data_ptr(), z.size(2), z.size(4), z.size(5), tap_strides_of(z)});
   }
-  C10_CUDA_CHECK(kernels::taps_add(dtype_of(out, kTensors), out.mutable_data_ptr(), strides_of(out),
-                                   is_channels_last(out), out.size(0), out.size(1), out.size(2), out.size(3),
-                                   tensors.data(), static_cast<int>(tensors.size()), align_corners, cuda.stream));
+  const cudaError_t status = kernels::taps_add(dtype_of(out, kTensors), out.mutable_data_ptr(), strides_of(out),
+                                               is_channels_last(out), out.size(0), out.size(1), out.size(2), out.size(3),
+                                               tensors.data(), static_cast<int>(tensors.size()), align_corners, cuda.stream);
+  TORCH_CHECK(status != cudaErrorInvalidValue, "pyramid_taps_add_kernel (CUDA): no tile of the kernel fits 48 KB of ",
+              "shared memory for these branches (one output row reading thousands of source rows?), or a size passes ",
+              "its 32-bit limits; out ", out.sizes());
+  C10_CUDA_CHECK(status);
 }
 
 // Each grad is returned as (N, C_out, k, k, h, w), k = kernel_size, over (N, h, w, k, k, C_out) storage: the
