@@ -243,6 +243,11 @@ void with_width_and_layout(int vec, bool channels_last, const F& f) {
 // Blocks of kThreads for one thread per item (the kernels check the last block's overhang).
 unsigned blocks_covering(int64_t threads) { return static_cast<unsigned>((threads + kThreads - 1) / kThreads); }
 
+// Threads of a block that loops over `items`: one per item, in whole warps, at most kThreads.
+unsigned warps_covering(int items) {
+  return static_cast<unsigned>(items >= kThreads ? kThreads : (items + 31) / 32 * 32);
+}
+
 // ---------------------------------------------------------------- upsample_concat
 
 // Forward: a thread owns a run of outputs sharing one source row stencil, NHWC (n, output row p, a
@@ -371,10 +376,9 @@ struct TapPlan {
   int shared_bytes() const {
     return u_floats * 4 + stencils * static_cast<int>(sizeof(RowStencil)) + 2 * count * static_cast<int>(sizeof(int));
   }
-  // One thread per (2)'s item, in whole warps, at most kThreads.
+  // One thread per (2)'s item (warps_covering).
   unsigned threads(bool channels_last, int vec) const {
-    const int items = (strip_rows + kTapRunRows - 1) / kTapRunRows * outer(channels_last) * (inner(channels_last) / vec);
-    return static_cast<unsigned>(items >= kThreads ? kThreads : (items + 31) / 32 * 32);
+    return warps_covering((strip_rows + kTapRunRows - 1) / kTapRunRows * outer(channels_last) * (inner(channels_last) / vec));
   }
 };
 
@@ -721,12 +725,11 @@ struct AdjointPlan {
     return outer(channels_last) * outer_stride(channels_last) + (channels_last ? 4 : 0);
   }
   int shared_bytes() const { return du_floats * 4; }
-  // Enough threads for the larger of (1)'s and (2)'s items, in whole warps, at most kThreads.
+  // One thread per item of the larger of (1) and (2) (warps_covering).
   unsigned threads(bool channels_last, int vec) const {
     const int groups = (pairs + kAdjointPairs - 1) / kAdjointPairs;
     const int items1 = groups * outer(channels_last) * (inner(channels_last) / vec);
-    const int items = items1 > column_items ? items1 : column_items;
-    return static_cast<unsigned>(items >= kThreads ? kThreads : (items + 31) / 32 * 32);
+    return warps_covering(items1 > column_items ? items1 : column_items);
   }
   int64_t workspace_floats(int64_t N, int64_t C) const { return column_strips > 1 ? column_strips * N * entries * C : 0; }
 };
