@@ -15,7 +15,13 @@
 # tiny case), sanitize (compute-sanitizer memcheck: bench/sanitize_cases.py), quick and quick_cuda
 # (benchmarks, fused vs eager only) run. Call 2: build alongside precompile_model (or --restore call
 # 1's cache), compile_bench (the torch.compile baselines of the quick cases), full (every case, every
-# way but compile). By name only: full_cuda, compile_full.
+# way but compile). By name only: full_cuda, compile_full, compile_model. The whole model's inference
+# baseline on a GPU is torch.compile(mode="max-autotune") of the unfused model (slsdeep/benchmark.py),
+# minutes of autotuning per batch size, more than either call can spare: only compile_model runs it,
+# at batch 16 and 64 (`bench/gpu_validate.sh compile_model`, SLSDEEP_BENCH_QUICK=1 for batch 64 only:
+# plain PyTorch, no build needed; the fused and eager figures come from quick and full, the three
+# ways of a case meet in one table row); compile_bench and compile_full run every other
+# compile baseline, in the default mode (SLSDEEP_BENCH_COMPILE_MODE=default).
 #
 # Each stage runs under its own time limit (the plan prints them; CAP_<stage>=S overrides one):
 # 10 s before it pytest gets SIGINT (it still writes its junit XML; the plugin's event log keeps
@@ -48,10 +54,11 @@ test_autotune      40  gpu-tests   every production conv autotune config once on
 sanitize           90  sanitize    compute-sanitizer memcheck, every op x {triton, cuda}, forward+backward, in parallel
 quick              45  bench       benchmarks: first case of each op, last pass, fused (triton) vs eager
 quick_cuda         35  bench       benchmarks: the same cases, fused on the cuda backend
-compile_bench      90  bench       benchmarks: torch.compile baselines of the quick cases (takes the call's slack)
+compile_bench      90  bench       benchmarks: torch.compile baselines of the quick cases, default mode (takes the call's slack)
 full               60  bench       benchmarks: every case and pass, every way but compile (fused = triton)
 full_cuda          60  bench       benchmarks: every case and pass, fused ways on the cuda backend
-compile_full      240  bench       benchmarks: torch.compile baselines of every case
+compile_full      240  bench       benchmarks: torch.compile baselines of every case, default mode
+compile_model     540  bench       benchmarks: the whole model's torch.compile(mode="max-autotune") inference baselines, batch 16 and 64
 STAGES
 declare -A GROUPS_OF=([test_bf16]=bf16 [test_fp16]=fp16 [test_fp32]=fp32,other [test_autotune]=autotune)
 declare -A BACKEND_OF=([quick]=triton [quick_cuda]=cuda [full]=triton [full_cuda]=cuda)
@@ -97,9 +104,10 @@ dry_command() {
       CUDA_VISIBLE_DEVICES="" "$GV_PYTHON" -m pytest "${files[@]}" -q -m gpu -p no:cacheprovider -p bench.results \
         --gpu-group bf16,fp16,fp32,other,autotune --gpu-selection "$GV_LOGS/dry-all.selection.json" --junitxml="$GV_LOGS/dry-all.xml" ;;
     sanitize) "$GV_PYTHON" bench/sanitize_cases.py --dry-run --json "$GV_LOGS/dry-sanitize.json" ;;
-    quick)  # the real benchmark ids through the way filter (the model file's collection alone takes ~20 s on a CPU)
+    quick)  # the real benchmark ids through the way filter (listing the model's cases builds no model)
       env SLSDEEP_BENCH_QUICK=1 SLSDEEP_BENCH_WAYS=fused,eager SLSDEEP_KERNELS_BACKEND=triton CUDA_VISIBLE_DEVICES="" \
-        "$GV_PYTHON" -m pytest bench/test_bench_ops.py bench/test_bench_encoder.py --collect-only -q -p no:cacheprovider -p bench.results ;;
+        "$GV_PYTHON" -m pytest bench/test_bench_ops.py bench/test_bench_model.py bench/test_bench_encoder.py --collect-only -q \
+        -p no:cacheprovider -p bench.results ;;
   esac
 }
 dry_start() { (dry_command "$1" >"$GV_LOGS/dry-$1.out" 2>&1; echo $? >"$GV_LOGS/dry-$1.rc") & }
@@ -197,15 +205,16 @@ stage_body() {
         exit $rc
       fi
       exec "$py" bench/sanitize_cases.py --run --out-dir "$GV_LOGS" --timeout $((GV_DEADLINE - $(now))) --json "$f.sanitize.json" ;;
-    quick | quick_cuda | compile_bench | full | full_cuda | compile_full)
+    quick | quick_cuda | compile_bench | full | full_cuda | compile_full | compile_model)
       local envs files=(bench/test_bench_ops.py bench/test_bench_model.py bench/test_bench_encoder.py)
       case $name in
         quick) envs=(SLSDEEP_BENCH_QUICK=1 SLSDEEP_BENCH_WAYS=fused,eager SLSDEEP_KERNELS_BACKEND=triton) ;;
         quick_cuda) envs=(SLSDEEP_BENCH_QUICK=1 SLSDEEP_BENCH_WAYS=fused SLSDEEP_KERNELS_BACKEND=cuda) ;;
-        compile_bench) envs=(SLSDEEP_BENCH_QUICK=1 SLSDEEP_BENCH_WAYS=compile) ;;
+        compile_bench) envs=(SLSDEEP_BENCH_QUICK=1 SLSDEEP_BENCH_WAYS=compile SLSDEEP_BENCH_COMPILE_MODE=default) ;;
         full) envs=(SLSDEEP_BENCH_WAYS=-compile SLSDEEP_KERNELS_BACKEND=triton) ;;
         full_cuda) envs=(SLSDEEP_BENCH_WAYS=fused,fused-memory-efficient SLSDEEP_KERNELS_BACKEND=cuda) ;;
-        compile_full) envs=(SLSDEEP_BENCH_WAYS=compile) ;;
+        compile_full) envs=(SLSDEEP_BENCH_WAYS=compile SLSDEEP_BENCH_COMPILE_MODE=default) ;;
+        compile_model) envs=(SLSDEEP_BENCH_WAYS=compile SLSDEEP_BENCH_COMPILE_MODE=max-autotune) files=(bench/test_bench_model.py) ;;
       esac
       # Pinned: one conv config per shape, as the tests compiled; BENCH_PIN_AUTOTUNE=0 times the tuned one.
       [ "${BENCH_PIN_AUTOTUNE:-1}" != 1 ] || envs+=(SLSDEEP_KERNELS_PIN_AUTOTUNE=1)

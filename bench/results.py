@@ -476,7 +476,8 @@ def summary_text(data: dict) -> str:
 
 
 def speedups(benchmarks: list[dict]) -> list[dict]:
-    """One row per group and fused backend: the fused time and its ratios to eager and compile of
+    """One row per group and fused backend: the fused time (and images/s for the whole model's
+    cases) and its ratios to eager and compile (with the compile's mode, where not the default) of
     the same group (later stages win, so a full run replaces the quick one's figures)."""
     groups: dict[str, dict] = {}
     for bench in benchmarks:
@@ -494,8 +495,12 @@ def speedups(benchmarks: list[dict]) -> list[dict]:
             for other in ("eager", "compile", "onnxruntime"):
                 if ways.get(other, {}).get("median_s"):
                     row[f"vs_{other}"] = ways[other]["median_s"] / fused["median_s"]
+            if "vs_compile" in row and ways["compile"].get("compile_mode"):
+                row["compile_mode"] = ways["compile"]["compile_mode"]
             if fused.get("bandwidth_roof_share") is not None:
                 row["roof"] = fused["bandwidth_roof_share"]
+            if fused.get("images_per_s") is not None:
+                row["images_per_s"] = fused["images_per_s"]
             rows.append(row)
     return rows
 
@@ -506,19 +511,22 @@ def _result_files(files: list[str]) -> list[str]:
 
 def markdown(files: list[str]) -> str:
     """The performance table of ``files``: one row per benchmark group and fused backend."""
-    lines = ["| device | case | fused ms | × eager | × compile | bandwidth roof |", "|---|---|---|---|---|---|"]
+    lines = ["| device | case | fused ms | fused images/s | × eager | × compile | bandwidth roof |",
+             "|---|---|---|---|---|---|---|"]
     for file in files:
         data = json.loads(Path(file).read_text())
         if data.get("dry_run"):
             continue
         benchmarks = [b for _, stage in ordered_stages(data) for b in stage.get("benchmarks", [])]
         for row in speedups(benchmarks):
+            vs_compile = f"{row['vs_compile']:.2f}" if "vs_compile" in row else ""
             cells = [
                 data.get("device", "?"),
                 row["group"] + (f" · {row['backend']}" if row["backend"] else ""),
                 f"{row['fused_ms']:.3f}",
+                f"{row['images_per_s']:.1f}" if "images_per_s" in row else "",
                 f"{row['vs_eager']:.2f}" if "vs_eager" in row else "",
-                f"{row['vs_compile']:.2f}" if "vs_compile" in row else "",
+                f"{vs_compile} ({row['compile_mode']})" if "compile_mode" in row else vs_compile,
                 f"{row['roof']:.0%}" if "roof" in row else "",
             ]
             lines.append("| " + " | ".join(cells) + " |")

@@ -3,15 +3,21 @@
 The whole SLSDeep is measured three ways, like every op: ``fused`` (``SLSDeep(fused=True)``),
 ``eager`` (``fused=False``, plain PyTorch) and ``compile`` (``torch.compile`` of the eager model),
 for inference (``forward``, eval mode, no autograd) and a training step (``both``: forward, NLL+EPE
-loss and backward, train mode). CPU: fp32 at 256 px. GPU: bf16 channels_last at 384 px (inference)
-and autocast training. FLOPs come from ``FlopCounterMode`` on the eager model. On CPU (not ``quick``)
-one more inference case, batch 1 at 384 px, adds a fourth way: the fused model exported to ONNX and
-run by onnxruntime's CPU provider (when the ``export`` extra is installed; its peak memory is
-onnxruntime's own, which the torch profiler does not see).
+loss and backward, train mode). CPU: fp32 at 256 px, inference at batch 1 and 4. GPU: bf16
+channels_last at 384 px, inference at batch 16 and 64, and autocast training at batch 16. On a GPU
+the inference cases' ``compile`` way is ``torch.compile(eager_model, mode="max-autotune")``, the
+issue's baseline (minutes of autotuning per batch size); the training step and every op keep the
+default mode. Every model record carries ``images_per_s``. FLOPs come from ``FlopCounterMode`` on
+the eager model, counted on the meta device. The models are built when a case is first measured, so
+listing the cases (pytest's collection, a CPU test of the GPU cases) builds none and needs no GPU.
+On CPU (not ``quick``) one more inference case, batch 1 at 384 px, adds a fourth way: the fused
+model exported to ONNX and run by onnxruntime's CPU provider (when the ``export`` extra is
+installed; its peak memory is onnxruntime's own, which the torch profiler does not see).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -22,28 +28,28 @@ from pathlib import Path
 import torch
 
 import slsdeep_kernels
-from slsdeep_kernels.benchmark import Case, measure, op_cases
+from slsdeep_kernels.benchmark import Case, Lazy, measure, op_cases
 from slsdeep.export import OnnxModel, metadata, write_onnx
 from slsdeep.model import SLSDeep
 
-INFERENCE_BATCHES = {"cpu": (1, 4), "cuda": (1, 64)}
+INFERENCE_BATCHES = {"cpu": (1, 4), "cuda": (16, 64)}
 DEPLOYMENT_SIZE = 384  # the paper's input, for the onnxruntime-beside-PyTorch case
 TRAINING_BATCH = {"cpu": 2, "cuda": 16}
 IMAGE_SIZE = {"cpu": 256, "cuda": 384}
+INFERENCE_COMPILE_MODE = {"cpu": None, "cuda": "max-autotune"}
 
 
-def _models(device: torch.device, train: bool) -> tuple[SLSDeep, SLSDeep]:
-    """A fused model and an eager twin with the same weights, on ``device``."""
+def _models(device: torch.device, train: bool, dtype: torch.dtype = torch.float32) -> tuple[SLSDeep, SLSDeep]:
+    """A fused model and an eager twin with the same weights, on ``device`` in ``dtype``
+    (channels_last on CUDA)."""
     torch.manual_seed(0)
     eager = SLSDeep(fused=False)
     fused = SLSDeep(fused=True)
     fused.load_state_dict(eager.state_dict())
     for model in (eager, fused):
-        model.to(device).train(train)
+        model.to(device, dtype).train(train)
         if device.type == "cuda":
             model.to(memory_format=torch.channels_last)
-            if not train:
-                model.to(torch.bfloat16)
     return fused, eager
 
 
@@ -57,12 +63,22 @@ def _autocast(model, dtype: torch.dtype):
     return run
 
 
-def _forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+@functools.cache
+def _meta_model() -> SLSDeep:
+    """The paper-preset eager SLSDeep on the meta device: shapes without weights, for counting."""
+    with torch.device("meta"):
+        return SLSDeep(fused=False).eval()
+
+
+@functools.cache
+def _forward_flops(shape: tuple) -> int:
+    """FLOPs of one forward of the eager SLSDeep on ``shape`` images (counted on the meta device:
+    the count depends on the shapes only)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(x)
+        _meta_model()(torch.empty(shape, device="meta"))
     return counter.get_total_flops()
 
 
@@ -70,19 +86,20 @@ def model_cases(device: torch.device | str, quick: bool = False, precision: str 
     """Inference at each batch size and one training step of the paper-preset SLSDeep. Inference runs
     bf16 channels_last models on CUDA and fp32 on CPU by default; ``precision="fp32"``: fp32 models;
     ``"bf16"``: fp32 models under bf16 autocast on channels_last images (what
-    ``slsdeep predict --precision bf16`` runs)."""
+    ``slsdeep predict --precision bf16`` runs). ``quick``: the largest inference batch only."""
     from slsdeep.predict import autocast_dtype  # checks precision and the device's bf16, warns as predict does
 
     device = torch.device(device)
     size = IMAGE_SIZE[device.type]
-    fused, eager = _models(device, train=False)
-    autocast = precision is not None and autocast_dtype(fused, precision, device) is not None
+    autocast = precision is not None and autocast_dtype(_meta_model(), precision, device) is not None
     dtype = torch.bfloat16 if device.type == "cuda" and precision is None else torch.float32
-    if device.type == "cuda" and precision is not None:
-        fused, eager = fused.float(), eager.float()  # an explicit precision: fp32 models (under autocast for bf16)
+    models = functools.cache(lambda: _models(device, train=False, dtype=dtype))
+
+    def inference(model):
+        return _autocast(model, torch.bfloat16) if autocast else model
+
+    fused, eager = Lazy(lambda: inference(models()[0])), Lazy(lambda: inference(models()[1]))
     cases = []
-    if autocast:
-        fused, eager = (_autocast(m, torch.bfloat16) for m in (fused, eager))
     batches = INFERENCE_BATCHES[device.type][-1:] if quick else INFERENCE_BATCHES[device.type]
     for batch in batches:
         shape = (batch, 3, size, size)
@@ -91,22 +108,21 @@ def model_cases(device: torch.device | str, quick: bool = False, precision: str 
             x = torch.randn(shape, device=device, dtype=dtype)
             return [x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" or autocast else x]
 
-        flops = _forward_flops(eager, *inputs(device))
         name = "slsdeep inference (bf16 autocast)" if autocast else "slsdeep inference"
-        cases.append(Case(name, shape, torch.bfloat16 if autocast else dtype, inputs, fused, eager, flops={"forward": flops},
-                          passes=("forward",)))  # fmt: skip
+        cases.append(Case(name, shape, torch.bfloat16 if autocast else dtype, inputs, fused, eager,
+                          flops={"forward": _forward_flops(shape)}, passes=("forward",), images=batch,
+                          compile_mode=INFERENCE_COMPILE_MODE[device.type]))  # fmt: skip
 
     if device.type == "cpu" and not quick and not autocast and _onnxruntime_installed():
         cases.append(_onnxruntime_case(fused, eager))
 
-    fused_train, eager_train = _models(device, train=True)
+    train_models = functools.cache(lambda: _models(device, train=True))
     batch = TRAINING_BATCH[device.type]
     shape = (batch, 3, size, size)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step(model, fused_loss):
         def loss(x, target):
-            with autocast:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
                 logits = model(x)
             return slsdeep_kernels.nll_epe_loss(logits.float(), target, backend=None if fused_loss else "reference")
 
@@ -118,9 +134,9 @@ def model_cases(device: torch.device | str, quick: bool = False, precision: str 
             x = x.contiguous(memory_format=torch.channels_last)
         return [x, (torch.rand(shape[0], *shape[2:], device=device) > 0.5).long()]
 
-    train_flops = 3 * _forward_flops(eager_train, training_inputs(device)[0])
-    cases.append(Case("slsdeep training step", shape, torch.float32, training_inputs, step(fused_train, True),
-                      step(eager_train, False), flops={"both": train_flops}, passes=("both",)))
+    cases.append(Case("slsdeep training step", shape, torch.float32, training_inputs,
+                      Lazy(lambda: step(train_models()[0], True)), Lazy(lambda: step(train_models()[1], False)),
+                      flops={"both": 3 * _forward_flops(shape)}, passes=("both",), images=batch))
     return cases
 
 
@@ -129,50 +145,54 @@ def _onnxruntime_installed() -> bool:
 
 
 class _OnnxRuntime:
-    """``model`` exported to ONNX for ``shape`` inputs and run by onnxruntime (CPU provider), exported on
-    the first call (the benchmark's untimed warm-up)."""
+    """``model`` (built on first use) exported to ONNX for ``shape`` inputs and run by onnxruntime (CPU
+    provider), exported on the first call (the benchmark's untimed warm-up)."""
 
-    def __init__(self, model: SLSDeep, shape: tuple):
+    def __init__(self, model: Lazy, shape: tuple):
         self.model, self.shape, self.session = model, shape, None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.session is None:
+            model = self.model.resolve()
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / "slsdeep.onnx"
-                write_onnx(self.model, torch.zeros(self.shape), path, meta=metadata(self.model.config, self.shape[-1], False))
+                write_onnx(model, torch.zeros(self.shape), path, meta=metadata(model.config, self.shape[-1], False))
                 self.session = OnnxModel(path, device="cpu")  # the session holds the graph; the file may go
         return self.session(x)
 
 
-def _onnxruntime_case(fused: SLSDeep, eager: SLSDeep) -> Case:
+def _onnxruntime_case(fused: Lazy, eager: Lazy) -> Case:
     """Inference of the paper model at 384 px, batch 1: fused, eager, compile and onnxruntime."""
     shape = (1, 3, DEPLOYMENT_SIZE, DEPLOYMENT_SIZE)
 
     def inputs(device):
         return [torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)]
 
-    flops = _forward_flops(eager, *inputs("cpu"))
-    return Case("slsdeep inference", shape, torch.float32, inputs, fused, eager, flops={"forward": flops},
-                passes=("forward",), extra_ways={"onnxruntime": _OnnxRuntime(fused, shape)})
+    return Case("slsdeep inference", shape, torch.float32, inputs, fused, eager, flops={"forward": _forward_flops(shape)},
+                passes=("forward",), extra_ways={"onnxruntime": _OnnxRuntime(fused, shape)}, images=1)
 
 
 def run(device: torch.device | str, quick: bool = False, out: str | os.PathLike | None = None, log=print,
         precision: str | None = None) -> list[dict]:  # fmt: skip
-    """Measure every op and the whole model three ways; print one table; write JSON and a bar chart.
-    ``precision``: the whole model's inference cases (:func:`model_cases`)."""
+    """Measure every op and the whole model three ways; print one table (the model's cases with the
+    fused model's images/s); write JSON and a bar chart. ``precision``: the whole model's inference
+    cases (:func:`model_cases`)."""
     device = torch.device(device)
     repeat = 3 if quick else 10
     cases = op_cases(device, quick=quick) + model_cases(device, quick=quick, precision=precision)
     records = []
     log(f"device: {slsdeep_kernels.benchmark.device_name(device)}")
-    log(f"{'case':<52} {'pass':<9} {'eager ms':>10} {'compile ms':>11} {'fused ms':>10} {'× eager':>8} {'× compile':>10}")
+    log(f"{'case':<52} {'pass':<9} {'eager ms':>10} {'compile ms':>11} {'fused ms':>10} {'× eager':>8} {'× compile':>10} "
+        f"{'fused img/s':>12}")
     for case in cases:
         for which in case.passes if not quick else case.passes[-1:]:
             row = {way: measure(case, way, which, device, repeat=repeat) for way in case.ways}
             records += row.values()
             times = {way: record.get("median_s", math.nan) for way, record in row.items()}
+            images_per_s = f"{row['fused']['images_per_s']:.1f}" if "images_per_s" in row["fused"] else ""
             log(f"{case.name:<52} {which:<9} {times['eager'] * 1e3:>10.2f} {times['compile'] * 1e3:>11.2f} "
-                f"{times['fused'] * 1e3:>10.2f} {times['eager'] / times['fused']:>8.2f} {times['compile'] / times['fused']:>10.2f}")
+                f"{times['fused'] * 1e3:>10.2f} {times['eager'] / times['fused']:>8.2f} {times['compile'] / times['fused']:>10.2f} "
+                f"{images_per_s:>12}")
             for way in case.extra_ways:
                 log(f"{'':<52} {which:<9} {way}: {times[way] * 1e3:.2f} ms ({times[way] / times['fused']:.2f}× fused)")
     if out is not None:

@@ -3,7 +3,8 @@
 Used by the pytest-benchmark suites in ``bench/`` and by ``slsdeep bench``, so the two never
 drift apart. Each way is timed for ``forward`` (no autograd), ``backward`` (the forward runs
 untimed before each round) and ``both``. On a GPU every call is synchronised and the kernels'
-time is taken with CUDA events.
+time is taken with CUDA events. The memory-bound op cases on a GPU move at least 100 MB in every
+pass they time, so that launch latency does not hide the bandwidth.
 """
 
 from __future__ import annotations
@@ -121,9 +122,25 @@ def make_pass(fn: Callable, inputs: Sequence[object], which: str) -> Pass:
     raise ValueError(f"which must be one of {PASSES}; got {which!r}")
 
 
-def three_ways(fused: Callable, reference: Callable) -> dict[str, Callable]:
-    """The fused op, its eager reference and ``torch.compile`` of the reference."""
-    return {"fused": fused, "eager": reference, "compile": torch.compile(reference, dynamic=False)}
+def three_ways(fused: Callable, reference: Callable, compile_mode: str | None = None) -> dict[str, Callable]:
+    """The fused op, its eager reference and ``torch.compile`` of the reference (in ``compile_mode``,
+    e.g. ``"max-autotune"``; None: the default mode)."""
+    return {"fused": fused, "eager": reference, "compile": torch.compile(reference, dynamic=False, mode=compile_mode)}
+
+
+class Lazy:
+    """A case's callable that ``build()`` makes when the case is first measured (:meth:`Case.way`):
+    a case can name a whole model without building it, or touching its device, when the cases are
+    only listed (pytest's collection, a CPU test of the CUDA cases). ``torch.compile`` gets what was
+    built, the model itself."""
+
+    def __init__(self, build: Callable[[], Callable]):
+        self.build, self._built = build, None
+
+    def resolve(self) -> Callable:
+        if self._built is None:
+            self._built = self.build()
+        return self._built
 
 
 def time_pass(step: Pass, device: torch.device | str, *, warmup: int = 2, repeat: int = 10) -> list[float]:
@@ -181,20 +198,26 @@ class Case:
     """One benchmark case: an op at one shape and dtype, timed three ways.
 
     ``make_inputs(device)`` returns fresh inputs (differentiable ones with ``requires_grad``).
-    ``bytes_moved`` / ``flops`` map a pass to the fused op's floors: the bytes it must move (one
-    read of every input, one write of every output) and the arithmetic it must do.
+    ``fused`` / ``reference``: callables, or :class:`Lazy` ones built when the case is first measured.
+    ``bytes_moved`` / ``flops`` map a pass to the fused op's floors: the bytes its kernels must move
+    in that pass (one read of every tensor they take, one write of every tensor they make) and the
+    arithmetic it must do. ``images``: images per call (the whole model's cases), which gives
+    records an ``images_per_s``. ``compile_mode``: the ``torch.compile`` mode of the ``compile`` way
+    (None: the default mode).
     """
 
     op: str
     shape: tuple
     dtype: torch.dtype
     make_inputs: Callable[[torch.device], list]
-    fused: Callable
-    reference: Callable
+    fused: Callable | Lazy
+    reference: Callable | Lazy
     bytes_moved: dict[str, int] = field(default_factory=dict)
     flops: dict[str, int] = field(default_factory=dict)
     passes: tuple = PASSES
     extra_ways: dict[str, Callable] = field(default_factory=dict)
+    images: int | None = None
+    compile_mode: str | None = None
     _ways: dict | None = None
 
     @property
@@ -208,13 +231,17 @@ class Case:
     def way(self, name: str) -> Callable:
         """The callable of way ``name`` (the three ways, then ``extra_ways`` such as a hand-folded conv)."""
         if self._ways is None:
-            self._ways = {**three_ways(self.fused, self.reference), **self.extra_ways}
+            fused, reference = (f.resolve() if isinstance(f, Lazy) else f for f in (self.fused, self.reference))
+            self._ways = {**three_ways(fused, reference, self.compile_mode), **self.extra_ways}
         return self._ways[name]
 
 
 def floors(case: Case, which: str, seconds: float, device: torch.device | str) -> dict:
-    """Achieved GB/s and TFLOP/s of ``case`` at ``seconds`` per pass, and their share of the roofs."""
+    """Achieved GB/s and TFLOP/s of ``case`` at ``seconds`` per pass, their share of the roofs, and
+    images/s where the case counts images."""
     record = {"bytes_moved": case.bytes_moved.get(which), "flops": case.flops.get(which)}
+    if case.images:
+        record["images_per_s"] = case.images / seconds
     roof = roofs(device)
     if record["bytes_moved"]:
         record["gbytes_per_s"] = record["bytes_moved"] / seconds / 1e9
@@ -236,6 +263,8 @@ def measure(case: Case, way: str, which: str, device: torch.device | str, *, rep
     device = torch.device(device)
     record = {"op": case.op, "shape": list(case.shape), "dtype": str(case.dtype).removeprefix("torch."),
               "way": way, "which": which, "device": device_name(device)}
+    if way == "compile" and case.compile_mode:
+        record["compile_mode"] = case.compile_mode
     step = make_pass(case.way(way), case.make_inputs(device), which)
     try:
         times = time_pass(step, device, repeat=repeat)
@@ -255,25 +284,37 @@ def measure(case: Case, way: str, which: str, device: torch.device | str, *, rep
 
 
 def _nll_epe_cases(device: torch.device) -> list[Case]:
+    """The loss on CPU at 16 x 384² (the model's training batch on a GPU) and 8 x 256²; on a GPU at
+    two shapes that move >= 100 MB in every pass, fp32 logits (what the model's training step feeds
+    it) and bf16 logits (what a bf16 model would).
+
+    Bytes per pass, L = the logits' bytes, T = the uint8 target's: forward (no grad) reads both,
+    L + T; the forward with grad also writes the gradient, 2L + T; backward scales that gradient in
+    place by the (random, so not 1) upstream gradient, 2L; both = 4L + T. At (64, 2, 512, 512) fp32
+    and (128, 2, 512, 512) bf16, L = 134 MB: forward 151 / 168 MB, backward 268 MB, both 554 / 570 MB.
+    """
     from slsdeep_kernels.ops.nll_epe_loss import nll_epe_loss, nll_epe_loss_reference
 
-    shapes = [(16, 2, 384, 384), (8, 2, 256, 256)] + ([(64, 2, 512, 512)] if device.type == "cuda" else [])
+    if device.type == "cuda":
+        shapes = [((64, 2, 512, 512), torch.float32), ((128, 2, 512, 512), torch.bfloat16)]
+    else:
+        shapes = [((16, 2, 384, 384), torch.float32), ((8, 2, 256, 256), torch.float32)]
     cases = []
-    for shape in shapes:
-        n, _, h, w = shape
+    for shape, dtype in shapes:
+        n, c, h, w = shape
 
-        def make_inputs(device, shape=shape):
+        def make_inputs(device, shape=shape, dtype=dtype):
             generator = torch.Generator().manual_seed(0)
-            logits = (3 * torch.randn(shape, generator=generator)).to(device).requires_grad_()
+            logits = (3 * torch.randn(shape, generator=generator)).to(device, dtype).requires_grad_()
             target = (torch.rand((shape[0], *shape[2:]), generator=generator) < 0.3).to(device, torch.uint8)
             return [logits, target]
 
-        logits_bytes, target_bytes = 4 * n * 2 * h * w, n * h * w
+        logits_bytes, target_bytes = n * c * h * w * dtype.itemsize, n * h * w
         cases.append(Case(
-            "nll_epe_loss", shape, torch.float32, make_inputs,
+            "nll_epe_loss", shape, dtype, make_inputs,
             lambda logits, target: nll_epe_loss(logits, target, check_target=False), nll_epe_loss_reference,
-            bytes_moved={"forward": logits_bytes + target_bytes, "backward": logits_bytes,
-                         "both": 2 * logits_bytes + target_bytes},
+            bytes_moved={"forward": logits_bytes + target_bytes, "backward": 2 * logits_bytes,
+                         "both": 4 * logits_bytes + target_bytes},
         ))
     return cases
 
@@ -283,6 +324,8 @@ def _pyramid_cases(device: torch.device) -> list[Case]:
 
     gpu = device.type == "cuda"
     # (N, C, H, W, branch channels, conv out channels): SLSDeep's decoder on GPU, a CPU-sized one.
+    # pool_upsample_concat on GPU moves 609 MB in bf16 forward (x 151 MB, the concat 453 MB, the pooled
+    # cells and branches 5 MB) and as much in backward; fp32 twice that.
     n, c, h, w, cb, out = (16, 2048, 48, 48, 1024, 512) if gpu else (4, 512, 48, 48, 256, 128)
     cells = sum(b * b for b in PYRAMID_BINS)
     cases = []
@@ -330,7 +373,9 @@ def _conv_bn_relu_cases(device: torch.device) -> list[Case]:
     from slsdeep_kernels.ops.conv_bn_relu import conv_bn_relu
 
     gpu = device.type == "cuda"
-    batch, side = (16 if gpu else 8), 48
+    # GPU: batch 64 (the model's large inference batch), so that the smallest pass, the 3×3's bf16 eval
+    # forward (x and out 75 MB each, weight 1 MB), moves 152 MB; the 1×1's bf16 eval forward moves 378 MB.
+    batch, side = (64 if gpu else 8), 48
     cases = []
     # layer3 of the dilated ResNet-50 at 384 px: 1024→256 1×1 and 256→256 3×3 dilation 2, channels_last.
     for c_in, c_out, k, d in [(1024, 256, 1, 1), (256, 256, 3, 2)]:

@@ -2,10 +2,10 @@
 compiles alone for sm_90 (nvcc -c: host and device code, torch-free, only -Icsrc) and no kernel
 spills; the kernels rewritten to the roofline design (the BatchNorm passes of conv_bn_relu.cu; the
 pool passes, the upsample forward, the taps forward and the taps backward, which is also the
-upsample backward, of pyramid.cu) move their data in 16-byte accesses in their hot loops
-(ld/st.global.v4 in the PTX, LDG/STG.E.128 in the SASS) with no 64-bit division in the kernel. The
-analysis is slsdeep_kernels.compile_check.analyse_cuda (nvcc with ptxas -v, then cuobjdump). The
-loss kernels are checked for spills only until their rewrite (issue 12)."""
+upsample backward, of pyramid.cu; the loss's tile kernel and its in-place scale) move their data in
+16-byte accesses in their hot loops (ld/st.global.v4 in the PTX, LDG/STG.E.128 in the SASS) with no
+64-bit division in the kernel. The analysis is slsdeep_kernels.compile_check.analyse_cuda (nvcc with
+ptxas -v, then cuobjdump)."""
 
 import os
 import re
@@ -66,6 +66,14 @@ ADJOINT_WIDE = [f"taps_backward_kernel<{dtype}, {width}, {layout}>" for dtype, w
 ADJOINT_OTHERS = [f"taps_backward_kernel<{dtype}, 1, {layout}>" for dtype in WIDE for layout in ("true", "false")] + [
     f"taps_backward_strips_kernel<{dtype}>" for dtype in WIDE
 ]
+
+# The loss: the packed tile kernels (channel planes, or channels_last C = 2) read and write only
+# 16-byte packs, but for the tile's one fp32 partial sum; the element-wise fallback must not divide
+# in 64 bits either. The in-place scale of the saved gradient streams 16-byte packs.
+LOSS_PACKED = [f"tile_kernel<{dtype}, true, {layout}>" for dtype in WIDE for layout in ("false", "true")]
+LOSS_ELEMENTS = [f"tile_kernel<{dtype}, false, false>" for dtype in WIDE]
+LOSS_SCALE_WIDE = [f"scale_kernel<{dtype}, {width}>" for dtype, width in WIDE.items()]
+LOSS_SCALE_NARROW = [f"scale_kernel<{dtype}, 1>" for dtype in WIDE]
 
 
 def short_name(demangled: str) -> str:
@@ -164,6 +172,20 @@ def test_taps_backward_reads_grad_in_16_byte_packs(compiled):
 
 
 @needs_tools
+def test_loss_tile_kernels_move_16_byte_packs(compiled):
+    kernels = compiled["nll_epe_loss.cu"]
+    missing = [name for name in LOSS_PACKED + LOSS_ELEMENTS + LOSS_SCALE_WIDE + LOSS_SCALE_NARROW if name not in kernels]
+    assert not missing, f"kernels not found (renamed? update the lists): {missing}\nfound: {sorted(kernels)}"
+    for name in LOSS_PACKED:
+        memory, sass = kernels[name]["global_memory"]["all"], kernels[name]["sass"]
+        assert set(memory["ld"]) == {"16"}, f"{name}: loads by width {memory['ld']}"
+        assert memory["st"].get("16") and memory["st"].get("4") == 1 and set(memory["st"]) == {"16", "4"}, (
+            f"{name}: stores by width {memory['st']} (16-byte packs and the one fp32 partial)")
+        assert sass is None or (set(sass["LDG"]) == {"16"} and sass["STG"].get("4", 0) <= 1), f"{name}: SASS {sass}"
+    check_16_byte_hot_loops(kernels, LOSS_SCALE_WIDE, reads=True, writes=True)
+
+
+@needs_tools
 def test_rewritten_kernels_have_no_64bit_division(compiled):
     for name, record in compiled["conv_bn_relu.cu"].items():
         assert record["int64_division"]["loop"] == 0, f"{name}: {record['int64_division']}"
@@ -173,6 +195,9 @@ def test_rewritten_kernels_have_no_64bit_division(compiled):
     for name in POOL_KERNELS + POOL_SMALL_KERNELS + UPSAMPLE_NHWC + UPSAMPLE_NCHW + TAPS_NHWC + TAPS_NCHW + TAPS_NARROW + ADJOINT_WIDE + ADJOINT_OTHERS:
         assert name in pool, f"{name} not found in pyramid.cu: {sorted(pool)}"
         assert pool[name]["int64_division"]["all"] == 0, f"{name}: {pool[name]['int64_division']}"
+    loss = compiled["nll_epe_loss.cu"]
+    for name in LOSS_PACKED + LOSS_ELEMENTS + LOSS_SCALE_WIDE + LOSS_SCALE_NARROW:
+        assert loss[name]["int64_division"]["all"] == 0, f"{name}: {loss[name]['int64_division']}"
 
 
 # ------------------------------------------------------------------ the parsers, on known text

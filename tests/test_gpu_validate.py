@@ -19,8 +19,9 @@ SCRIPT = ROOT / "bench" / "gpu_validate.sh"
 CALL1 = ["build", "precompile", "precompile_model", "test_bf16", "test_fp16", "test_fp32", "test_autotune", "sanitize",
          "quick", "quick_cuda"]
 CALL2 = ["build", "precompile_model", "compile_bench", "full"]
-# What the device machine allows a call (8 and 5 minutes), in seconds.
+# What the device machine allows a call (8 and 5 minutes), in seconds, and one command (10 minutes).
 CALL_LIMITS = {"1": 480, "2": 300}
+COMMAND_LIMIT = 600
 
 
 def _load(name, path):
@@ -152,6 +153,22 @@ def test_call_2_restores_call_1(dry, tmp_path):
     assert [r["call"] for r in data["runs"]] == ["all", "2"]
 
 
+def test_the_models_max_autotune_baseline_runs_only_in_a_stage_of_its_own(tmp_path):
+    """torch.compile(mode="max-autotune") of the whole model takes minutes per batch size: the calls'
+    compile stages and compile_full run the default mode only; compile_model, by name only, runs the
+    max-autotune baselines within one device command."""
+    plan = subprocess.run(["bash", str(SCRIPT), "--plan", "compile_model"], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=60, check=True).stdout
+    cap = int(re.search(r"^  compile_model +(\d+)", plan, re.MULTILINE).group(1))
+    assert cap + 30 <= COMMAND_LIMIT and "compile_model" not in CALL1 + CALL2
+    for stage, mode in (("compile_bench", "default"), ("compile_full", "default"), ("compile_model", "max-autotune")):
+        body = subprocess.run(["bash", str(SCRIPT), "--_stage", stage], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              env={**_env(), "GV_DRY": "1", "GV_PYTHON": sys.executable, "GV_LOGS": str(tmp_path)}, check=True)
+        command = body.stdout.split("would run: ", 1)[1]
+        assert f"SLSDEEP_BENCH_COMPILE_MODE={mode} " in command, body.stdout
+    assert "bench/test_bench_model.py -q" in command  # compile_model: the model's file only
+
+
 # ---------------------------------------------------------------------------------------------
 # bench/results.py on synthetic stage outputs
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +279,21 @@ def test_benchmarks_are_tagged_with_their_backend(tmp_path):
     rows = results.speedups([b for _, s in results.ordered_stages(json.loads(file.read_text())) for b in s.get("benchmarks", [])])
     assert [(r["backend"], round(r["vs_eager"], 3)) for r in rows] == [("cuda", 1.5), ("triton", 3.0)]
     assert "nll (1,) · cuda" in results.markdown([str(file)])
+
+
+def test_table_shows_the_models_images_per_s_and_the_compile_mode(tmp_path):
+    def bench(way, median, **extra_info):
+        return {"name": f"test[{way}]", "group": "slsdeep inference (64, 3, 384, 384) bfloat16 forward",
+                "stats": {"median": median}, "extra_info": {"way": way, **extra_info}}
+
+    (tmp_path / "full.json").write_text(json.dumps({"benchmarks": [
+        bench("fused", 0.02, images_per_s=3200.0), bench("eager", 0.04, images_per_s=1600.0),
+        bench("compile", 0.03, images_per_s=2133.3, compile_mode="max-autotune")]}))
+    file = tmp_path / "r.json"
+    _record(file, "--stage", "full", "--kind", "bench", "--rc", "0", "--seconds", "9", "--benchmark-json", str(tmp_path / "full.json"))
+    table = results.markdown([str(file)])
+    assert table.splitlines()[0] == "| device | case | fused ms | fused images/s | × eager | × compile | bandwidth roof |"
+    assert "| 20.000 | 3200.0 | 2.00 | 1.50 (max-autotune) |  |" in table
 
 
 def test_bench_way_filter():

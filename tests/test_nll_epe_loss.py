@@ -448,6 +448,29 @@ def test_gpu_matches_reference(backend, dtype, reduction, c):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_gpu_loss_tiles_at_their_edges(backend, dtype, channels_last):
+    """The CUDA tile kernel (16 rows x 128 columns, runs of 16 columns) at its edges, on its packed
+    paths (W % 16 == 0: channel planes, or channels_last C = 2 as interleaved pairs) and its
+    element-wise one: one run (W = 16), a column tile mostly beyond the image (W = 144), H not a
+    multiple of 16, fewer columns than a run (W = 5), every mask dtype on the packed path, and a view
+    off the 16-byte grid (the element path at the same sizes)."""
+    cases = [((2, 16, 16), torch.uint8), ((1, 33, 144), torch.int64), ((2, 17, 272), torch.float32),
+             ((1, 40, 5), torch.bool), ((3, 19, 128), torch.bfloat16)]  # fmt: skip
+    for (n, h, w), target_dtype in cases:
+        for c in (1, 2):
+            logits, target = make_inputs(n, c, h, w + 1, dtype=dtype, target_dtype=target_dtype)
+            logits, target = logits.detach().cuda(), target.cuda()
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            aligned = logits[..., :w].contiguous(memory_format=layout)
+            for x, mask in ((aligned, target[..., :w].contiguous()), (logits[..., 1:], target[..., 1:])):
+                for reduction in ("mean", "none"):
+                    check(backend, x.detach().requires_grad_(), mask, alpha=0.7, reduction=reduction)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_channels_last_float_target_and_default_choice(backend):
     logits, target = make_inputs(2, 2, 130, 67, target_dtype=torch.float32)
     logits = logits.detach().cuda().to(memory_format=torch.channels_last).requires_grad_()

@@ -1,4 +1,4 @@
-"""`slsdeep bench`: the table, the JSON and the bar chart, on a tiny case (the real cases take minutes)."""
+"""`slsdeep bench`: the table, the JSON (with images/s) and the bar chart, on a tiny case (the real cases take minutes)."""
 
 import json
 
@@ -16,7 +16,7 @@ def tiny_cases(device, quick=False):
     from slsdeep_kernels import nll_epe_loss
     from slsdeep_kernels.ops.nll_epe_loss import nll_epe_loss_reference
 
-    return [Case("nll_epe_loss", (2, 1, 9, 11), torch.float32, inputs, nll_epe_loss, nll_epe_loss_reference)]
+    return [Case("nll_epe_loss", (2, 1, 9, 11), torch.float32, inputs, nll_epe_loss, nll_epe_loss_reference, images=2)]
 
 
 def test_bench_command_prints_a_table_and_writes_json_and_a_chart(tmp_path, monkeypatch, capsys):
@@ -25,8 +25,9 @@ def test_bench_command_prints_a_table_and_writes_json_and_a_chart(tmp_path, monk
     out = tmp_path / "bench.json"
     assert main(["bench", "--device", "cpu", "--quick", "--out", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "nll_epe_loss 2x1x9x11 float32" in table and "× compile" in table
+    assert "nll_epe_loss 2x1x9x11 float32" in table and "× compile" in table and "fused img/s" in table
     records = json.loads(out.read_text())["records"]
     assert {r["way"] for r in records} == {"fused", "eager", "compile"}
     assert all(r["which"] == "both" and r["median_s"] > 0 for r in records)
+    assert all(r["images_per_s"] == 2 / r["median_s"] for r in records)  # images per call / seconds per call
     assert out.with_suffix(".png").stat().st_size > 0

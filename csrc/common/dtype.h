@@ -4,6 +4,8 @@
 // half/bfloat16 parts exist only under nvcc, where cuda_fp16.h / cuda_bf16.h name the types.
 #pragma once
 
+#include <cstdint>
+
 #include "common/macros.h"
 
 #if defined(__CUDACC__)
@@ -19,9 +21,12 @@ namespace slsdeep {
 // (csrc/cuda_bind/bind.h).
 enum class DType : int { kFloat, kHalf, kBFloat16, kDouble, kUInt8, kInt64 };
 
-// Element -> accumulation type, and back with round-to-nearest-even.
+// Element -> accumulation type, and back with round-to-nearest-even. The read-only mask types convert
+// to float exactly for the values a mask holds.
 SLSDEEP_HD float to_float(float v) { return v; }
 SLSDEEP_HD double to_float(double v) { return v; }
+SLSDEEP_HD float to_float(uint8_t v) { return static_cast<float>(v); }
+SLSDEEP_HD float to_float(int64_t v) { return static_cast<float>(v); }
 
 template <typename T>
 SLSDEEP_HD T from_float(float v);

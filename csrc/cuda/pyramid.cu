@@ -199,11 +199,10 @@ __global__ void pool_fill_kernel(const float* __restrict__ grads, Strides s, uns
   for_each_pack<kVec, kChannelsLast>(seg, grad_x + seg.n * s.n + seg.c * s.c, s, [&](T* p) { store<T, kVec>(p, v); });
 }
 
-// Whether 16-byte packs of kWide elements stay aligned along a dimension of this size and stride: a
+// Whether packs of `width` elements (16 bytes) stay aligned along a dimension of this size and stride: a
 // stride that is a multiple of the width, or any stride of a size-1 dimension (torch gives those any).
-template <int kWide>
-bool keeps_packs(int64_t size, int64_t stride) {
-  return size == 1 || stride % kWide == 0;
+bool keeps_packs(int64_t size, int64_t stride, int width) {
+  return size == 1 || stride % width == 0;
 }
 
 bool packed(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -216,11 +215,11 @@ int pool_vector_width(const void* p, const Strides& s, bool channels_last, int64
   constexpr int kWide = 16 / sizeof(T);
   if (!packed(p)) return 1;
   if (channels_last) {
-    const bool ok = s.c == 1 && C % kWide == 0 && keeps_packs<kWide>(W, s.w) && keeps_packs<kWide>(H, s.h) &&
-                    keeps_packs<kWide>(N, s.n);
+    const bool ok = s.c == 1 && C % kWide == 0 && keeps_packs(W, s.w, kWide) && keeps_packs(H, s.h, kWide) &&
+                    keeps_packs(N, s.n, kWide);
     return ok ? kWide : 1;
   }
-  if (s.w != 1 || !keeps_packs<kWide>(H, s.h) || !keeps_packs<kWide>(C, s.c) || !keeps_packs<kWide>(N, s.n)) return 1;
+  if (s.w != 1 || !keeps_packs(H, s.h, kWide) || !keeps_packs(C, s.c, kWide) || !keeps_packs(N, s.n, kWide)) return 1;
   for (int k = 0; k <= plan.cols.segments; ++k) {
     if (plan.cols.bound[k] % kWide != 0) return 1;
   }
@@ -552,7 +551,7 @@ template <typename T>
 int taps_vector_width(const void* out, const Strides& s, bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W,
                       const TapTensor* taps, int count) {
   constexpr int kWide = 16 / sizeof(T);
-  auto fits = [](int64_t size, int64_t stride) { return keeps_packs<kWide>(size, stride); };
+  auto fits = [](int64_t size, int64_t stride) { return keeps_packs(size, stride, kWide); };
   if (!packed(out)) return 1;
   if (!channels_last) {
     return s.w == 1 && W % kWide == 0 && fits(H, s.h) && fits(C, s.c) && fits(N, s.n) ? kWide : 1;
@@ -871,7 +870,7 @@ template <typename T>
 int adjoint_vector_width(const void* grad, const Strides& s, bool channels_last, int64_t channel_offset, int64_t N,
                          int64_t C, int64_t H, int64_t W) {
   constexpr int kWide = 16 / sizeof(T);
-  auto fits = [](int64_t size, int64_t stride) { return keeps_packs<kWide>(size, stride); };
+  auto fits = [](int64_t size, int64_t stride) { return keeps_packs(size, stride, kWide); };
   if (!packed(grad) || !fits(N, s.n) || !fits(H, s.h)) return 1;
   if (channels_last) return s.c == 1 && C % kWide == 0 && channel_offset % kWide == 0 && fits(W, s.w) ? kWide : 1;
   return s.w == 1 && W % kWide == 0 && (channel_offset * s.c) % kWide == 0 && fits(C, s.c) ? kWide : 1;
@@ -890,8 +889,8 @@ int shared_memory_limit() {
 // taps_backward's tile: one pack of channels (NHWC) or 8 channels (NCHW) × every column where dU fits
 // the device's shared memory; else fewer channels (NCHW), then the widest strip of columns that fits
 // (whose sums then go through the workspace); false when not even one pack of columns fits.
-bool make_adjoint_plan(const TapTensor* grads, int count, int64_t channel_offset, int64_t C, int64_t H, int64_t W,
-                       bool channels_last, int vec, bool align_corners, AdjointPlan* plan) {
+bool make_adjoint_plan(const TapTensor* grads, int count, int64_t channel_offset, int64_t N, int64_t C, int64_t H,
+                       int64_t W, bool channels_last, int vec, bool align_corners, AdjointPlan* plan) {
   if (count < 1 || count > kMaxBranches || C > INT_MAX || H > INT_MAX || W > INT_MAX) return false;
   AdjointPlan p{};
   p.count = count;
@@ -905,8 +904,9 @@ bool make_adjoint_plan(const TapTensor* grads, int count, int64_t channel_offset
     const TapTensor& z = grads[b];
     if (z.k < 1 || z.k > INT_MAX || z.h < 1 || z.h > INT_MAX || z.w < 1 || z.w > INT_MAX) return false;
     const TapStrides& zs = z.strides;
-    const bool packs = vec > 1 && packed(z.data) && zs.c == 1 && zs.n % vec == 0 && zs.ky % vec == 0 &&
-                       zs.kx % vec == 0 && zs.i % vec == 0 && zs.j % vec == 0;
+    const bool packs = vec > 1 && packed(z.data) && zs.c == 1 && keeps_packs(N, zs.n, vec) &&
+                       keeps_packs(z.k, zs.ky, vec) && keeps_packs(z.k, zs.kx, vec) && keeps_packs(z.h, zs.i, vec) &&
+                       keeps_packs(z.w, zs.j, vec);
     p.branch[b] = {const_cast<void*>(z.data), zs, static_cast<int>(z.k), static_cast<int>(z.h), static_cast<int>(z.w),
                    pyramid::linear_scale<float>(z.h, H, align_corners), pyramid::linear_scale<float>(z.w, W, align_corners),
                    packs, static_cast<int>(pairs), 0, 0, entries};
@@ -1014,7 +1014,7 @@ cudaError_t upsample_branch(DType dtype, const void* z, Strides z_strides, int64
   if (total > UINT_MAX || H > INT_MAX || W > INT_MAX || h > INT_MAX || w > INT_MAX) return cudaErrorInvalidValue;
   SLSDEEP_DISPATCH_FLOATING(dtype, {
     constexpr int kWide = 16 / sizeof(scalar_t);
-    auto fits = [](int64_t size, int64_t stride) { return keeps_packs<kWide>(size, stride); };
+    auto fits = [](int64_t size, int64_t stride) { return keeps_packs(size, stride, kWide); };
     const Strides& s = out_strides;
     const Strides& zs = z_strides;
     const bool wide =
@@ -1071,7 +1071,7 @@ int64_t taps_backward_workspace_floats(DType dtype, const void* grad, Strides gr
   SLSDEEP_DISPATCH_FLOATING(dtype, {
     const int vec = adjoint_vector_width<scalar_t>(grad, grad_strides, channels_last, channel_offset, N, C, H, W);
     AdjointPlan plan;
-    if (make_adjoint_plan(grad_taps, count, channel_offset, C, H, W, channels_last, vec, align_corners, &plan) &&
+    if (make_adjoint_plan(grad_taps, count, channel_offset, N, C, H, W, channels_last, vec, align_corners, &plan) &&
         launchable(plan, N)) {
       floats = plan.workspace_floats(N, C);
     }
@@ -1090,7 +1090,8 @@ cudaError_t taps_backward(DType dtype, const void* grad, Strides grad_strides, b
       constexpr int kVec = decltype(width)::value;
       constexpr bool kChannelsLast = decltype(layout)::value;
       AdjointPlan plan;
-      const bool planned = make_adjoint_plan(grad_taps, count, channel_offset, C, H, W, kChannelsLast, kVec, align_corners, &plan);
+      const bool planned =
+          make_adjoint_plan(grad_taps, count, channel_offset, N, C, H, W, kChannelsLast, kVec, align_corners, &plan);
       const int64_t blocks = planned ? N * plan.channel_tiles * plan.column_strips : 0;
       if (!planned || !launchable(plan, N) || (plan.column_strips > 1 && workspace == nullptr)) {
         status = cudaErrorInvalidValue;
