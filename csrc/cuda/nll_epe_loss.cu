@@ -1,4 +1,6 @@
 // CUDA kernels of the NLL + EPE loss: see nll_epe_loss.h.
+#include <climits>
+
 #include "common/dtype.h"
 #include "common/nll_epe_loss.h"
 #include "cuda/nll_epe_loss.h"
@@ -215,10 +217,9 @@ constexpr int resident_blocks() {
 }
 
 // The tile kernel, in three stages through shared memory:
-//  (1) each thread loads its run (margins, mask, upstream gradient), writes d = p - v to the window and
-//      keeps what (2) and (3) need of its pixels; 72 threads then load the halo's runs;
-//  (2) the EPE and its weighted direction u: each thread on its run (the loss from its registers),
-//      then the window's ring;
+//  (1) 72 threads load the halo's runs, then each thread its own run (margins, mask, upstream
+//      gradient), writing d = p - v to the window and keeping what (2) and (3) need of its pixels;
+//  (2) the EPE and its weighted direction u: each thread on its run, then the window's ring;
 //  (3) each thread the gradient on its run: the vertical then horizontal adjoint of the stencils.
 // kPacked: every access in 16-byte packs (the launcher checks strides, W % 16 and alignment); else
 // element accesses at any strides. Index maths in 32 bits but for the per-row base offsets.
@@ -310,7 +311,7 @@ __global__ void __launch_bounds__(kThreads, resident_blocks<T, kPacked>()) tile_
   // (2) the EPE and u = w (Ex, Ey) / EPE on this thread's run (u window row ti + 1, columns 16 slot + 1 + j)
   float loss_sum = 0.0f;
   {
-    const float* d0 = d_s + ti * kRowFloats + 17 * slot;
+    const float* d0 = d_s + (ti + 1) * kRowFloats + 17 * slot;  // d rows ti + 1 .. ti + 3 around the run
     float loss[kRun];
 #pragma unroll
     for (int j = 0; j < kRun; ++j) {
@@ -496,11 +497,17 @@ cudaError_t launch(const Problem& pb, cudaStream_t stream) {
 
 }  // namespace
 
+bool launchable(int64_t N, int64_t H, int64_t W) {
+  const int64_t row_blocks = N * ((H + kTileH - 1) / kTileH), column_tiles = (W + kTileW - 1) / kTileW;
+  return H <= INT_MAX && W <= INT_MAX && row_blocks <= INT_MAX && column_tiles <= 65535;
+}
+
 int64_t partial_count(int64_t N, int64_t H, int64_t W) {
   return N * ((H + kTileH - 1) / kTileH) * ((W + kTileW - 1) / kTileW);
 }
 
 cudaError_t run(const Problem& problem, cudaStream_t stream) {
+  if (!launchable(problem.N, problem.H, problem.W)) return cudaErrorInvalidValue;
   SLSDEEP_DISPATCH_FLOATING(problem.dtype, return launch<scalar_t>(problem, stream))
   return cudaSuccess;
 }

@@ -46,6 +46,10 @@ struct Problem {
   float gradient_scale = 1.0f;
 };
 
+// Whether the grid of an (N, *, H, W) problem can launch: H and W in 32 bits, N * ceil(H / 16) blocks
+// in 2^31 - 1, ceil(W / 128) in 65,535 (run returns cudaErrorInvalidValue otherwise).
+bool launchable(int64_t N, int64_t H, int64_t W);
+
 int64_t partial_count(int64_t N, int64_t H, int64_t W);
 
 cudaError_t run(const Problem& problem, cudaStream_t stream);

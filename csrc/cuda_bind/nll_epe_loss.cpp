@@ -30,6 +30,9 @@ slsdeep::DType target_type_of(const Tensor& t) {
 }
 
 kernels::Problem make_problem(const Tensor& logits, const Tensor& target, double alpha) {
+  TORCH_CHECK(kernels::launchable(logits.size(0), logits.size(2), logits.size(3)),
+              "nll_epe_loss (cuda): logits ", logits.sizes(), " exceed the kernel's grid (H and W below 2^31, at most ",
+              "65,535 tiles of 128 columns, N * H / 16 below 2^31)");
   kernels::Problem pb;
   pb.N = logits.size(0);
   pb.C = logits.size(1);
@@ -85,7 +88,9 @@ std::tuple<Tensor, Tensor> nll_epe_loss_cuda(const Tensor& logits, const Tensor&
 Tensor nll_epe_loss_backward_cuda(const Tensor& grad_loss, const Tensor& logits, const Tensor& target, double alpha) {
   slsdeep::nll_epe::check_backward(grad_loss, logits, target);
   const slsdeep::CudaCall cuda(logits);
-  const Tensor grad_map = grad_loss.to(logits.scalar_type());
+  // contiguous: the 16-byte path needs rows of it (an expanded upstream gradient, (0, 0, 0) strides after
+  // loss_map.sum().backward(), would send every operand through the element path)
+  const Tensor grad_map = grad_loss.to(logits.scalar_type()).contiguous();
   Tensor gradient = slsdeep::new_output(logits.sizes(), logits.options(), slsdeep::preserved_format(logits));
   kernels::Problem pb = make_problem(logits, target, alpha);
   pb.grad_map = grad_map.data_ptr();
