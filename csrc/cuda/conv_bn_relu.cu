@@ -539,7 +539,7 @@ int vector_width(const Activation& a, std::initializer_list<const void*> pointer
   constexpr int kWide = 16 / sizeof(T);
   if ((a.channels_last ? a.C : a.S) % kWide != 0) return 1;
   for (const void* p : pointers) {
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+    if (!packs::packed(p)) return 1;
   }
   return kWide;
 }

@@ -441,10 +441,9 @@ __global__ void __launch_bounds__(kScaleThreads) scale_kernel(T* gradient, int64
 // (of dimensions longer than 1) whole packs.
 bool rows_pack(const void* p, int element_bytes, const int64_t* stride, const int64_t* size, int dims, int64_t unit) {
   if (p == nullptr) return true;
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0 || stride[dims - 1] != unit) return false;
-  const int64_t per_pack = 16 / element_bytes;
+  if (!packs::packed(p) || stride[dims - 1] != unit) return false;
   for (int k = 0; k < dims - 1; ++k) {
-    if (size[k] != 1 && stride[k] % per_pack != 0) return false;
+    if (!packs::keeps_packs(size[k], stride[k], 16 / element_bytes)) return false;
   }
   return true;
 }
@@ -528,7 +527,7 @@ cudaError_t scale(DType dtype, void* gradient, int64_t numel, const float* facto
   SLSDEEP_DISPATCH_FLOATING(dtype, {
     constexpr int kWide = 16 / sizeof(scalar_t);
     auto* p = static_cast<scalar_t*>(gradient);
-    if (numel % kWide == 0 && reinterpret_cast<uintptr_t>(gradient) % 16 == 0) {
+    if (numel % kWide == 0 && packs::packed(gradient)) {
       scale_kernel<scalar_t, kWide><<<grid_for(numel / kWide), kScaleThreads, 0, stream>>>(p, numel / kWide, factor);
     } else {
       scale_kernel<scalar_t, 1><<<grid_for(numel), kScaleThreads, 0, stream>>>(p, numel, factor);

@@ -1,6 +1,7 @@
 // Packs of kVec consecutive elements for the CUDA kernels' 16-byte accesses (torch-free; device code).
 #pragma once
 
+#include <cstdint>
 #include <cstring>
 
 #include "common/dtype.h"
@@ -57,6 +58,15 @@ __device__ __forceinline__ void store(T* p, const float (&in)[kVec]) {
     *reinterpret_cast<Pack<T, kVec>*>(p) = pack;
   }
 }
+
+// Host side: whether 16-byte packs can be used.
+
+// A pointer on the 16-byte grid.
+inline bool packed(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Whether packs of `width` elements (16 bytes) stay aligned along a dimension of this size and stride: a
+// stride that is a multiple of the width, or any stride of a size-1 dimension (torch gives those any).
+inline bool keeps_packs(int64_t size, int64_t stride, int width) { return size == 1 || stride % width == 0; }
 
 }  // namespace packs
 }  // namespace slsdeep

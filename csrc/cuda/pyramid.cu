@@ -20,6 +20,8 @@ namespace {
 using packs::load;
 using packs::load_cached;
 using packs::store;
+using packs::keeps_packs;
+using packs::packed;
 using pyramid::LinearTap;
 
 constexpr int kThreads = 256;
@@ -199,13 +201,6 @@ __global__ void pool_fill_kernel(const float* __restrict__ grads, Strides s, uns
   for_each_pack<kVec, kChannelsLast>(seg, grad_x + seg.n * s.n + seg.c * s.c, s, [&](T* p) { store<T, kVec>(p, v); });
 }
 
-// Whether packs of `width` elements (16 bytes) stay aligned along a dimension of this size and stride: a
-// stride that is a multiple of the width, or any stride of a size-1 dimension (torch gives those any).
-bool keeps_packs(int64_t size, int64_t stride, int width) {
-  return size == 1 || stride % width == 0;
-}
-
-bool packed(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // The pack width of a pool pass over an (N, C, H, W) tensor with strides s at p: 16 bytes where the
 // layout's contiguous axis, the other strides, every bound along it and the pointer allow it, else 1.
