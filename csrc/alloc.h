@@ -6,7 +6,8 @@
 // forgets to write shows up in the comparison against the reference instead of passing by luck.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdlib>
 #include <limits>

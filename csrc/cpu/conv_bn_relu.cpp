@@ -11,11 +11,15 @@
 // so a profile (bench/test_bench_cpu_variants.py) times the passes apart from the convolution.
 // Activations are dense NCHW (planes of S = H·W values of one channel) or NHWC (rows of C values);
 // reductions use a fixed split that does not depend on the thread count, so results are deterministic.
-#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
@@ -383,7 +387,7 @@ Tensor conv_bn_relu_eval_kernel(const Tensor& input, const Tensor& weight, const
   });
   if (onednn_post_op_supported(x)) {
     // oneDNN runs conv + bias + ReLU in one pass over the output.
-    const Tensor folded = (weight.to(acc) * scale.view({C, 1, 1, 1})).to(x.scalar_type());
+    const Tensor folded = weight.to(acc).mul(scale.view({C, 1, 1, 1})).to(x.scalar_type());
     return onednn_conv_act(x, folded, shift, stride, padding, dilation, groups, relu).contiguous(format);
   }
   return conv_scale_shift_act(x, weight, scale, shift, stride, padding, dilation, groups, relu, format);

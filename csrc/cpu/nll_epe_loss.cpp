@@ -10,10 +10,11 @@
 // Inner loops run along a row without branches (the column borders come from one padding element on
 // each side of a row buffer) and, for float, without libm calls, so that they vectorise for every
 // instruction-set variant (csrc/cpu/variant.h).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/bit_cast.h>
 #include <torch/library.h>
 

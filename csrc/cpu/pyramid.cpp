@@ -6,7 +6,7 @@
 // at::parallel_for over planes), separably: a pass along the width into a small per-plane buffer,
 // then one along the height. Backward passes gather (the cells containing a segment; per-axis
 // reader lists built from csrc/common/pyramid.h): deterministic.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
