@@ -185,8 +185,8 @@ def _extensions(torch):
             f"{PACKAGE}._C_cuda",
             _sources("csrc/python_module.cpp", "csrc/cuda_bind/*.cpp", "csrc/cuda/*.cu"),
             include_dirs=include_dirs,
-            # host code never fuses a·b + c either (the CUDA launchers' plans match the device's stencils)
-            # (the bindings still include ATen/ATen.h: the per-operator rule covers the CPU extension)
+            # HOST_FLAGS without the per-operator header rule: the bindings still include ATen/ATen.h.
+            # The CUDA launchers' host plans must match the device's stencils, hence no FMA on nvcc's side too.
             extra_compile_args={"cxx": [*HOST_FLAGS, "-DSLSDEEP_MODULE=_C_cuda"],
                                 "nvcc": ["-O3", "-Xcompiler=-ffp-contract=off"]},
         )
