@@ -12,6 +12,10 @@
 //    (tests/test_cpu_variants.py disassembles _C to prove it). Baseline code still inlines into a
 //    variant's functions, where it is compiled for the variant's instructions.
 // The pragma names instruction sets only (no arch=/tune=), which keeps that inlining legal in GCC.
+// The AVX512 variant's vector width is chosen per op, as measured (docs/design.md §6): AVX-512
+// instructions on 256-bit vectors by default, 512-bit vectors where the op's wrapper defines
+// SLSDEEP_CPU_AVX512_ZMM (the loss). On a Zen 5 the pyramid's short rows and the BatchNorm passes
+// ran 13% to 3x slower on 512-bit vectors than on 256-bit ones; the loss's rows ran 27% faster.
 // csrc/cpu/dispatch.h picks the variant at run time. Variants are built with GCC on x86-64; any
 // other compiler or platform builds DEFAULT only.
 //
@@ -33,11 +37,17 @@
 #define SLSDEEP_CPU_HAS_VARIANTS 0
 #endif
 
-#if defined(SLSDEEP_CPU_VARIANT_AVX512)
+#if defined(SLSDEEP_CPU_VARIANT_AVX512) && defined(SLSDEEP_CPU_AVX512_ZMM)
 #define SLSDEEP_CPU_VARIANT AVX512
 #define SLSDEEP_CPU_VARIANT_PUSH \
   _Pragma("GCC push_options")    \
   _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512\")")
+#define SLSDEEP_CPU_VARIANT_POP _Pragma("GCC pop_options")
+#elif defined(SLSDEEP_CPU_VARIANT_AVX512)
+#define SLSDEEP_CPU_VARIANT AVX512
+#define SLSDEEP_CPU_VARIANT_PUSH \
+  _Pragma("GCC push_options")    \
+  _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=256\")")
 #define SLSDEEP_CPU_VARIANT_POP _Pragma("GCC pop_options")
 #elif defined(SLSDEEP_CPU_VARIANT_AVX2)
 #define SLSDEEP_CPU_VARIANT AVX2
