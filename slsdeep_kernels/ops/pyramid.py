@@ -222,15 +222,14 @@ def _split_weight(weight: Tensor, parts: list[Tensor], full: list[bool]) -> tupl
     """The conv weight as the op takes it: the full-resolution parts' slices (C_out, C_full, k, k),
     dense, for the conv, and per resized part (a branch) its slice as (k·k·C_out, C_b), rows ordered
     (ky, kx, out channel), for the tap matmuls. Differentiable ATen: autograd turns the pieces'
-    gradients into the weight's."""
-    full_slices, branch_weights, offset = [], [], 0
-    for p, is_full in zip(parts, full):
-        piece = weight[:, offset : offset + p.shape[1]]
+    gradients into the weight's: one ``split``, whose backward concatenates the pieces' gradients
+    (a slice per piece would zero-fill a weight-sized gradient for each)."""
+    full_slices, branch_weights = [], []
+    for p, is_full, piece in zip(parts, full, weight.split([p.shape[1] for p in parts], dim=1)):
         if is_full:
             full_slices.append(piece)
         else:
             branch_weights.append(piece.permute(2, 3, 0, 1).clone(memory_format=torch.contiguous_format).view(-1, p.shape[1]))
-        offset += p.shape[1]
     if len(full_slices) == 1:
         return full_slices[0].clone(memory_format=torch.contiguous_format), branch_weights
     return torch.cat(full_slices, dim=1).contiguous(), branch_weights
