@@ -118,6 +118,7 @@ inline void gather_rows(acc_t* acc, const AxisReaders<acc_t>& readers, int64_t i
 
 constexpr int64_t kChannelChunk = 64;     // channels per task of the channel walk
 constexpr int64_t kChannelWalkFrom = 16;  // fewer channels: the plane walk (short channel runs are slow)
+constexpr int64_t kPlaneChunk = 16;       // planes per task of the plane walk
 
 // The plan of both axes and, for the backward, the adjoint's terms: for every segment pair, the
 // cells containing it (their index in a plane's Σ b² cells) with weight 1 / area.
@@ -167,12 +168,13 @@ PoolPlan<acc_t> pool_plan(const std::vector<int64_t>& bins, int64_t H, int64_t W
 // The channel walk: channels innermost, and enough of them.
 bool walks_channels(const at::Tensor& t) { return channels_innermost(t) && t.size(1) >= kChannelWalkFrom; }
 
-// out[c · out_channel_stride + cell] for `count` channels, from segment sums laid out
-// sums[pair · pair_stride + c · channel_stride]: every cell the sum of its segments over its area.
+// out[c · out_channel_stride + cell] for `count` <= kChannelChunk channels, from segment sums laid out
+// sums[pair · pair_stride + c]: every cell the sum of its segments over its area, vector adds over c.
 template <typename acc_t, typename scalar_t>
 void cells_from_sums(const PoolPlan<acc_t>& plan, const std::vector<int64_t>& bins, const acc_t* sums, int64_t pair_stride,
-                     int64_t channel_stride, int64_t count, scalar_t* out, int64_t out_channel_stride) {
+                     int64_t count, scalar_t* out, int64_t out_channel_stride) {
   const int segments_w = plan.cols.segments;
+  acc_t sum[kChannelChunk];
   int64_t cell = 0;
   for (size_t k = 0; k < bins.size(); ++k) {
     for (int64_t i = 0; i < bins[k]; ++i) {
@@ -183,39 +185,44 @@ void cells_from_sums(const PoolPlan<acc_t>& plan, const std::vector<int64_t>& bi
         const int q0 = plan.cols.first[col_cell], q1 = plan.cols.last[col_cell];
         const acc_t inverse_area =
             acc_t(1) / static_cast<acc_t>(pyramid::cell_extent(plan.rows, row_cell) * pyramid::cell_extent(plan.cols, col_cell));
-        for (int64_t c = 0; c < count; ++c) {
-          acc_t sum = 0;
-          for (int r = r0; r < r1; ++r) {
-            for (int q = q0; q < q1; ++q) sum += sums[(r * segments_w + q) * pair_stride + c * channel_stride];
+        std::fill(sum, sum + count, acc_t(0));
+        for (int r = r0; r < r1; ++r) {
+          for (int q = q0; q < q1; ++q) {
+            const acc_t* __restrict__ pair = sums + (r * segments_w + q) * pair_stride;
+#pragma omp simd
+            for (int64_t c = 0; c < count; ++c) sum[c] += pair[c];
           }
-          out[c * out_channel_stride + cell] = static_cast<scalar_t>(sum * inverse_area);
         }
+        for (int64_t c = 0; c < count; ++c) out[c * out_channel_stride + cell] = static_cast<scalar_t>(sum[c] * inverse_area);
       }
     }
   }
 }
 
-// out (N, C, S) contiguous: the pyramid's cells of x (N, C, H, W, any strides).
+// out (N, C, S) contiguous: the pyramid's cells of x (N, C, H, W, any strides). Tasks (n, chunk of
+// channels) sum every segment of their channels, then form the chunk's cells from those sums at once
+// (vector adds over the chunk's channels, not a plane's 50 cells one by one).
 template <typename scalar_t>
 void pool_forward(const at::Tensor& x, const at::Tensor& out, const std::vector<int64_t>& bins) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), cells = out.size(2);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), cells = out.size(2);
   const Strides4 s = strides_of(x);
-  const PoolPlan<acc_t> plan = pool_plan<acc_t>(bins, H, x.size(3), false);
+  const PoolPlan<acc_t> plan = pool_plan<acc_t>(bins, H, W, false);
   const int segments_w = plan.cols.segments, pairs = plan.pairs();
   const scalar_t* data = x.const_data_ptr<scalar_t>();
   scalar_t* result = out.mutable_data_ptr<scalar_t>();
-  if (walks_channels(x)) {  // tasks (n, chunk of channels): each pixel row's channels added to its segment's
-    const int64_t chunks = (C + kChannelChunk - 1) / kChannelChunk;
-    at::parallel_for(0, N * chunks, grain_for(H * x.size(3) * kChannelChunk), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> sums(static_cast<size_t>(pairs) * kChannelChunk);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t n = task / chunks, c0 = (task % chunks) * kChannelChunk, count = std::min(kChannelChunk, C - c0);
+  const bool channel_walk = walks_channels(x);
+  const int64_t chunk = channel_walk ? kChannelChunk : kPlaneChunk, chunks = (C + chunk - 1) / chunk;
+  at::parallel_for(0, N * chunks, grain_for(H * W * chunk), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sums(static_cast<size_t>(pairs) * chunk), column_sums(W);  // sums[pair * chunk + c]
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks, c0 = (task % chunks) * chunk, count = std::min(chunk, C - c0);
+      if (channel_walk) {  // each pixel row's channels added to its segment's
         std::fill(sums.begin(), sums.end(), acc_t(0));
         for (int sh = 0; sh < plan.rows.segments; ++sh) {
           for (int64_t h = plan.rows.bound[sh]; h < plan.rows.bound[sh + 1]; ++h) {
             for (int sw = 0; sw < segments_w; ++sw) {
-              acc_t* __restrict__ sum = sums.data() + (sh * segments_w + sw) * kChannelChunk;
+              acc_t* __restrict__ sum = sums.data() + (sh * segments_w + sw) * chunk;
               for (int64_t w = plan.cols.bound[sw]; w < plan.cols.bound[sw + 1]; ++w) {
                 const scalar_t* __restrict__ pixel = data + n * s.n + h * s.h + w * s.w + c0;
 #pragma omp simd
@@ -224,36 +231,30 @@ void pool_forward(const at::Tensor& x, const at::Tensor& out, const std::vector<
             }
           }
         }
-        cells_from_sums(plan, bins, sums.data(), kChannelChunk, int64_t{1}, count, result + (n * C + c0) * cells, cells);
-      }
-    });
-    return;
-  }
-  // planes: a row segment's rows added into one row (whole-row vector adds), then cut into segments
-  const int64_t W = x.size(3);
-  at::parallel_for(0, N * C, grain_for(H * W), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sums(pairs), column_sums(W);
-    for (int64_t p = begin; p < end; ++p) {
-      const scalar_t* plane = data + (p / C) * s.n + (p % C) * s.c;
-      for (int sh = 0; sh < plan.rows.segments; ++sh) {
-        acc_t* __restrict__ columns = column_sums.data();
-        std::fill(columns, columns + W, acc_t(0));
-        for (int64_t h = plan.rows.bound[sh]; h < plan.rows.bound[sh + 1]; ++h) {
-          const scalar_t* __restrict__ row = plane + h * s.h;
-          if (s.w == 1) {
+      } else {  // plane by plane: a row segment's rows added into one row (whole-row adds), then cut
+        for (int64_t c = 0; c < count; ++c) {
+          const scalar_t* plane = data + n * s.n + (c0 + c) * s.c;
+          for (int sh = 0; sh < plan.rows.segments; ++sh) {
+            acc_t* __restrict__ columns = column_sums.data();
+            std::fill(columns, columns + W, acc_t(0));
+            for (int64_t h = plan.rows.bound[sh]; h < plan.rows.bound[sh + 1]; ++h) {
+              const scalar_t* __restrict__ row = plane + h * s.h;
+              if (s.w == 1) {
 #pragma omp simd
-            for (int64_t w = 0; w < W; ++w) columns[w] += static_cast<acc_t>(row[w]);
-          } else {
-            for (int64_t w = 0; w < W; ++w) columns[w] += static_cast<acc_t>(row[w * s.w]);
+                for (int64_t w = 0; w < W; ++w) columns[w] += static_cast<acc_t>(row[w]);
+              } else {
+                for (int64_t w = 0; w < W; ++w) columns[w] += static_cast<acc_t>(row[w * s.w]);
+              }
+            }
+            for (int sw = 0; sw < segments_w; ++sw) {
+              acc_t run = 0;
+              for (int64_t w = plan.cols.bound[sw]; w < plan.cols.bound[sw + 1]; ++w) run += columns[w];
+              sums[(sh * segments_w + sw) * chunk + c] = run;
+            }
           }
         }
-        for (int sw = 0; sw < segments_w; ++sw) {
-          acc_t run = 0;
-          for (int64_t w = plan.cols.bound[sw]; w < plan.cols.bound[sw + 1]; ++w) run += columns[w];
-          sums[sh * segments_w + sw] = run;
-        }
       }
-      cells_from_sums(plan, bins, sums.data(), int64_t{1}, int64_t{0}, int64_t{1}, result + p * cells, cells);
+      cells_from_sums(plan, bins, sums.data(), chunk, count, result + (n * C + c0) * cells, cells);
     }
   });
 }
@@ -276,23 +277,24 @@ void pool_backward(const at::Tensor& grad, const at::Tensor& out, const std::vec
     }
     return static_cast<scalar_t>(sum);
   };
-  if (walks_channels(out)) {  // tasks (n, chunk of channels): each pixel's channels copied from its pair's
-    const int64_t chunks = (C + kChannelChunk - 1) / kChannelChunk;
-    at::parallel_for(0, N * chunks, grain_for(H * W * kChannelChunk), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> values(static_cast<size_t>(pairs) * kChannelChunk);
+  if (walks_channels(out)) {  // every pair's value per channel, then pixel rows: each pixel's channels copied
+    std::vector<scalar_t> values(static_cast<size_t>(N * pairs * C));  // values[(n · pairs + pair) · C + c]
+    at::parallel_for(0, N * pairs, grain_for(C * 4), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t n = task / chunks, c0 = (task % chunks) * kChannelChunk, count = std::min(kChannelChunk, C - c0);
-        for (int pair = 0; pair < pairs; ++pair) {
-          for (int64_t c = 0; c < count; ++c) values[pair * kChannelChunk + c] = pair_value(pair, g + (n * C + c0 + c) * cells);
-        }
-        for (int sh = 0; sh < plan.rows.segments; ++sh) {
-          for (int64_t h = plan.rows.bound[sh]; h < plan.rows.bound[sh + 1]; ++h) {
-            for (int sw = 0; sw < segments_w; ++sw) {
-              const scalar_t* value = values.data() + (sh * segments_w + sw) * kChannelChunk;
-              for (int64_t w = plan.cols.bound[sw]; w < plan.cols.bound[sw + 1]; ++w) {
-                std::copy(value, value + count, result + n * s.n + h * s.h + w * s.w + c0);
-              }
-            }
+        const int64_t n = task / pairs;
+        const int pair = static_cast<int>(task % pairs);
+        for (int64_t c = 0; c < C; ++c) values[task * C + c] = pair_value(pair, g + (n * C + c) * cells);
+      }
+    });
+    at::parallel_for(0, N * H, grain_for(W * C), [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / H, h = task % H;
+        int sh = 0;
+        while (h >= plan.rows.bound[sh + 1]) ++sh;
+        for (int sw = 0; sw < segments_w; ++sw) {
+          const scalar_t* value = values.data() + (n * pairs + sh * segments_w + sw) * C;
+          for (int64_t w = plan.cols.bound[sw]; w < plan.cols.bound[sw + 1]; ++w) {
+            std::copy(value, value + C, result + n * s.n + h * s.h + w * s.w);
           }
         }
       }
