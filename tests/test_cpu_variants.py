@@ -105,9 +105,9 @@ def _kernel_calls():
             ("upsample_concat_backward_kernel", lambda dtype=dtype: kernels.upsample_concat_backward_kernel(
                 torch.randn(2, 17, 13, 11).to(dtype), 5, [3, 1, 1, 3, 2, 2, 3, 3, 3, 3, 6, 6], False)),
             ("pyramid_taps_add_kernel", lambda xd=xd, dtype=dtype: _in_place(
-                kernels.pyramid_taps_add_kernel, torch.randn(2, 4, 13, 11).to(dtype), [t.to(dtype) for t in taps], False)),
+                kernels.pyramid_taps_add_kernel, torch.randn(2, 4, 13, 37).to(dtype), [t.to(dtype) for t in taps], False)),
             ("pyramid_taps_backward_kernel", lambda dtype=dtype: kernels.pyramid_taps_backward_kernel(
-                torch.randn(2, 4, 13, 11).to(dtype), [2, 2, 3, 3, 6, 6], 3, True)),
+                torch.randn(2, 4, 13, 37).to(dtype), [2, 2, 3, 3, 6, 6], 3, True)),
             ("conv_bn_relu_train_kernel", lambda c=c: kernels.conv_bn_relu_train_kernel(*c, *geometry, 1e-5, True)),
             ("conv_bn_relu_train_kernel", lambda c=c: kernels.conv_bn_relu_train_kernel(
                 c[0].contiguous(memory_format=torch.channels_last), *c[1:], *geometry, 1e-5, False)),

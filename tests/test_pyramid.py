@@ -222,6 +222,19 @@ def test_pyramid_conv3x3_without_bias_some_grads(backend):
     assert_matches_reference(fused, reference, [x, weight, None, *branches])
 
 
+@pytest.mark.parametrize("width", [16, 37])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pyramid_conv3x3_wide_rows(backend, width):
+    """Output rows of whole 16-column chunks, and of chunks plus a tail (the CPU taps sum each chunk
+    of a row in registers)."""
+    x = image((1, 3, 5, width)).requires_grad_()
+    branches = make_branches(1)
+    weight = (torch.randn(5, 3 + 8, 3, 3) / 4).requires_grad_()
+    bias = torch.randn(5, requires_grad=True)
+    fused, reference = conv_case(backend, False, with_bias=True)
+    assert_matches_reference(fused, reference, [x, weight, bias, *branches])
+
+
 def test_pyramid_conv3x3_is_exact_to_fp32_rounding():
     """Norm-wise error against fp64 below 1e-5 in fp32 (TF32 off), at a decoder-like channel ratio."""
     x = image((2, 64, 24, 24))

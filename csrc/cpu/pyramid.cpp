@@ -450,6 +450,15 @@ struct TapBranch {
   std::vector<AxisReaders<acc_t>> cols;  // per kx: the readers of each cell column, shifted by kx - k/2
 };
 
+// One (branch, ky) term of an output row: u rows at offset0 and offset1 blended with its weights.
+template <typename acc_t>
+struct RowTerm {
+  int64_t offset0, offset1;
+  acc_t weight0, weight1;
+};
+
+constexpr int kColumnChunk = 16;  // output columns summed in registers over a row's terms
+
 template <typename scalar_t>
 void taps_add(const at::Tensor& out, at::TensorList taps, bool align_corners) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -463,6 +472,21 @@ void taps_add(const at::Tensor& out, at::TensorList taps, bool align_corners) {
     for (int64_t kx = 0; kx < k; ++kx) cols.push_back(axis_readers<acc_t>(w, W, align_corners, kx - k / 2));
     branches.push_back({k, h, w, u_size, tap_strides(z), axis_taps<acc_t>(h, H, align_corners), std::move(cols)});
     u_size += k * h * W;
+  }
+  // Every output row's terms, in (branch, ky) order: the two u rows its stencil blends and their
+  // weights (the same for every plane).
+  std::vector<int64_t> term_begin{0};
+  std::vector<RowTerm<acc_t>> terms;
+  for (int64_t p = 0; p < H; ++p) {
+    for (const TapBranch<acc_t>& br : branches) {
+      for (int64_t ky = 0; ky < br.k; ++ky) {
+        const int64_t row = p + ky - br.k / 2;
+        if (row < 0 || row >= H) continue;
+        const LinearTap<acc_t>& r = br.rows[row];
+        terms.push_back({br.u_offset + (ky * br.h + r.index0) * W, br.u_offset + (ky * br.h + r.index1) * W, r.weight0, r.weight1});
+      }
+    }
+    term_begin.push_back(static_cast<int64_t>(terms.size()));
   }
   scalar_t* dst = out.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, out.size(0) * Co, grain_for(H * W), [&](int64_t begin, int64_t end) {
@@ -486,16 +510,23 @@ void taps_add(const at::Tensor& out, at::TensorList taps, bool align_corners) {
       }
       scalar_t* plane_out = dst + n * s.n + co * s.c;
       for (int64_t p = 0; p < H; ++p) {
-        std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
-        for (const TapBranch<acc_t>& br : branches) {
-          for (int64_t ky = 0; ky < br.k; ++ky) {
-            const int64_t row = p + ky - br.k / 2;
-            if (row < 0 || row >= H) continue;
-            const LinearTap<acc_t>& r = br.rows[row];
-            const acc_t* u0 = u.data() + br.u_offset + (ky * br.h + r.index0) * W;
-            const acc_t* u1 = u.data() + br.u_offset + (ky * br.h + r.index1) * W;
-            for (int64_t q = 0; q < W; ++q) row_sum[q] += r.weight0 * u0[q] + r.weight1 * u1[q];
+        const RowTerm<acc_t>* row_terms = terms.data() + term_begin[p];
+        const int64_t term_count = term_begin[p + 1] - term_begin[p];
+        int64_t q0 = 0;
+        for (; q0 + kColumnChunk <= W; q0 += kColumnChunk) {  // the chunk's sums stay in registers
+          acc_t sum[kColumnChunk] = {};
+          for (int64_t t = 0; t < term_count; ++t) {
+            const RowTerm<acc_t>& term = row_terms[t];
+            const acc_t* __restrict__ u0 = u.data() + term.offset0 + q0;
+            const acc_t* __restrict__ u1 = u.data() + term.offset1 + q0;
+            for (int j = 0; j < kColumnChunk; ++j) sum[j] += term.weight0 * u0[j] + term.weight1 * u1[j];
           }
+          std::copy(sum, sum + kColumnChunk, row_sum.begin() + q0);
+        }
+        std::fill(row_sum.begin() + q0, row_sum.end(), acc_t(0));
+        for (int64_t t = 0; t < term_count; ++t) {
+          const RowTerm<acc_t>& term = row_terms[t];
+          for (int64_t q = q0; q < W; ++q) row_sum[q] += term.weight0 * u[term.offset0 + q] + term.weight1 * u[term.offset1 + q];
         }
         scalar_t* row_out = plane_out + p * s.h;
         if (s.w == 1) {
