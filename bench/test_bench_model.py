@@ -10,4 +10,4 @@ from slsdeep_kernels.testing import BENCH_DEVICE, QUICK, case_parameters
 
 @pytest.mark.parametrize("case,way,which", case_parameters(model_cases(BENCH_DEVICE, quick=QUICK)))
 def test_model(run_case, case, way, which):
-    run_case(case, way, which, rounds=3 if BENCH_DEVICE.type == "cpu" else None)
+    run_case(case, way, which, rounds=5 if BENCH_DEVICE.type == "cpu" else None)

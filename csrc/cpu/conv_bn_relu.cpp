@@ -216,6 +216,7 @@ void backward_sums(const Tensor& grad, const Tensor& y, const Layout& l, const a
           const scalar_t* __restrict__ gr = g + r * l.C;
           const scalar_t* __restrict__ yr = yd + r * l.C;
           // The ReLU select in its own loop: next to the accumulations GCC keeps it as a branch.
+#pragma omp simd
           for (int64_t c = 0; c < l.C; ++c) {
             const acc_t yv = static_cast<acc_t>(yr[c]);
             mg[c] = cbr::relu_masked(static_cast<acc_t>(gr[c]), yv, scale[c], shift[c], kRelu);
@@ -246,6 +247,7 @@ void backward_sums(const Tensor& grad, const Tensor& y, const Layout& l, const a
         int64_t i = 0;
         for (; i + kLanes <= l.S; i += kLanes) {
           acc_t masked[kLanes], centered[kLanes];  // the select apart from the sums, as above
+#pragma omp simd
           for (int j = 0; j < kLanes; ++j) {
             const acc_t yv = static_cast<acc_t>(yp[i + j]);
             masked[j] = cbr::relu_masked(static_cast<acc_t>(gp[i + j]), yv, s, b, kRelu);
@@ -295,6 +297,7 @@ void apply_bn_backward(const Tensor& grad, const Tensor& y, const Tensor& grad_y
       [&](int64_t offset, int64_t c) {
         const acc_t m = mean[c], s = scale[c], b = shift[c];
         const cbr::BackwardCoefficients<acc_t> k{g_coef[c], centered_coef[c], constant[c]};
+#pragma omp simd
         for (int64_t i = offset; i < offset + l.S; ++i) {
           const acc_t yv = static_cast<acc_t>(yd[i]);
           const acc_t gv = cbr::relu_masked(static_cast<acc_t>(g[i]), yv, s, b, kRelu);
@@ -302,6 +305,7 @@ void apply_bn_backward(const Tensor& grad, const Tensor& y, const Tensor& grad_y
         }
       },
       [&](int64_t offset) {
+#pragma omp simd
         for (int64_t c = 0; c < l.C; ++c) {
           const acc_t yv = static_cast<acc_t>(yd[offset + c]);
           const acc_t gv = cbr::relu_masked(static_cast<acc_t>(g[offset + c]), yv, scale[c], shift[c], kRelu);
