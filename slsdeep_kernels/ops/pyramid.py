@@ -223,9 +223,16 @@ def _split_weight(weight: Tensor, parts: list[Tensor], full: list[bool]) -> tupl
     dense, for the conv, and per resized part (a branch) its slice as (k·k·C_out, C_b), rows ordered
     (ky, kx, out channel), for the tap matmuls. Differentiable ATen: autograd turns the pieces'
     gradients into the weight's: one ``split``, whose backward concatenates the pieces' gradients
-    (a slice per piece would zero-fill a weight-sized gradient for each)."""
+    (a slice per piece would zero-fill a weight-sized gradient for each). Under ``torch.export``:
+    slices, which an ONNX export folds into constant weights (a split's several outputs it does not)."""
+    widths = [p.shape[1] for p in parts]
+    if torch.compiler.is_exporting():
+        offsets = [sum(widths[:i]) for i in range(len(widths))]
+        pieces = [weight.narrow(1, offset, width) for offset, width in zip(offsets, widths)]
+    else:
+        pieces = weight.split(widths, dim=1)
     full_slices, branch_weights = [], []
-    for p, is_full, piece in zip(parts, full, weight.split([p.shape[1] for p in parts], dim=1)):
+    for p, is_full, piece in zip(parts, full, pieces):
         if is_full:
             full_slices.append(piece)
         else:
