@@ -70,7 +70,8 @@ class Bottleneck(nn.Module):
         out = conv_bn(out, self.conv2, self.bn2, True, self.fused)
         out = conv_bn(out, self.conv3, self.bn3, False, self.fused)
         identity = x if self.downsample is None else conv_bn(x, self.downsample[0], self.downsample[1], False, self.fused)
-        return self.relu(out + identity)
+        out += identity  # in place, as torchvision's: no new block output to allocate and first-touch
+        return self.relu(out)
 
 
 class DilatedResNet(nn.Module):
