@@ -153,9 +153,10 @@ def _cuda_build_reason(torch):
 
 
 # Host C++ flags of the extensions (CMakeLists.txt passes the same). No FMA contraction: every CPU
-# variant rounds a·b + c as ATen's unfused ops do (csrc/cpu/variant.h). No debug information. The CPU
-# extension includes only ATen's per-operator headers (ATen/ops/<op>.h; ATen/ATen.h is an error): each
-# unit parses a few headers instead of every operator's; with -g0 the build takes a third of the time.
+# variant rounds a·b + c as ATen's unfused ops do (csrc/cpu/variant.h). No debug information. Both
+# extensions' C++ units include only ATen's per-operator headers (ATen/ops/<op>.h; ATen/ATen.h is an
+# error, -DTORCH_ASSERT_ONLY_METHOD_OPERATORS below): each unit parses a few headers instead of every
+# operator's; with -g0 the CPU build takes a third of the time.
 HOST_FLAGS = ["-O3", "-g0", "-ffp-contract=off"]
 
 
@@ -185,9 +186,9 @@ def _extensions(torch):
             f"{PACKAGE}._C_cuda",
             _sources("csrc/python_module.cpp", "csrc/cuda_bind/*.cpp", "csrc/cuda/*.cu"),
             include_dirs=include_dirs,
-            # HOST_FLAGS without the per-operator header rule: the bindings still include ATen/ATen.h.
-            # The CUDA launchers' host plans must match the device's stencils, hence no FMA on nvcc's side too.
-            extra_compile_args={"cxx": [*HOST_FLAGS, "-DSLSDEEP_MODULE=_C_cuda"],
+            # The bindings follow the CPU library's per-operator header rule too. The CUDA launchers' host
+            # plans must match the device's stencils, hence no FMA on nvcc's side too.
+            extra_compile_args={"cxx": [*HOST_FLAGS, "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS", "-DSLSDEEP_MODULE=_C_cuda"],
                                 "nvcc": ["-O3", "-Xcompiler=-ffp-contract=off"]},
         )
     )

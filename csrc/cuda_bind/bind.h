@@ -7,10 +7,10 @@
 // C10_CUDA_CHECK, which raises a c10::Error naming the CUDA error, the file and the line.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "common/dtype.h"
 
@@ -56,7 +56,7 @@ inline DType dtype_of(const at::Tensor& t, const char* what) {
 // The device guard and the stream of one binding call: construct it first (from the tensor whose
 // device the op runs on), then launch on `stream`, the current stream of that device.
 struct CudaCall {
-  explicit CudaCall(const at::Tensor& on) : guard(on.device()), stream(at::cuda::getCurrentCUDAStream()) {}
+  explicit CudaCall(const at::Tensor& on) : guard(on.device()), stream(c10::cuda::getCurrentCUDAStream()) {}
   c10::cuda::CUDAGuard guard;
   cudaStream_t stream;
 };

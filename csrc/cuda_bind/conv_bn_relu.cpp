@@ -7,7 +7,11 @@
 //          scale/shift per channel) and the ReLU in place;
 //   train: conv, ONE statistics pass, ONE normalise + affine + ReLU pass;
 //   backward: one reduction and one elementwise pass (ReLU mask fused), then the conv backward.
-#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cudnn_convolution_relu.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
 #include <torch/library.h>
 
 #include <exception>
@@ -136,7 +140,7 @@ Tensor conv_bn_relu_eval_cuda(const Tensor& input, const Tensor& weight, const c
                                     cuda.stream));
   const FusedKey key = fused_key(x, weight, stride, padding, dilation, groups, format);
   if (relu && may_fuse(key)) {
-    const Tensor folded = (weight.to(at::kFloat) * affine[0].view({C, 1, 1, 1})).to(weight.scalar_type());
+    const Tensor folded = weight.to(at::kFloat).mul(affine[0].view({C, 1, 1, 1})).to(weight.scalar_type());
     Tensor fused = fused_conv_bias_relu(x, folded, affine[1], stride, padding, dilation, groups, key, format);
     if (fused.defined()) return fused;
   }

@@ -1,6 +1,7 @@
 // CUDA binding of nll_epe_loss (slsdeep_kernels/ops/nll_epe_loss.py): checks, allocation and the
 // current stream around the torch-free kernels of csrc/cuda/nll_epe_loss.cu. Schemas: csrc/ops.cpp.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "alloc.h"

@@ -1,6 +1,7 @@
 // Torch binding of the CUDA pyramid pooling kernels (csrc/cuda/pyramid.cu): checks, allocation,
 // the current stream. Same operators and output layouts as the CPU kernels (csrc/cpu/pyramid.cpp).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <climits>
