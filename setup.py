@@ -153,11 +153,11 @@ def _cuda_build_reason(torch):
 
 
 # Host C++ flags of the extensions (CMakeLists.txt passes the same). No FMA contraction: every CPU
-# variant rounds a·b + c as ATen's unfused ops do (csrc/cpu/variant.h). No debug information. Both
-# extensions' C++ units include only ATen's per-operator headers (ATen/ops/<op>.h; ATen/ATen.h is an
-# error, -DTORCH_ASSERT_ONLY_METHOD_OPERATORS below): each unit parses a few headers instead of every
-# operator's; with -g0 the CPU build takes a third of the time.
-HOST_FLAGS = ["-O3", "-g0", "-ffp-contract=off"]
+# variant rounds a·b + c as ATen's unfused ops do (csrc/cpu/variant.h). No debug information. Only
+# ATen's per-operator headers (ATen/ops/<op>.h; TORCH_ASSERT_ONLY_METHOD_OPERATORS makes ATen/ATen.h an
+# error): each unit parses a few headers instead of every operator's; with -g0 the CPU build takes a
+# third of the time.
+HOST_FLAGS = ["-O3", "-g0", "-ffp-contract=off", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS"]
 
 
 def _extensions(torch):
@@ -170,7 +170,7 @@ def _extensions(torch):
             _sources("csrc/ops.cpp", "csrc/python_module.cpp", "csrc/cpu/*.cpp", "csrc/cpu/variants/*.cpp"),
             include_dirs=include_dirs,
             # OpenMP flags are added by _BuildExtension once the compiler has been probed.
-            extra_compile_args=[*HOST_FLAGS, "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS", "-DSLSDEEP_MODULE=_C"],
+            extra_compile_args=[*HOST_FLAGS, "-DSLSDEEP_MODULE=_C"],
         )
     ]
     reason = _cuda_build_reason(torch)
@@ -186,9 +186,8 @@ def _extensions(torch):
             f"{PACKAGE}._C_cuda",
             _sources("csrc/python_module.cpp", "csrc/cuda_bind/*.cpp", "csrc/cuda/*.cu"),
             include_dirs=include_dirs,
-            # The bindings follow the CPU library's per-operator header rule too. The CUDA launchers' host
-            # plans must match the device's stencils, hence no FMA on nvcc's side too.
-            extra_compile_args={"cxx": [*HOST_FLAGS, "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS", "-DSLSDEEP_MODULE=_C_cuda"],
+            # The CUDA launchers' host plans must match the device's stencils, hence no FMA on nvcc's side too.
+            extra_compile_args={"cxx": [*HOST_FLAGS, "-DSLSDEEP_MODULE=_C_cuda"],
                                 "nvcc": ["-O3", "-Xcompiler=-ffp-contract=off"]},
         )
     )

@@ -37,17 +37,19 @@
 #define SLSDEEP_CPU_HAS_VARIANTS 0
 #endif
 
-#if defined(SLSDEEP_CPU_VARIANT_AVX512) && defined(SLSDEEP_CPU_AVX512_ZMM)
+// _Pragma of its argument with the macros in it expanded (SLSDEEP_CPU_AVX512_WIDTH)
+#define SLSDEEP_CPU_PRAGMA_TEXT(text) _Pragma(#text)
+#define SLSDEEP_CPU_PRAGMA(text) SLSDEEP_CPU_PRAGMA_TEXT(text)
+#if defined(SLSDEEP_CPU_VARIANT_AVX512)
 #define SLSDEEP_CPU_VARIANT AVX512
+#if defined(SLSDEEP_CPU_AVX512_ZMM)
+#define SLSDEEP_CPU_AVX512_WIDTH "prefer-vector-width=512"
+#else
+#define SLSDEEP_CPU_AVX512_WIDTH "prefer-vector-width=256"
+#endif
 #define SLSDEEP_CPU_VARIANT_PUSH \
   _Pragma("GCC push_options")    \
-  _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512\")")
-#define SLSDEEP_CPU_VARIANT_POP _Pragma("GCC pop_options")
-#elif defined(SLSDEEP_CPU_VARIANT_AVX512)
-#define SLSDEEP_CPU_VARIANT AVX512
-#define SLSDEEP_CPU_VARIANT_PUSH \
-  _Pragma("GCC push_options")    \
-  _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=256\")")
+  SLSDEEP_CPU_PRAGMA(GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma", SLSDEEP_CPU_AVX512_WIDTH))
 #define SLSDEEP_CPU_VARIANT_POP _Pragma("GCC pop_options")
 #elif defined(SLSDEEP_CPU_VARIANT_AVX2)
 #define SLSDEEP_CPU_VARIANT AVX2
