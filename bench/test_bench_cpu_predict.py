@@ -49,8 +49,14 @@ def image(tmp_path_factory):
     return _image(str(tmp_path_factory.mktemp("predict")))
 
 
+@pytest.fixture(scope="module")
+def exact(image) -> np.ndarray:
+    """The default way's probability, which the other ways' masks are compared with."""
+    return predict_probability(_models()[True], image, SIZE)
+
+
 @pytest.mark.parametrize("way", WAYS)
-def test_predict(benchmark, image, way):
+def test_predict(benchmark, image, exact, way):
     fused, precision = WAYS[way]
     if precision == "bf16" and not supports_bf16(torch.device("cpu")):
         pytest.skip("this CPU has no native bf16")
@@ -64,6 +70,5 @@ def test_predict(benchmark, image, way):
                                 device=f"cpu ({backends.cpu_variant()})",
                                 images_per_s=1 / benchmark.stats.stats.median)  # fmt: skip
     if way != "fused":
-        exact = predict_probability(_models()[True], image, SIZE)
         benchmark.extra_info["mask_agreement"] = float(((probability > 0.5) == (exact > 0.5)).mean())
         benchmark.extra_info["max_probability_difference"] = float(np.abs(probability - exact).max())

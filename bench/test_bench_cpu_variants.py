@@ -18,8 +18,9 @@ after), and first writes 768 MB that it frees again, so that the heap holds that
 touched, which the ways reuse, as under a caching allocator. (Without it a freed output was often not
 reused: PyTorch asks for 64-byte aligned blocks, glibc's aligned allocation asks for a little more
 than the block freed before it, and a fresh 19 MB output faulted its 4,608 pages on about two calls
-in three. upsample_concat's 56 MB output still faults on some rounds: the records' max.) Once set, glibc keeps a fixed mmap threshold for the rest of the process
-(mallopt(3)): run this module in a process of its own, not before other benchmarks.
+in three. upsample_concat's 56 MB output still faults on some rounds: the records' max.) Once set,
+glibc keeps a fixed mmap threshold for the rest of the process (mallopt(3)): run this module in a
+process of its own, not before other benchmarks.
 
 Shapes: the CPU-sized decoder of ``benchmark.op_cases`` (4, 512, 48, 48), branches of 256 channels,
 128 conv outputs; the BatchNorm layer is layer3's 1×1 (8, 1024→256, 48²). fp32. Skipped on CUDA.

@@ -33,6 +33,7 @@ CPU shape (4, 512, 48, 48; branches 4×256; conv to 128) in fp32: pool+upsample_
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -227,7 +228,7 @@ def _split_weight(weight: Tensor, parts: list[Tensor], full: list[bool]) -> tupl
     slices, which an ONNX export folds into constant weights (a split's several outputs it does not)."""
     widths = [p.shape[1] for p in parts]
     if torch.compiler.is_exporting():
-        offsets = [sum(widths[:i]) for i in range(len(widths))]
+        offsets = itertools.accumulate(widths[:-1], initial=0)
         pieces = [weight.narrow(1, offset, width) for offset, width in zip(offsets, widths)]
     else:
         pieces = weight.split(widths, dim=1)
