@@ -8,16 +8,15 @@
 #   bench/gpu_validate.sh --dry-run [--call 1|2] [--out DIR]    # no GPU: every stage's plumbing, quick stand-ins
 #   bench/gpu_validate.sh --plan [--call 1|2]                   # print the plan and exit
 #
-# Call 1: build alongside precompile (both CPU-bound; Triton variants of the pinned GPU tests), then
-# precompile_model in the background (every config of the autotune test, then the benchmarks' shapes)
-# while test_bf16, test_fp16, test_fp32 (the GPU tests by dtype, TF32 off by tests/conftest.py, the conv
-# autotuner pinned to its first config), test_autotune (every production autotune config once on a
-# tiny case), sanitize (compute-sanitizer memcheck: bench/sanitize_cases.py), quick and quick_cuda
-# (benchmarks, fused vs eager only) run. Call 2: build alongside precompile_model (or --restore call
-# 1's cache), compile_bench (the torch.compile baselines of the quick cases), full (every case, every
-# way but compile). By name only: full_cuda, compile_full, compile_model. The whole model's inference
-# baseline on a GPU is torch.compile(mode="max-autotune") of the unfused model (slsdeep/benchmark.py),
-# minutes of autotuning per batch size, more than either call can spare: only compile_model runs it,
+# Call 1: build alongside precompile (both CPU-bound; the Triton variants of the GPU tests), then
+# precompile_model in the background (the benchmarks' shapes) while test_bf16, test_fp16, test_fp32
+# (the GPU tests by dtype, TF32 off by tests/conftest.py), sanitize (compute-sanitizer memcheck:
+# bench/sanitize_cases.py), quick and quick_cuda (benchmarks, fused vs eager only) run. Call 2:
+# build alongside precompile_model (or --restore call 1's cache), compile_bench (the torch.compile
+# baselines of the quick cases), full (every case, every way but compile). By name only: full_cuda,
+# compile_full, compile_model. The whole model's inference baseline on a GPU is
+# torch.compile(mode="max-autotune") of the unfused model (slsdeep/benchmark.py), minutes of
+# autotuning per batch size, more than either call can spare: only compile_model runs it,
 # at batch 16 and 64 (`bench/gpu_validate.sh compile_model`, SLSDEEP_BENCH_QUICK=1 for batch 64 only:
 # plain PyTorch, no build needed; the fused and eager figures come from quick and full, the three
 # ways of a case meet in one table row); compile_bench and compile_full run every other
@@ -45,12 +44,11 @@ while read -r stage cap kind what; do
   CAP[$stage]=$cap KIND[$stage]=$kind WHAT[$stage]=$what
 done <<'STAGES'
 build             120  build       CUDA + CPU extensions: pip install --no-build-isolation --no-deps -e . (FORCE_CUDA, MAX_JOBS=16)
-precompile        120  precompile  compile_check --precompile --group tests (pinned): the Triton variants the GPU tests launch
-precompile_model  120  precompile  compile_check --precompile: every config of the autotune test, then --group model (pinned) for the benchmarks
-test_bf16          40  gpu-tests   GPU tests in bf16 (pytest -m gpu --gpu-group bf16), autotune pinned
-test_fp16          25  gpu-tests   GPU tests in fp16, autotune pinned
-test_fp32          40  gpu-tests   GPU tests in fp32 (TF32 off) and those with no dtype parameter, autotune pinned
-test_autotune      40  gpu-tests   every production conv autotune config once on a tiny case (unpinned)
+precompile        120  precompile  compile_check --precompile --group tests: the Triton variants the GPU tests launch
+precompile_model  120  precompile  compile_check --precompile --group model: the Triton variants of the benchmarks' shapes
+test_bf16          40  gpu-tests   GPU tests in bf16 (pytest -m gpu --gpu-group bf16)
+test_fp16          25  gpu-tests   GPU tests in fp16
+test_fp32          40  gpu-tests   GPU tests in fp32 (TF32 off) and those with no dtype parameter
 sanitize           90  sanitize    compute-sanitizer memcheck, every op x {triton, cuda}, forward+backward, in parallel
 quick              45  bench       benchmarks: first case of each op, last pass, fused (triton) vs eager
 quick_cuda         35  bench       benchmarks: the same cases, fused on the cuda backend
@@ -60,9 +58,9 @@ full_cuda          60  bench       benchmarks: every case and pass, fused ways o
 compile_full      240  bench       benchmarks: torch.compile baselines of every case, default mode
 compile_model     540  bench       benchmarks: the whole model's torch.compile(mode="max-autotune") inference baselines, batch 16 and 64
 STAGES
-declare -A GROUPS_OF=([test_bf16]=bf16 [test_fp16]=fp16 [test_fp32]=fp32,other [test_autotune]=autotune)
+declare -A GROUPS_OF=([test_bf16]=bf16 [test_fp16]=fp16 [test_fp32]=fp32,other)
 declare -A BACKEND_OF=([quick]=triton [quick_cuda]=cuda [full]=triton [full_cuda]=cuda)
-CALL1=(build precompile precompile_model test_bf16 test_fp16 test_fp32 test_autotune sanitize quick quick_cuda)
+CALL1=(build precompile precompile_model test_bf16 test_fp16 test_fp32 sanitize quick quick_cuda)
 CALL2=(build precompile_model compile_bench full)
 ALL=("${CALL1[@]}" compile_bench full)
 ELASTIC=" compile_bench compile_full "
@@ -102,7 +100,7 @@ dry_command() {
     tests)  # every GPU test on the CPU (all skip there) through the selection plugin
       mapfile -t files < <(gpu_test_files)
       CUDA_VISIBLE_DEVICES="" "$GV_PYTHON" -m pytest "${files[@]}" -q -m gpu -p no:cacheprovider -p bench.results \
-        --gpu-group bf16,fp16,fp32,other,autotune --gpu-selection "$GV_LOGS/dry-all.selection.json" --junitxml="$GV_LOGS/dry-all.xml" ;;
+        --gpu-group bf16,fp16,fp32,other --gpu-selection "$GV_LOGS/dry-all.selection.json" --junitxml="$GV_LOGS/dry-all.xml" ;;
     sanitize) "$GV_PYTHON" bench/sanitize_cases.py --dry-run --json "$GV_LOGS/dry-sanitize.json" ;;
     quick)  # the real benchmark ids through the way filter (listing the model's cases builds no model)
       env SLSDEEP_BENCH_QUICK=1 SLSDEEP_BENCH_WAYS=fused,eager SLSDEEP_KERNELS_BACKEND=triton CUDA_VISIBLE_DEVICES="" \
@@ -139,15 +137,12 @@ stage_body() {
       fi
       exec "$py" -c 'import slsdeep_kernels as s; print("available backends:", s.available_backends())' ;;
     precompile | precompile_model)
-      local module commands pin=1
+      local module commands
       module=$(ls slsdeep_kernels/compile_check.py slsdeep_kernels/compile_check/__main__.py 2>/dev/null | head -1)
-      [ "${BENCH_PIN_AUTOTUNE:-1}" = 1 ] || pin=0
-      if [ "$name" = precompile ]; then  # what the pinned GPU tests launch (config 0 of the conv)
-        commands=("env SLSDEEP_KERNELS_PIN_AUTOTUNE=1 $py -m slsdeep_kernels.compile_check --precompile --group tests --jobs $GV_JOBS")
-      else  # every config of the autotune test (when it runs in this call), then the benchmarks' shapes
-        commands=()
-        [ -z "$GV_AUTOTUNE" ] || commands+=("env -u SLSDEEP_KERNELS_PIN_AUTOTUNE $py -m slsdeep_kernels.compile_check --precompile --group tests --select every_autotune --jobs $GV_MODEL_JOBS")
-        commands+=("env SLSDEEP_KERNELS_PIN_AUTOTUNE=$pin $py -m slsdeep_kernels.compile_check --precompile --group model --jobs $GV_MODEL_JOBS")
+      if [ "$name" = precompile ]; then  # what the GPU tests launch
+        commands=("$py -m slsdeep_kernels.compile_check --precompile --group tests --jobs $GV_JOBS")
+      else  # the benchmarks' shapes
+        commands=("$py -m slsdeep_kernels.compile_check --precompile --group model --jobs $GV_MODEL_JOBS")
       fi
       if [ -z "$module" ]; then
         if [ "$GV_DRY" = 1 ]; then
@@ -158,7 +153,7 @@ stage_body() {
         exit 127
       fi
       if [ "$GV_DRY" = 1 ]; then
-        for option in --precompile --jobs --group --select; do
+        for option in --precompile --jobs --group; do
           grep -rq -- "\"$option\"" "$(dirname "$module")" || { echo "$module has no $option option"; exit 1; }
         done
         printf 'dry run: would run: %s\n' "${commands[@]}"
@@ -169,7 +164,6 @@ stage_body() {
       for command in "${commands[@]}"; do
         echo "+ $command"
         $command || rc=$?
-        [[ "$command" != *every_autotune* ]] || touch "$GV_LOGS/autotune.precompiled"  # test_autotune waits for this
       done
       exit $rc ;;
     test_*)
@@ -182,19 +176,12 @@ stage_body() {
         exec "$py" bench/results.py dry-split "$GV_LOGS/dry-all.xml" "$GV_LOGS/dry-all.selection.json" \
           --groups "$groups" --junit-out "$f.xml" --selection-out "$f.selection.json"
       fi
-      local pin=(env SLSDEEP_KERNELS_PIN_AUTOTUNE=1) workers=()
-      [ "$name" != test_autotune ] || pin=(env -u SLSDEEP_KERNELS_PIN_AUTOTUNE)
-      if [ "$name" = test_autotune ] && [ -f "$GV_LOGS/precompile_model.started" ]; then
-        echo "waiting for the background precompile of the autotune configs"
-        while [ ! -f "$GV_LOGS/autotune.precompiled" ] && [ ! -f "$GV_LOGS/precompile_model.rc" ] && [ "$(now)" -lt $((GV_DEADLINE - 25)) ]; do
-          sleep 1
-        done
-      fi
+      local workers=()
       if [ "$(cat "$GV_LOGS/precompile.rc" 2>/dev/null || echo 0)" != 0 ] && "$py" -c 'import xdist' 2>/dev/null; then
         workers=(-n "${TEST_WORKERS:-8}")
         note "precompile failed: the tests run on ${TEST_WORKERS:-8} pytest-xdist workers so that their JIT compiles overlap"
       fi
-      exec "${pin[@]}" PYTHONUNBUFFERED=1 "$py" -m pytest "${files[@]}" -q -m gpu -p no:cacheprovider -p bench.results \
+      exec env PYTHONUNBUFFERED=1 "$py" -m pytest "${files[@]}" -q -m gpu -p no:cacheprovider -p bench.results \
         --gpu-group "$groups" --gpu-selection "$f.selection.json" --gpu-log "$f.events.jsonl" \
         --gpu-deadline "$GV_DEADLINE" --junitxml="$f.xml" -rfEs --tb=short "${workers[@]}" ;;
     sanitize)
@@ -216,8 +203,6 @@ stage_body() {
         compile_full) envs=(SLSDEEP_BENCH_WAYS=compile SLSDEEP_BENCH_COMPILE_MODE=default) ;;
         compile_model) envs=(SLSDEEP_BENCH_WAYS=compile SLSDEEP_BENCH_COMPILE_MODE=max-autotune) files=(bench/test_bench_model.py) ;;
       esac
-      # Pinned: one conv config per shape, as the tests compiled; BENCH_PIN_AUTOTUNE=0 times the tuned one.
-      [ "${BENCH_PIN_AUTOTUNE:-1}" != 1 ] || envs+=(SLSDEEP_KERNELS_PIN_AUTOTUNE=1)
       if [ "$GV_DRY" = 1 ]; then
         ls "${files[@]}" || exit 1
         if [ "$name" = quick ]; then dry_finish quick; exit $?; fi
@@ -457,7 +442,6 @@ save_cache() {  # the built extensions, the Triton cache and the results so far,
 
 make_steps "${stages[@]}"
 export GV_PYTHON=$python GV_LOGS=$logs GV_DRY=$dry GV_RESTORED=$restored GV_JOBS=${JOBS:-16} GV_MODEL_JOBS=${MODEL_JOBS:-12}
-export GV_AUTOTUNE=$([[ " ${stages[*]} " == *" test_autotune "* ]] && echo 1)
 if [ "$dry" = 1 ]; then
   for stage in "${stages[@]}"; do
     case $stage in test_*) name=tests ;; sanitize | quick) name=$stage ;; *) continue ;; esac

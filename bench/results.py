@@ -51,8 +51,8 @@ ROOT = RESULTS_DIR.parent.parent
 GPU_BACKENDS = ("triton", "cuda")
 # The GPU test stages of gpu_validate.sh and the dtype groups each runs. An op is validated only
 # when all of them ran, every test of the op passed in them, and memcheck found the op clean.
-TEST_STAGES = {"test_bf16": "bf16", "test_fp16": "fp16", "test_fp32": "fp32,other", "test_autotune": "autotune"}
-GROUPS = ("bf16", "fp16", "fp32", "other", "autotune")
+TEST_STAGES = {"test_bf16": "bf16", "test_fp16": "fp16", "test_fp32": "fp32,other"}
+GROUPS = ("bf16", "fp16", "fp32", "other")
 DTYPE_GROUP = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 OUTCOMES = ("passed", "failed", "error", "skipped", "not_run")
 
@@ -697,8 +697,8 @@ def properties_of(item) -> dict:
     name = item.name.split("[")[0]
     backend = params.get("backend")
     if backend not in GPU_BACKENDS:
-        backend = next((b for b in GPU_BACKENDS if b in name.split("_")), "triton" if "autotune" in name else "all")
-    group = "autotune" if "autotune" in name else DTYPE_GROUP.get(dtype, "other")
+        backend = next((b for b in GPU_BACKENDS if b in name.split("_")), "all")
+    group = DTYPE_GROUP.get(dtype, "other")
     return {"op": Path(str(item.path)).stem.removeprefix("test_"), "backend": backend, "dtype": dtype, "group": group}
 
 
@@ -781,7 +781,7 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    # A dtype group with no test (say, no autotune test yet) is an empty stage, not a failure.
+    # A dtype group with no test is an empty stage, not a failure.
     if session.config.getoption("gpu_group") and exitstatus == 5:
         session.exitstatus = 0
 

@@ -10,9 +10,8 @@ and ``cuda`` backends, forward and backward, odd shapes where the tests have the
 ``--run`` starts one process per (op, backend) under memcheck, all at once (one GPU holds them
 easily; the sanitizer's cost is mostly on the CPU), each with ``PYTORCH_NO_CUDA_MEMORY_CACHING=1``
 so every tensor is its own allocation and a read or write past its end is caught rather than landing
-in the caching allocator's slack, and with ``SLSDEEP_KERNELS_PIN_AUTOTUNE=1`` (one conv config, the
-one the pinned tests compiled: the cases reuse the GPU tests' shapes so their kernels come from the
-Triton cache). A (op, backend) passes when memcheck reports 0 errors, exits 0, and every case ran.
+in the caching allocator's slack (the cases reuse the GPU tests' shapes, so their kernels come from
+the Triton cache). A (op, backend) passes when memcheck reports 0 errors, exits 0, and every case ran.
 The summary JSON (one entry per op and backend) is what ``bench/results.py record --sanitize-json``
 reads. No ``--leak-check``: PyTorch's allocator and cuBLAS/cuDNN keep device memory until exit.
 """
@@ -250,7 +249,7 @@ def run_all(out_dir: str, jobs: int, timeout: float, sanitizer: str | None, json
         _write(json_path, summary)
         print("sanitize: compute-sanitizer not found (PATH, /usr/local/cuda/bin)", flush=True)
         return 2
-    env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1", "SLSDEEP_KERNELS_PIN_AUTOTUNE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1", "PYTHONUNBUFFERED": "1"}
     deadline = time.time() + timeout
     waiting, running = list(pairs), {}
 

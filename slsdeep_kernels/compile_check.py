@@ -57,10 +57,10 @@ weight and a sign of a wrong tile list); a spill in a default launch (any launch
 several autotune candidates). A spill in an autotune candidate is a warning: the autotuner times
 it against the others.
 
-Scopes. ``full`` (sm_90's default) compiles every variant (~800 at the time of writing, ~570 of them
-the conv's autotune configs: ~25 minutes on 2 cores). ``reduced`` compiles every plain launch and
-every autotune config at one specialisation per kernel, dtype, layout and TF32 setting (~280 for
-sm_90); architectures other than sm_90 get the ``reduced`` scope of the ``--subset`` cases (default
+Scopes. ``full`` (sm_90's default) compiles every variant (275 at the time of writing: ~30 s on 2
+cores). ``reduced`` compiles every plain launch and every autotune config at one specialisation per
+kernel, dtype, layout and TF32 setting (no kernel of the library autotunes since the Triton conv was
+removed, so today it is every variant); architectures other than sm_90 get the ``reduced`` scope of the ``--subset`` cases (default
 ``model``). ``--reuse TABLE`` and ``--check TABLE`` take the compiled fields of a variant whose content hash
 the table has from the table (the same key is the same compiled kernel, Triton's own cache rule,
 line info aside) and compile only the others; ``--check`` compiles ``--verify N`` of the reused ones again and
@@ -78,9 +78,8 @@ Run::
 
 ``--precompile`` (on a machine with a CUDA GPU) compiles every variant of every case for the local
 GPU into the normal Triton cache (``TRITON_CACHE_DIR`` or ``~/.triton/cache``) through the same JIT
-path and the machine's own driver, so the tests' launches find their kernels there (it keeps
-``$SLSDEEP_KERNELS_PIN_AUTOTUNE``, so it compiles the configs a pinned test run launches). Run from a
-process with ``TRITON_INTERPRET=1`` (or the pin) set, the command re-runs itself without it. The
+path and the machine's own driver, so the tests' launches find their kernels there. Run from a
+process with ``TRITON_INTERPRET=1`` set, the command re-runs itself without it. The
 tests' cases mirror the ``@pytest.mark.gpu`` tests and must be kept in step with them
 (:func:`gpu_test_cases`); the model's come from ``slsdeep.model.SLSDeep`` itself.
 """
@@ -112,10 +111,9 @@ DEFAULT_TABLE = "bench/compile/triton-sm90.json"
 # cudaDevAttrMaxSharedMemoryPerBlockOptin, what Triton compares a kernel's shared memory with at launch.
 SHARED_LIMITS = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: 232_448, 100: 232_448, 120: 101_376}
 # Environment variables removed for the capture: the interpreter (CPU decisions, no JIT functions),
-# the test suite's NaN poisoning (a fill of every output: slow at batch 16, irrelevant here), a
-# forced backend, and the pinning of the conv's autotune configs to the first (read at import;
-# --precompile keeps it, so that it compiles what a pinned GPU test run will launch).
-CLEAN_ENV_REMOVED = ("TRITON_INTERPRET", "SLSDEEP_KERNELS_POISON", "SLSDEEP_KERNELS_BACKEND", "SLSDEEP_KERNELS_PIN_AUTOTUNE")
+# the test suite's NaN poisoning (a fill of every output: slow at batch 16, irrelevant here) and a
+# forced backend.
+CLEAN_ENV_REMOVED = ("TRITON_INTERPRET", "SLSDEEP_KERNELS_POISON", "SLSDEEP_KERNELS_BACKEND")
 # fp32 decisions read these: PyTorch's defaults, and the tests' (conftest turns both off).
 FLAG_SETTINGS = {
     "pytorch-default": {"matmul_tf32": False, "cudnn_tf32": True},
@@ -147,24 +145,12 @@ class LaunchBypassError(CompileCheckError):
     """A Triton kernel was launched without ``slsdeep_kernels.backend.launch``."""
 
 
-PIN_AUTOTUNE = "SLSDEEP_KERNELS_PIN_AUTOTUNE"
-
-
-def clean_environment(base: dict | None = None, keep_pin: bool = False) -> dict:
-    """``base`` (default ``os.environ``) without the variables that would change the GPU decisions
-    (``keep_pin``: keep $SLSDEEP_KERNELS_PIN_AUTOTUNE, as --precompile does)."""
+def clean_environment(base: dict | None = None) -> dict:
+    """``base`` (default ``os.environ``) without the variables that would change the GPU decisions."""
     env = dict(os.environ if base is None else base)
     for name in CLEAN_ENV_REMOVED:
-        if not (keep_pin and name == PIN_AUTOTUNE):
-            env.pop(name, None)
+        env.pop(name, None)
     return env
-
-
-def _needs_clean_process(precompile: bool) -> bool:
-    """Whether this process imported the ops under settings that change their launches."""
-    from slsdeep_kernels import backend
-
-    return backend.triton_interpreted() or (not precompile and os.environ.get(PIN_AUTOTUNE, "0") == "1")  # as _conv_configs reads it
 
 
 def _triton():
@@ -553,12 +539,6 @@ def gpu_test_cases() -> list[Case]:
                     True, True, 1e-5, True)  # fmt: skip
     for training in (False, True):
         cases.append(_conv_case("tests", "test_gpu_nchw_stride_and_memory_efficient:", call, "float16", "nchw", training, "float16"))
-    # ::test_gpu_every_autotune_config: eval, every config, both layouts, every dtype
-    for channels_last in (True, False):
-        call = ConvCall(Geometry.dense((2, 40, 19, 23), channels_last), Geometry.dense((72, 40, 3, 3)), True, (1, 1), (2, 2),
-                        (2, 2), 1, True, True, 1e-5, True)  # fmt: skip
-        for dtype in DTYPES:
-            cases.append(_conv_case("tests", "test_gpu_every_autotune_config:", call, dtype, _layout(channels_last), False, dtype))
     return cases
 
 
@@ -1023,10 +1003,14 @@ def _innermost_loops(lines: Sequence[str]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in loops if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
 
 
+_INT64_DIVISION = re.compile(r"\b(?:div|rem)\.[su]64\b")
+
+
 def analyse_ptx(ptx: str) -> dict:
-    """Tensor-core instructions and global accesses of a PTX kernel: per access kind (``ld``, ``st``,
-    ``cp_async``) a map {bytes per instruction: count}, over the whole kernel and within its innermost
-    loops (a label and a later branch back to it; the hot loop of a pipelined kernel)."""
+    """Tensor-core instructions, global accesses and 64-bit divisions of a PTX kernel: per access kind
+    (``ld``, ``st``, ``cp_async``) a map {bytes per instruction: count}, and the count of ``div``/``rem``
+    on 64-bit integers, over the whole kernel and within its innermost loops (a label and a later
+    branch back to it; the hot loop of a pipelined kernel)."""
     lines = ptx.splitlines()
     innermost = _innermost_loops(lines)
     in_loop = set()
@@ -1062,12 +1046,17 @@ def analyse_ptx(ptx: str) -> dict:
         stores = [int(k) for k in scope["st"] if k != "None"]
         scope["max_store_bytes"] = max(stores, default=0)
     summary["loops"] = len(innermost)
+    loop_lines = [lines[i] for i in sorted(in_loop)]
+    int64_division = {  # each a call of a ~70-instruction routine in SASS
+        "all": len(_INT64_DIVISION.findall(ptx)),
+        "loop": sum(len(_INT64_DIVISION.findall(line)) for line in loop_lines),
+    }
     tensor = {
         "mma": len(re.findall(r"\bmma\.sync\.", ptx)),
         "wgmma": len(re.findall(r"\bwgmma\.mma_async\.", ptx)),
         "ldmatrix": len(re.findall(r"\bldmatrix\.", ptx)),
     }
-    return {"global_memory": summary, "tensor_cores": tensor}
+    return {"global_memory": summary, "tensor_cores": tensor, "int64_division": int64_division}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1075,7 +1064,6 @@ def analyse_ptx(ptx: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 _PTX_ENTRY = re.compile(r"^(?:\.visible\s+)?\.entry\s+(\w+)\s*\(", re.M)
-_INT64_DIVISION = re.compile(r"\b(?:div|rem)\.[su]64\b")
 _SASS_FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)", re.M)
 _SASS_GLOBAL = re.compile(r"\b(LDG|STG)\.E((?:\.[\w]+)*)")
 _SASS_WIDTH = re.compile(r"^[US]?(8|16|32|64|128)$")
@@ -1170,12 +1158,6 @@ def analyse_cuda(source: str, arch: int = 90, include: str = "csrc", tools: dict
         if record is None:
             raise CompileCheckError(f"{source}: ptxas -v printed nothing for {readable}")
         record.update(analyse_ptx(entries[mangled]))
-        lines = entries[mangled].splitlines()
-        loop_lines = [lines[i] for a, b in _innermost_loops(lines) for i in range(a, b + 1)]
-        record["int64_division"] = {
-            "all": len(_INT64_DIVISION.findall(entries[mangled])),
-            "loop": sum(len(_INT64_DIVISION.findall(line)) for line in loop_lines),
-        }
         record["sass"] = None if sass is None else sass.get(mangled, {"LDG": {}, "STG": {}})
         record["mangled"] = mangled
         records[readable] = record
@@ -1186,7 +1168,8 @@ def analyse_cuda(source: str, arch: int = 90, include: str = "csrc", tools: dict
 # Compilation (worker processes) and the records
 # ---------------------------------------------------------------------------------------------
 
-COMPILED_FIELDS = ("registers", "shared", "ptxas_static_smem", "spill_stores", "spill_loads", "stack_frame", "tensor_cores", "global_memory")
+COMPILED_FIELDS = ("registers", "shared", "ptxas_static_smem", "spill_stores", "spill_loads", "stack_frame", "tensor_cores",
+                   "global_memory", "int64_division")
 
 
 def _worker_init() -> None:
@@ -1545,9 +1528,9 @@ def run_check(archs: Sequence[int], subset: str = "model", scope: str = "full", 
                    unreproducible=unreproducible, compile_seconds=sum(by_kernel.values()), seconds_by_kernel=by_kernel)  # fmt: skip
 
 
-def run_clean(argv: Sequence[str], keep_pin: bool = False, **kwargs) -> subprocess.CompletedProcess:
+def run_clean(argv: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
     """``python -m slsdeep_kernels.compile_check ARGV`` in a process without TRITON_INTERPRET & co."""
-    env = clean_environment(keep_pin=keep_pin)
+    env = clean_environment()
     return subprocess.run([sys.executable, "-m", "slsdeep_kernels.compile_check", *argv], env=env, **kwargs)
 
 
@@ -1583,8 +1566,10 @@ def _load(path: str) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse_args(argv)
-    if _needs_clean_process(args.precompile):  # kernels made for the interpreter, or configs pinned: start afresh
-        return run_clean(argv, keep_pin=args.precompile).returncode
+    from slsdeep_kernels import backend
+
+    if backend.triton_interpreted():  # the ops' kernels were made for the interpreter: start afresh
+        return run_clean(argv).returncode
     groups = tuple(args.group or ("model", "tests"))
     limits = {int(a): int(v) for a, _, v in (item.partition("=") for item in args.shared_limit)}
     scope, subset = args.scope, args.subset

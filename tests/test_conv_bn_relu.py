@@ -356,29 +356,18 @@ def test_gpu_nchw_stride_and_memory_efficient(backend, memory_efficient):
         check(backend, inputs, training=training, stride=2, padding=1, memory_efficient=memory_efficient)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton unavailable")
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_gpu_every_autotune_config(dtype, channels_last):
-    """Each production config of the Triton conv once on a tiny case (the rest of the GPU tests may
-    run pinned to the first: $SLSDEEP_KERNELS_PIN_AUTOTUNE=1)."""
-    if "triton" not in slsdeep_kernels.available_backends():
-        pytest.skip("triton unavailable")
+@pytest.mark.parametrize("training", [False, True])
+def test_triton_passes_at_the_gpus_tile_sizes(monkeypatch, channels_last, training):
+    """The Triton BN passes with the tiles a GPU runs (1,024 elements: 64 channels × 16 rows in
+    channels_last, 256 positions × 4 channels in NCHW), under the interpreter: 40 channels and 437
+    positions leave partial tiles on both axes, and 8 reduction programs several tiles per part."""
     triton_op = slsdeep_kernels.backend.triton_kernels("conv_bn_relu")
-    x, weight, bias, gamma, beta, mean, var = make_inputs(dtype, c_in=40, c_out=72, n=2, size=(19, 23), device="cuda")
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    args = (x, weight, bias, gamma, beta, mean, var)
-    options = op.ConvBNOptions(stride=[1, 1], padding=[2, 2], dilation=[2, 2], groups=1, eps=1e-5, relu=True)
-    launches = []
-    with slsdeep_kernels.backend.observe_launches(lambda *launch: launches.append(launch)):
-        triton_op.eval_forward(*args, options)
-    ((autotuner, grid, kernel_args, meta, _),) = launches
-    expected = op.conv_bn_relu_reference(*args, stride=1, padding=2, dilation=2, training=False)
-    configs = triton_op._conv_configs(pinned=False)
-    assert len(configs) > 1
-    for config in configs:
-        out = kernel_args[2].fill_(float("nan"))
-        autotuner.fn[grid({**meta, **config.kwargs})](*kernel_args, **meta, **config.all_kwargs())
-        error = relative_error(out, expected)
-        assert error <= 4 * TOLERANCE[dtype], f"{config}: relative error {error:.2e}"
+    monkeypatch.setattr(triton_op, "_tile_sizes", lambda: (1024, 8))
+    inputs = make_inputs(torch.float32, c_in=6, c_out=40, n=3, size=(19, 23), channels_last=channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    tiling = triton_op._tiling(torch.empty(3, 40, 19, 23).to(memory_format=layout))
+    assert (tiling["block_r"], tiling["block_c"]) == ((16, 64) if channels_last else (256, 4))
+    assert tiling["per_part"] > 1 and tiling["parts"] > 1
+    check("triton", inputs, training=training, padding=2, dilation=2)

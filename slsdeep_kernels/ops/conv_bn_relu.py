@@ -6,11 +6,12 @@ including the running-statistics update in training (unbiased variance in the ru
 
 * Eval: BatchNorm is an affine map per output channel, so it folds into the convolution
   (``scale = γ/√(σ²+ε)``, ``W' = W·scale``, ``b' = (b−μ)·scale + β``, in fp32) and the ReLU becomes
-  the convolution's epilogue: one pass over the output instead of three. ``triton``: an implicit-GEMM
-  convolution that applies the fold and the ReLU in its epilogue; ``cpu``: oneDNN conv with the ReLU
-  as a post-op (C++ epilogue for fp64/fp16); ``cuda``: with a ReLU, the folded weights through cuDNN's
-  fused conv + bias + ReLU where cuDNN takes the configuration (decided at run time, the first refusal
-  remembered), else cuDNN conv + one epilogue kernel.
+  the convolution's epilogue: one pass over the output instead of three. ``triton``: ATen's
+  convolution (cuDNN) with the raw weights, then one Triton pass applying the fold and the ReLU in
+  place; ``cpu``: oneDNN conv with the ReLU as a post-op (C++ epilogue for fp64/fp16); ``cuda``:
+  with a ReLU, the folded weights through cuDNN's fused conv + bias + ReLU where cuDNN takes the
+  configuration (decided at run time, the first refusal remembered), else cuDNN conv + one epilogue
+  kernel.
 * Train: the convolution (ATen: oneDNN/cuDNN), then ONE pass for the per-channel statistics
   (exact two-pass on cache-sized tiles, or Welford, merged by Chan's formula; never Σx² − (Σx)²) and ONE for
   normalise + affine + ReLU. Backward: a reduction pass and an elementwise pass, both with the ReLU
@@ -193,6 +194,19 @@ def _eval_scale(running_var, bn_weight, eps: float, acc: torch.dtype) -> tuple[t
     return invstd, invstd * bn_weight.to(acc) if bn_weight is not None else invstd
 
 
+def _eval_centre(bias, running_mean, acc: torch.dtype) -> torch.Tensor:
+    """b − μ of an eval BatchNorm in ``acc`` (−μ without a conv bias): what the scale multiplies into the shift."""
+    return -running_mean.to(acc) if bias is None else bias.to(acc) - running_mean.to(acc)
+
+
+def _eval_affine(bias, bn_weight, bn_bias, running_mean, running_var, eps: float, acc: torch.dtype):
+    """(scale, shift) in ``acc`` of the folded eval BatchNorm: ``conv(x, W)·scale + shift`` is the layer
+    before its ReLU (``scale = γ/σ``, ``shift = (b − μ)·scale + β``)."""
+    _, scale = _eval_scale(running_var, bn_weight, eps, acc)
+    shift = _eval_centre(bias, running_mean, acc) * scale
+    return scale, shift if bn_bias is None else shift + bn_bias.to(acc)
+
+
 def _eval_backward(a: dict):
     """Backward of frozen BN: backward of the folded conv (W' = W·scale), chained to W, b, γ, β (ATen, any
     backend). ``out`` (the forward's output, the ReLU's mask) is needed only with the ReLU."""
@@ -213,8 +227,7 @@ def _eval_backward(a: dict):
     if output_mask[2]:
         grads[2] = (grad_shift * scale).to(bias.dtype)
     if output_mask[3]:
-        centre = -running_mean.to(acc) if bias is None else bias.to(acc) - running_mean.to(acc)
-        grad_scale = (grad_folded_w.to(acc) * weight.to(acc)).sum((1, 2, 3)) + grad_shift * centre
+        grad_scale = (grad_folded_w.to(acc) * weight.to(acc)).sum((1, 2, 3)) + grad_shift * _eval_centre(bias, running_mean, acc)
         grads[3] = (grad_scale * invstd).to(bn_weight.dtype)
     if output_mask[4]:
         grads[4] = grad_shift.to(bn_bias.dtype)
@@ -504,9 +517,7 @@ def fold_batch_norm(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, dtype: torc
     """An eval BatchNorm folded into the conv before it: ``(W·γ/σ`` in ``dtype``, ``(b − μ)·γ/σ + β`` in
     the accumulation type``)``, computed in the accumulation type (differentiable)."""
     acc = _accumulation_dtype(dtype)
-    _, scale = _eval_scale(bn.running_var, bn.weight, bn.eps, acc)
-    centre = -bn.running_mean.to(acc) if conv.bias is None else conv.bias.to(acc) - bn.running_mean.to(acc)
-    shift = centre * scale if bn.bias is None else centre * scale + bn.bias.to(acc)
+    scale, shift = _eval_affine(conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, acc)
     return (conv.weight.to(acc) * scale.view(-1, 1, 1, 1)).to(dtype), shift
 
 
