@@ -81,10 +81,16 @@ def device_info() -> dict:
 
 
 def _cpu_capability() -> str:
-    """ATen's CPU capability (``AVX2``, ``AVX512``, ...): what tells two CPUs' figures apart."""
+    """ATen's CPU capability (``AVX2``, ``AVX512``, ...), and ``AMX`` where the CPU has AMX-BF16
+    (oneDNN's bf16 convolutions run on its tiles): what tells two CPUs' figures apart."""
     import torch
 
-    return torch.backends.cpu.get_cpu_capability()
+    capability = torch.backends.cpu.get_cpu_capability()
+    try:
+        amx = "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        amx = False
+    return f"{capability}, AMX" if amx else capability
 
 
 def _package_version(name: str) -> str | None:
