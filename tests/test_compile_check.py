@@ -167,6 +167,24 @@ def test_the_bn_passes_stream_16_byte_packs_without_64_bit_division():
     assert packed >= len(variants) // 2
 
 
+def test_no_triton_variant_divides_in_64_bits():
+    """Each 64-bit div/rem is a call of a ~70-instruction routine: none in any Triton kernel."""
+    dividing = [r["id"] for r in _committed_table()["variants"] if r["int64_division"]["all"]]
+    assert not dividing, dividing[:5]
+
+
+def test_the_pyramid_pool_reduce_streams_16_byte_packs():
+    """The 16-bit pyramid pool at the model's shape (151 MB of x read per batch of 16): its hot loop
+    loads x and the (W, K) weight table, padded to 16 cells a row, in 16-byte packs only."""
+    pools = [r for r in _committed_table()["variants"]
+             if r["kernel"] == "_reduce_kernel" and r["dtypes"] != ["float32"]
+             and any(s.startswith("model:") and "pyramid_pool x" in s for s in r["sources"])]  # fmt: skip
+    assert pools
+    for r in pools:
+        loop = r["global_memory"]["loop"]
+        assert set(loop["ld"]) | set(loop["cp_async"]) == {"16"}, f"{r['id']}: {loop}"
+
+
 # ------------------------------------------------------------------ shapes and tensors (in-process)
 
 

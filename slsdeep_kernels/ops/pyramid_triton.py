@@ -3,12 +3,14 @@ docs/design.md §4.2). Imported only when the ``triton`` backend runs (``backend
 
 Every op here is a sum of separable per-cell weights, so two kernels do all::
 
-    reduce: out[n, c, k] = scale[k] · Σ_p x[n, c, p] · rows[k, h(p)] · cols[k, w(p)]
-    expand: out[n, c, p] (+)= Σ_k v[n, c, k] · scale[k] · rows[k, h(p)] · cols[k, w(p)]
+    reduce: out[n, c, k] = scale[k] · Σ_p x[n, c, p] · rows[h(p), k] · cols[w(p), k]
+    expand: out[n, c, p] (+)= Σ_k v[n, c, k] · scale[k] · rows[h(p), k] · cols[w(p), k]
 
 with k a cell (pooling window, branch cell, or branch cell and kernel tap) and the per-axis weight
-tables built once per shape from PyTorch's own index rules. Both are tl.dot GEMMs over channel tiles:
-coalesced in NCHW and channels_last, fp32 accumulation.
+tables, (H, K) and (W, K) with the cells contiguous, built once per shape from PyTorch's own index
+rules. Both are tl.dot GEMMs over channel tiles, fp32 accumulation: the reduce walks the image's
+rows in runs of BLOCK_W columns (no division: a run's x loads are contiguous in NCHW, its channels
+in channels_last), and every table load reads a run of cells (16-byte packs where K allows).
 
 Launchers, one per custom op the pyramid module dispatches: :func:`pool`, :func:`pool_backward`,
 :func:`upsample_concat`, :func:`upsample_concat_backward`, :func:`taps_add`, :func:`taps_backward`.
@@ -30,22 +32,24 @@ from slsdeep_kernels.ops.pyramid import _cells, _format
 _BLOCK_C, _BLOCK_P, _BLOCK_K = 64, 64, 32
 
 
-def _reduce_tiles(dtype: torch.dtype) -> tuple[int, int]:
-    """reduce (BLOCK_P, most cells per k-tile): every cell of a k-tile shares one read of x (all 50
+def _reduce_tiles(dtype: torch.dtype, width: int) -> tuple[int, int]:
+    """reduce (BLOCK_W, most cells per k-tile): every cell of a k-tile shares one read of x (all 50
     pooling cells of bins 1, 2, 3, 6 at once) up to 64 cells for 16-bit inputs, 32 for fp32 (tf32x3
     splits each operand in two): the largest tiles that do not spill on sm_90 and sm_80 with triton
-    3.6 and 3.8 (ptxas -v: bench/compile/triton-sm90.json)."""
-    return (32, 32) if dtype == torch.float32 else (32, 64)
+    3.6 and 3.8 (ptxas -v: bench/compile/triton-sm90.json). Runs of 32 columns, or 16 where they
+    waste fewer (48: three runs of 16, not 32 + 16 of 32)."""
+    block_w = 32 if triton.cdiv(width, 32) * 32 <= triton.cdiv(width, 16) * 16 else 16
+    return (block_w, 32) if dtype == torch.float32 else (block_w, 64)
 
 
 @triton.jit
 def _reduce_kernel(
     x_ptr, rows_ptr, cols_ptr, scale_ptr, out_ptr,
-    C, K, H, W,
+    C, K, KS, H, W,
     x_sn, x_sc, x_sh, x_sw,
     o_sn, o_sc, o_sk,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # Grid (N · k tiles, channel tiles): the batch shares axis 0 (axes 1 and 2 stop at 65,535).
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -53,25 +57,22 @@ def _reduce_kernel(
     offs_k = (tl.program_id(0) % k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     mask_k = offs_k < K
+    in_table = offs_k < KS  # the padding cells are zeros: a mask that keeps the table loads packed
     mask_c = offs_c < C
+    channels = x_ptr + n * x_sn + offs_c[:, None] * x_sc
     acc = tl.zeros((BLOCK_C, BLOCK_K), dtype=tl.float32)
-    for p0 in range(0, H * W, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < H * W
-        h = offs_p // W
-        w = offs_p % W
-        x = tl.load(
-            x_ptr + n * x_sn + offs_c[:, None] * x_sc + h[None, :] * x_sh + w[None, :] * x_sw,
-            mask=mask_c[:, None] & mask_p[None, :],
-            other=0.0,
-        )
-        mask_w = mask_p[:, None] & mask_k[None, :]
-        weight = tl.load(rows_ptr + offs_k[None, :] * H + h[:, None], mask=mask_w, other=0.0)
-        weight *= tl.load(cols_ptr + offs_k[None, :] * W + w[:, None], mask=mask_w, other=0.0)
-        if DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), weight, input_precision=PRECISION)
-        else:
-            acc += tl.dot(x, weight.to(x.dtype))
+    for h in range(0, H):
+        row_weight = tl.load(rows_ptr + h * KS + offs_k, mask=in_table, other=0.0)
+        for w0 in range(0, W, BLOCK_W):
+            w = w0 + tl.arange(0, BLOCK_W)
+            mask_w = w < W
+            x = tl.load(channels + h * x_sh + w[None, :] * x_sw, mask=mask_c[:, None] & mask_w[None, :], other=0.0)
+            weight = tl.load(cols_ptr + w[:, None] * KS + offs_k[None, :], mask=mask_w[:, None] & in_table[None, :], other=0.0)
+            weight *= row_weight[None, :]
+            if DOT_FP32:
+                acc += tl.dot(x.to(tl.float32), weight, input_precision=PRECISION)
+            else:
+                acc += tl.dot(x, weight.to(x.dtype))
     acc *= tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
     tl.store(
         out_ptr + n * o_sn + offs_c[:, None] * o_sc + offs_k[None, :] * o_sk,
@@ -83,7 +84,7 @@ def _reduce_kernel(
 @triton.jit
 def _expand_kernel(
     v_ptr, rows_ptr, cols_ptr, scale_ptr, out_ptr,
-    C, K, H, W,
+    C, K, KS, H, W,
     v_sn, v_sc, v_sk,
     o_sn, o_sc, o_sh, o_sw,
     ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
@@ -108,9 +109,9 @@ def _expand_kernel(
             other=0.0,
         ).to(tl.float32)
         v *= tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
-        mask_w = mask_k[:, None] & mask_p[None, :]
-        weight = tl.load(rows_ptr + offs_k[:, None] * H + h[None, :], mask=mask_w, other=0.0)
-        weight *= tl.load(cols_ptr + offs_k[:, None] * W + w[None, :], mask=mask_w, other=0.0)
+        mask_w = (offs_k < KS)[:, None] & mask_p[None, :]  # the padding cells are zeros: packed table loads
+        weight = tl.load(rows_ptr + h[None, :] * KS + offs_k[:, None], mask=mask_w, other=0.0)
+        weight *= tl.load(cols_ptr + w[None, :] * KS + offs_k[:, None], mask=mask_w, other=0.0)
         if DOT_FP32:
             acc += tl.dot(v, weight, input_precision=PRECISION)
         else:
@@ -141,14 +142,14 @@ def _reduce(x: Tensor, tables: tuple[Tensor, Tensor, Tensor], out: Tensor, convo
     """out (N, C, K) = the reduce kernel over x (N, C, H, W)."""
     rows, cols, scale = tables
     N, C, H, W = x.shape
-    K = rows.shape[0]
+    K = scale.shape[0]
     dot_fp32, precision = _dot_mode(x.dtype, convolution)
-    block_p, max_k = _reduce_tiles(x.dtype)
+    block_w, max_k = _reduce_tiles(x.dtype, W)
     block_k = min(max_k, triton.next_power_of_2(max(K, 16)))
     grid = (N * triton.cdiv(K, block_k), triton.cdiv(C, _BLOCK_C))
     backends.launch(
-        _reduce_kernel, grid, x, rows, cols, scale, out, C, K, H, W, *x.stride(), *out.stride(),
-        DOT_FP32=dot_fp32, PRECISION=precision, BLOCK_C=_BLOCK_C, BLOCK_P=block_p, BLOCK_K=block_k,
+        _reduce_kernel, grid, x, rows, cols, scale, out, C, K, rows.stride(0), H, W, *x.stride(), *out.stride(),
+        DOT_FP32=dot_fp32, PRECISION=precision, BLOCK_C=_BLOCK_C, BLOCK_W=block_w, BLOCK_K=block_k,
         num_warps=_warps(x.dtype),
     )  # fmt: skip
     return out
@@ -158,11 +159,11 @@ def _expand(v: Tensor, tables: tuple[Tensor, Tensor, Tensor], out: Tensor, accum
     """out (N, C, H, W) (+)= the expand kernel over v (N, C, K)."""
     rows, cols, scale = tables
     N, C, H, W = out.shape
-    K = rows.shape[0]
+    K = scale.shape[0]
     dot_fp32, precision = _dot_mode(out.dtype, convolution)
     grid = (N * triton.cdiv(H * W, _BLOCK_P), triton.cdiv(C, _BLOCK_C))
     backends.launch(
-        _expand_kernel, grid, v, rows, cols, scale, out, C, K, H, W, *v.stride(), *out.stride(),
+        _expand_kernel, grid, v, rows, cols, scale, out, C, K, rows.stride(0), H, W, *v.stride(), *out.stride(),
         ACCUMULATE=accumulate, DOT_FP32=dot_fp32, PRECISION=precision,
         BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P, BLOCK_K=_BLOCK_K, num_warps=_warps(out.dtype),
     )  # fmt: skip
@@ -191,15 +192,25 @@ def _linear_matrix(out_size: int, in_size: int, align_corners: bool, shift: int,
     return shifted
 
 
+def _cells_contiguous(table: Tensor) -> Tensor:
+    """A (cells, size) weight table as the kernels read it: (size, cells), the cells contiguous and
+    each row padded with zeros to a multiple of 16 cells, so that every row starts 64-byte aligned
+    (the kernels' table loads are 16-byte packs)."""
+    cells, size = table.shape
+    padded = table.new_zeros(size, triton.cdiv(cells, 16) * 16)
+    padded[:, :cells] = table.t()
+    return padded
+
+
 @functools.lru_cache(maxsize=64)
 def _pool_tables(height: int, width: int, bins: tuple[int, ...], device: torch.device):
-    """Per-axis 0/1 windows of every cell (bins in order, b×b row-major) and 1/area."""
+    """Per-axis 0/1 windows of every cell (bins in order, b×b row-major), (H, K) and (W, K), and 1/area."""
     rows, cols = [], []
     for b in bins:
         rows.append(_window_matrix(height, b, device).repeat_interleave(b, dim=0))
         cols.append(_window_matrix(width, b, device).repeat(b, 1))
     rows, cols = torch.cat(rows), torch.cat(cols)
-    return rows.contiguous(), cols.contiguous(), 1.0 / (rows.sum(1) * cols.sum(1))
+    return _cells_contiguous(rows), _cells_contiguous(cols), 1.0 / (rows.sum(1) * cols.sum(1))
 
 
 @functools.lru_cache(maxsize=64)
@@ -208,7 +219,7 @@ def _upsample_tables(height: int, width: int, size: tuple[int, int], align_corne
     h, w = size
     rows = _linear_matrix(height, h, align_corners, 0, device).repeat_interleave(w, dim=0)
     cols = _linear_matrix(width, w, align_corners, 0, device).repeat(h, 1)
-    return rows.contiguous(), cols.contiguous(), torch.ones(h * w, device=device)
+    return _cells_contiguous(rows), _cells_contiguous(cols), torch.ones(h * w, device=device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -224,7 +235,7 @@ def _tap_tables(
                 rows.append(_linear_matrix(height, h, align_corners, ky - half, device).repeat_interleave(w, dim=0))
                 cols.append(_linear_matrix(width, w, align_corners, kx - half, device).repeat(h, 1))
     rows, cols = torch.cat(rows), torch.cat(cols)
-    return rows.contiguous(), cols.contiguous(), torch.ones(rows.shape[0], device=device)
+    return _cells_contiguous(rows), _cells_contiguous(cols), torch.ones(rows.shape[0], device=device)
 
 
 def pool(x: Tensor, bins: list[int]) -> Tensor:
@@ -282,6 +293,6 @@ def taps_backward(grad: Tensor, sizes: list[int], kernel_size: int, align_corner
     if not pairs:
         return []
     tables = _tap_tables(H, W, pairs, k, align_corners, grad.device)
-    out = backends.new_output((N, Co, tables[0].shape[0]), dtype=grad.dtype, device=grad.device)
+    out = backends.new_output((N, Co, tables[2].shape[0]), dtype=grad.dtype, device=grad.device)
     _reduce(grad, tables, out, convolution=True)
     return [z.reshape(N, Co, k, k, h, w) for z, (h, w) in zip(out.split([k * k * h * w for h, w in pairs], dim=2), pairs)]
