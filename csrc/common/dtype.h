@@ -21,6 +21,23 @@ namespace slsdeep {
 // (csrc/cuda_bind/bind.h).
 enum class DType : int { kFloat, kHalf, kBFloat16, kDouble, kUInt8, kInt64 };
 
+// Bytes per element of each DType.
+SLSDEEP_HD constexpr int bytes_of(DType type) {
+  switch (type) {
+    case DType::kUInt8:
+      return 1;
+    case DType::kHalf:
+    case DType::kBFloat16:
+      return 2;
+    case DType::kFloat:
+      return 4;
+    case DType::kDouble:
+    case DType::kInt64:
+      return 8;
+  }
+  return 0;
+}
+
 // Element -> accumulation type, and back with round-to-nearest-even. The read-only mask types convert
 // to float exactly for the values a mask holds.
 SLSDEEP_HD float to_float(float v) { return v; }

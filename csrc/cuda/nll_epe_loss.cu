@@ -448,20 +448,6 @@ bool rows_pack(const void* p, int element_bytes, const int64_t* stride, const in
   return true;
 }
 
-int target_bytes(DType type) {
-  switch (type) {
-    case DType::kUInt8:
-      return 1;
-    case DType::kHalf:
-    case DType::kBFloat16:
-      return 2;
-    case DType::kFloat:
-      return 4;
-    default:
-      return 8;
-  }
-}
-
 template <typename T>
 cudaError_t launch(const Problem& pb, cudaStream_t stream) {
   const int bytes = sizeof(T);
@@ -479,7 +465,7 @@ cudaError_t launch(const Problem& pb, cudaStream_t stream) {
   const bool packed = pb.W % kRun == 0 && gradient_interleaved_too &&
                       rows_pack(pb.logits, bytes, logits_rows, size4, 4, unit) &&
                       rows_pack(pb.gradient, bytes, gradient_rows, size4, 4, unit) &&
-                      rows_pack(pb.target, target_bytes(pb.target_type), pb.target_stride, size3, 3, 1) &&
+                      rows_pack(pb.target, bytes_of(pb.target_type), pb.target_stride, size3, 3, 1) &&
                       rows_pack(pb.grad_map, bytes, pb.grad_map_stride, size3, 3, 1) &&
                       rows_pack(pb.loss_map, bytes, loss_map_stride, size3, 3, 1);
   const dim3 grid(static_cast<unsigned>(pb.N * ((pb.H + kTileH - 1) / kTileH)),

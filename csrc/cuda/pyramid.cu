@@ -884,7 +884,7 @@ int shared_memory_limit() {
 // taps_backward's tile: one pack of channels (NHWC) or 8 channels (NCHW) × every column where dU fits
 // the device's shared memory; else fewer channels (NCHW), then the widest strip of columns that fits
 // (whose sums then go through the workspace); false when not even one pack of columns fits.
-bool make_adjoint_plan(const TapTensor* grads, int count, int64_t channel_offset, int64_t N, int64_t C, int64_t H,
+bool make_adjoint_plan(const TapGradient* grads, int count, int64_t channel_offset, int64_t N, int64_t C, int64_t H,
                        int64_t W, bool channels_last, int vec, bool align_corners, AdjointPlan* plan) {
   if (count < 1 || count > kMaxBranches || C > INT_MAX || H > INT_MAX || W > INT_MAX) return false;
   AdjointPlan p{};
@@ -896,13 +896,13 @@ bool make_adjoint_plan(const TapTensor* grads, int count, int64_t channel_offset
   int64_t pairs = 0, entries = 0, rows = 0;
   int row_offset[kMaxBranches];
   for (int b = 0; b < count; ++b) {
-    const TapTensor& z = grads[b];
+    const TapGradient& z = grads[b];
     if (z.k < 1 || z.k > INT_MAX || z.h < 1 || z.h > INT_MAX || z.w < 1 || z.w > INT_MAX) return false;
     const TapStrides& zs = z.strides;
     const bool packs = vec > 1 && packed(z.data) && zs.c == 1 && keeps_packs(N, zs.n, vec) &&
                        keeps_packs(z.k, zs.ky, vec) && keeps_packs(z.k, zs.kx, vec) && keeps_packs(z.h, zs.i, vec) &&
                        keeps_packs(z.w, zs.j, vec);
-    p.branch[b] = {const_cast<void*>(z.data), zs, static_cast<int>(z.k), static_cast<int>(z.h), static_cast<int>(z.w),
+    p.branch[b] = {z.data, zs, static_cast<int>(z.k), static_cast<int>(z.h), static_cast<int>(z.w),
                    pyramid::linear_scale<float>(z.h, H, align_corners), pyramid::linear_scale<float>(z.w, W, align_corners),
                    packs, static_cast<int>(pairs), 0, 0, entries};
     row_offset[b] = static_cast<int>(rows);
@@ -1061,7 +1061,7 @@ cudaError_t taps_add(DType dtype, void* out, Strides out_strides, bool channels_
 
 int64_t taps_backward_workspace_floats(DType dtype, const void* grad, Strides grad_strides, bool channels_last,
                                        int64_t channel_offset, int64_t N, int64_t C, int64_t H, int64_t W,
-                                       const TapTensor* grad_taps, int count, bool align_corners) {
+                                       const TapGradient* grad_taps, int count, bool align_corners) {
   int64_t floats = -1;
   SLSDEEP_DISPATCH_FLOATING(dtype, {
     const int vec = adjoint_vector_width<scalar_t>(grad, grad_strides, channels_last, channel_offset, N, C, H, W);
@@ -1075,7 +1075,7 @@ int64_t taps_backward_workspace_floats(DType dtype, const void* grad, Strides gr
 }
 
 cudaError_t taps_backward(DType dtype, const void* grad, Strides grad_strides, bool channels_last, int64_t channel_offset,
-                          int64_t N, int64_t C, int64_t H, int64_t W, const TapTensor* grad_taps, int count,
+                          int64_t N, int64_t C, int64_t H, int64_t W, const TapGradient* grad_taps, int count,
                           bool align_corners, float* workspace, cudaStream_t stream) {
   if (N * C * H * W == 0 || count == 0) return cudaSuccess;  // the binding fills empty grads
   cudaError_t status = cudaSuccess;

@@ -51,12 +51,16 @@ struct TapStrides {
   int64_t n, c, ky, kx, i, j;
 };
 
-// One branch's tap tensor; k: its kernel size (odd; branches may differ).
-struct TapTensor {
-  const void* data;
+// One branch's tap tensor; k: its kernel size (odd; branches may differ). Read (TapTensor) by
+// taps_add, written (TapGradient) by taps_backward.
+template <typename Data>
+struct TapTensorOf {
+  Data* data;
   int64_t k, h, w;
   TapStrides strides;
 };
+using TapTensor = TapTensorOf<const void>;
+using TapGradient = TapTensorOf<void>;
 
 // out (N, C_out, H, W) += sum over branches and taps (ky, kx) of up(z[:, :, ky, kx])(p + (ky, kx) - k/2),
 // k/2 rounded down, zero outside the image.
@@ -70,9 +74,9 @@ cudaError_t taps_add(DType dtype, void* out, Strides out_strides, bool channels_
 // kernel fits this device's shared memory, and taps_backward fails with cudaErrorInvalidValue).
 int64_t taps_backward_workspace_floats(DType dtype, const void* grad, Strides grad_strides, bool channels_last,
                                        int64_t channel_offset, int64_t N, int64_t C, int64_t H, int64_t W,
-                                       const TapTensor* grad_taps, int count, bool align_corners);
+                                       const TapGradient* grad_taps, int count, bool align_corners);
 cudaError_t taps_backward(DType dtype, const void* grad, Strides grad_strides, bool channels_last, int64_t channel_offset,
-                          int64_t N, int64_t C, int64_t H, int64_t W, const TapTensor* grad_taps, int count,
+                          int64_t N, int64_t C, int64_t H, int64_t W, const TapGradient* grad_taps, int count,
                           bool align_corners, float* workspace, cudaStream_t stream);
 
 }  // namespace pyramid_cuda

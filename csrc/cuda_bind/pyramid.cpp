@@ -114,8 +114,8 @@ void taps_backward_into(const char* op, const at::Tensor& grad, int64_t channel_
     for (const at::Tensor& g : grads) g.zero_();
     return;
   }
-  std::vector<kernels::TapTensor> tensors;
-  for (const at::Tensor& g : grads) tensors.push_back({g.data_ptr(), g.size(2), g.size(4), g.size(5), tap_strides_of(g)});
+  std::vector<kernels::TapGradient> tensors;
+  for (const at::Tensor& g : grads) tensors.push_back({g.mutable_data_ptr(), g.size(2), g.size(4), g.size(5), tap_strides_of(g)});
   const DType dtype = dtype_of(grad, kTensors);
   const bool channels_last = is_channels_last(grad);
   const int64_t N = grad.size(0), H = grad.size(2), W = grad.size(3);
