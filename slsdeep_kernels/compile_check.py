@@ -2,8 +2,8 @@
 
 What: every Triton kernel launch that the GPU path makes, at the SLSDeep model's shapes (batch 16,
 384×384, training and inference) and at the GPU tests' shapes, in bf16, fp16 and fp32, NCHW and
-channels_last, under PyTorch's default TF32 settings and the tests' (both off), every autotune
-config, is compiled for ``sm_90`` (and a subset for ``sm_80``) with ``triton.compile``; per variant
+channels_last, under PyTorch's default TF32 settings and the tests' (both off), is compiled for
+``sm_90`` (and a subset for ``sm_80``) with ``triton.compile``; per variant
 the table records the registers, shared memory, spills (``ptxas -v``), tensor-core use and the
 vector widths of the global loads, stores and ``cp.async`` copies (all, and in the innermost loops).
 
@@ -22,9 +22,9 @@ driver that only answers "the current target is ``GPUTarget("cuda", arch, 32)``"
 signature, constexprs, ``tt.divisibility`` attributes of pointers and ints, ints equal to 1 made
 constants, options) and stops before compiling. Worker processes compile it through
 ``JITFunction.preload`` (Triton's own deserialise-and-compile path), i.e. ``triton.compile(ASTSource(...),
-target=GPUTarget("cuda", arch, 32), options=...)`` exactly as the JIT calls it. Autotuned kernels
-(``triton.autotune``) get one variant per config, with the config's kwargs merged as the autotuner
-does. Pointer alignment is that of the CPU tensors: CPU allocations are 64-byte aligned and CUDA ones
+target=GPUTarget("cuda", arch, 32), options=...)`` exactly as the JIT calls it (no kernel of the
+library is autotuned: one launch, one variant). Pointer alignment is that of the CPU tensors: CPU
+allocations are 64-byte aligned and CUDA ones
 256-byte aligned, so ``data_ptr() % 16`` differs between the two only through the storage offset
 (``out[:, offset:]`` views, slices of the pooled cells), which is reproduced exactly. ATen work between
 launches that only produces operands (the training conv and its backward in ``conv_bn_relu``) runs on
@@ -41,27 +41,20 @@ a kernel in its file neither makes the table stale nor forces its variants to be
 
 Records (one per variant, sorted; ``id`` = arch/kernel/hash of the specialisation): kernel, op,
 launchers, dtypes / layouts / TF32 settings / groups of the cases that launch it (a layout is the
-case's: a channels_last model still runs some kernels on NCHW views), autotune config index,
-config (constexpr meta-parameters, num_warps, num_stages), signature, constants (ints equal to 1),
+case's: a channels_last model still runs some kernels on NCHW views), config (constexpr meta-parameters, num_warps, num_stages), signature, constants (ints equal to 1),
 divisible_by_16, registers, shared (Triton's dynamic shared memory, what the launch compares with
 the limit), ptxas_static_smem, spill_stores / spill_loads / stack_frame (bytes per thread),
 tensor_cores (mma.sync / wgmma / ldmatrix instruction counts), global_memory (for ``all`` the
 kernel and ``loop`` its innermost loops: {bytes per instruction: count} of ``ld.global``,
-``st.global`` and ``cp.async`` global->shared copies, atomics, the widest load and store), status
-(ok / warn / fail), problems, sources (the cases, with their shapes).
+``st.global`` and ``cp.async`` global->shared copies, atomics, the widest load and store),
+int64_division (64-bit ``div``/``rem`` in all and in the innermost loops), status (ok / fail),
+problems, sources (the cases, with their shapes).
 
 Failures (exit status 1, one line each): a compile error; shared memory above the target's limit
-(``cudaDevAttrMaxSharedMemoryPerBlockOptin``: sm_90 232,448 B, sm_80 166,912 B), for every variant
-including autotune configs (Triton's autotuner would skip such a config at run time: it is dead
-weight and a sign of a wrong tile list); a spill in a default launch (any launch that is not one of
-several autotune candidates). A spill in an autotune candidate is a warning: the autotuner times
-it against the others.
+(``cudaDevAttrMaxSharedMemoryPerBlockOptin``: sm_90 232,448 B, sm_80 166,912 B); a spill.
 
-Scopes. ``full`` (sm_90's default) compiles every variant (275 at the time of writing: ~30 s on 2
-cores). ``reduced`` compiles every plain launch and every autotune config at one specialisation per
-kernel, dtype, layout and TF32 setting (no kernel of the library autotunes since the Triton conv was
-removed, so today it is every variant); architectures other than sm_90 get the ``reduced`` scope of the ``--subset`` cases (default
-``model``). ``--reuse TABLE`` and ``--check TABLE`` take the compiled fields of a variant whose content hash
+Cases. sm_90 compiles every variant of every case (275 at the time of writing: ~30 s on 2 cores);
+other architectures the variants of the ``--subset`` cases (default ``model``). ``--reuse TABLE`` and ``--check TABLE`` take the compiled fields of a variant whose content hash
 the table has from the table (the same key is the same compiled kernel, Triton's own cache rule,
 line info aside) and compile only the others; ``--check`` compiles ``--verify N`` of the reused ones again and
 compares (exit 1 when the table is stale, not reproducible or has failures).
@@ -595,7 +588,7 @@ def target_driver(arch: int, real: bool = False):
 
 
 def _unwrap(kernel):
-    """The JITFunction under an Autotuner / Heuristics wrapper."""
+    """The JITFunction under a wrapper (``.fn``: triton's Autotuner, Heuristics)."""
     from triton.runtime.jit import JITFunction
 
     while not isinstance(kernel, JITFunction):
@@ -603,13 +596,6 @@ def _unwrap(kernel):
             raise CompileCheckError(f"{kernel!r} is not a Triton JIT function (is TRITON_INTERPRET set?)")
         kernel = kernel.fn
     return kernel
-
-
-def _configs(kernel):
-    """The autotune configs of an Autotuner (every one is compiled when it tunes), else [None]."""
-    from triton.runtime.autotuner import Autotuner
-
-    return list(kernel.configs) if isinstance(kernel, Autotuner) else [None]
 
 
 @dataclasses.dataclass
@@ -621,8 +607,6 @@ class Spec:
     name: str
     key: str  # the JIT's in-memory cache key (unique per specialisation and options)
     data: str  # the JIT's serialised specialisation (signature, constexprs, attrs, options, target)
-    autotune: int | None  # index of the autotune config, None for a plain launch
-    configs: int  # number of autotune configs of the launch (1 for a plain launch)
     op: str = ""
     triton_hash: str = ""  # Triton's compile cache hash of the variant (the JIT's cache lookup)
     content_hash: str = ""  # the same with every kernel's line number set to 0: what reuse and --check compare
@@ -844,15 +828,14 @@ def _calling_launcher(op_module: str) -> str:
 
 
 def launched_kernels() -> dict[str, object]:
-    """Every Triton kernel the ops define (module-level JIT functions and autotuners that no other JIT
+    """Every Triton kernel the ops define (module-level JIT functions that no other JIT
     function of the module calls), by full name."""
-    from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
     kernels = {}
     for op in OPS:
         module = _module(op)
-        found = {name: obj for name, obj in vars(module).items() if isinstance(obj, (JITFunction, Autotuner))}
+        found = {name: obj for name, obj in vars(module).items() if isinstance(obj, JITFunction)}
         sources = {name: _unwrap(obj).src for name, obj in found.items()}
         for name, obj in found.items():
             called = re.compile(rf"\b{re.escape(name)}\s*\(")
@@ -882,30 +865,25 @@ def capture(cases: Sequence[Case], archs: Sequence[int], case_archs: Callable[[C
 
                 def observer(kernel, grid, args, meta, device, flag_name=flag_name, case=case, for_archs=for_archs):
                     jit = _unwrap(kernel)
+                    if jit is not kernel:
+                        raise CompileCheckError(f"{jit._fn_name} is launched through {type(kernel).__name__}: the check "
+                                                "specialises plain JIT launches (an autotuner's configs are not captured)")
                     seen_kernels.add(jit._fn_name)
                     launcher = _calling_launcher(module_name)
-                    configs = _configs(kernel)
-                    for index, config in enumerate(configs):
-                        kwargs = dict(meta)
-                        if config is not None:  # as the autotuner merges a config into the launch
-                            conflicts = kwargs.keys() & config.kwargs.keys()
-                            if conflicts:
-                                raise CompileCheckError(f"{jit._fn_name}: meta-parameters {sorted(conflicts)} given both by the launch and the autotuner")
-                            kwargs.update(config.all_kwargs())
-                        for arch in for_archs:
-                            key, data = specialise(kernel, arch, grid, args, kwargs, real)
-                            spec = Spec(arch, jit.module, jit.fn.__name__, key, data, None if config is None else index, len(configs))
-                            if spec.uid not in specs:
-                                spec.op, spec.triton_hash = case.op, triton_cache_hash(jit, arch, data, real)
-                                spec.content_hash = content_hash(jit, arch, data, real)
-                                specs[spec.uid] = spec
-                            spec = specs[spec.uid]
-                            spec.sources.add(f"{case.group}: {case.label}")
-                            spec.launchers.add(launcher)
-                            spec.dtypes.add(case.dtype)
-                            spec.layouts.add(case.layout)
-                            spec.flags.add(flag_name)
-                            spec.groups.add(case.group)
+                    for arch in for_archs:
+                        key, data = specialise(kernel, arch, grid, args, dict(meta), real)
+                        spec = Spec(arch, jit.module, jit.fn.__name__, key, data)
+                        if spec.uid not in specs:
+                            spec.op, spec.triton_hash = case.op, triton_cache_hash(jit, arch, data, real)
+                            spec.content_hash = content_hash(jit, arch, data, real)
+                            specs[spec.uid] = spec
+                        spec = specs[spec.uid]
+                        spec.sources.add(f"{case.group}: {case.label}")
+                        spec.launchers.add(launcher)
+                        spec.dtypes.add(case.dtype)
+                        spec.layouts.add(case.layout)
+                        spec.flags.add(flag_name)
+                        spec.groups.add(case.group)
 
                 with _tf32(**flags), backend.observe_launches(observer):
                     case.run()
@@ -913,24 +891,7 @@ def capture(cases: Sequence[Case], archs: Sequence[int], case_archs: Callable[[C
         missing = sorted(set(launched_kernels()) - seen_kernels)
         if missing:
             raise CompileCheckError(f"no case launches {', '.join(missing)}: add the launcher that runs it to compile_check's cases")
-    return sorted(specs.values(), key=lambda s: (-s.arch, s.module, s.name, s.autotune is not None, s.key))
-
-
-def reduced(specs: Sequence[Spec]) -> list[Spec]:
-    """The ``reduced`` scope: every plain launch, and every autotune config at one specialisation per
-    (kernel, dtypes, layouts, TF32 setting, config): the one most cases launch (model before tests,
-    then the first source)."""
-    chosen, seen = [], set()
-    order = sorted(specs, key=lambda s: ("model" not in s.groups, -len(s.sources), min(s.sources), s.key))
-    for s in order:
-        if s.autotune is None:
-            chosen.append(s)
-            continue
-        group = (s.arch, s.module, s.name, s.autotune, tuple(sorted(s.dtypes)), tuple(sorted(s.layouts)), tuple(sorted(s.flags)))
-        if group not in seen:
-            seen.add(group)
-            chosen.append(s)
-    return sorted(chosen, key=lambda s: (-s.arch, s.module, s.name, s.autotune is not None, s.key))
+    return sorted(specs.values(), key=lambda s: (-s.arch, s.module, s.name, s.key))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1276,26 +1237,21 @@ def describe_spec(spec: Spec) -> dict:
     }
 
 
-def problems(record: dict, shared_limits: dict) -> tuple[list[str], list[str]]:
-    """(failures, warnings) of one record (see the module docstring for the rules)."""
+def problems(record: dict, shared_limits: dict) -> list[str]:
+    """The failures of one record (see the module docstring for the rules)."""
     if record.get("error"):
-        return [f"compile error: {record['error']}"], []
-    failures, warnings = [], []
+        return [f"compile error: {record['error']}"]
+    failures = []
     limit = shared_limits.get(record["arch"])
     if limit is None:
         failures.append(f"no shared-memory limit known for sm_{record['arch']}")
     elif record["shared"] > limit:
-        extra = " (an autotune config: the autotuner skips it at run time)" if record["autotune"] is not None else ""
-        failures.append(f"shared memory {record['shared']:,} B > sm_{record['arch']} limit {limit:,} B{extra}")
+        failures.append(f"shared memory {record['shared']:,} B > sm_{record['arch']} limit {limit:,} B")
     if record["registers"] is None:
         failures.append("no ptxas -v log (the cubin came from a cache?)")
     elif record["spill_stores"] or record["spill_loads"]:
-        text = f"spills {record['spill_stores']:,} B stores / {record['spill_loads']:,} B loads ({record['registers']} registers)"
-        if record["autotune"] is None:
-            failures.append(text)
-        else:
-            warnings.append(text + " in an autotune config")
-    return failures, warnings
+        failures.append(f"spills {record['spill_stores']:,} B stores / {record['spill_loads']:,} B loads ({record['registers']} registers)")
+    return failures
 
 
 def make_record(spec: Spec, compiled: dict, shared_limits: dict) -> dict:
@@ -1303,7 +1259,6 @@ def make_record(spec: Spec, compiled: dict, shared_limits: dict) -> dict:
     reused record of the same content hash)."""
     record = {"arch": spec.arch, "kernel": spec.name, "op": spec.op, **describe_spec(spec)}
     record.update(
-        autotune=None if spec.autotune is None else {"config": spec.autotune, "of": spec.configs},
         launchers=sorted(spec.launchers), dtypes=sorted(spec.dtypes), layouts=sorted(spec.layouts),
         flags=sorted(spec.flags), groups=sorted(spec.groups), content_hash=spec.content_hash,
     )  # fmt: skip
@@ -1313,9 +1268,8 @@ def make_record(spec: Spec, compiled: dict, shared_limits: dict) -> dict:
         record[field] = compiled.get(field)
     if not compiled.get("error") and compiled.get("hash") not in (None, spec.triton_hash):
         record["error"] = f"Triton compiled it under hash {compiled['hash']}, not the {spec.triton_hash} computed for the JIT"
-    failures, warnings = problems(record, shared_limits)
-    record["status"] = "fail" if failures else "warn" if warnings else "ok"
-    record["problems"] = failures + warnings
+    record["problems"] = problems(record, shared_limits)
+    record["status"] = "fail" if record["problems"] else "ok"
     record["sources"] = sorted(spec.sources)
     return record
 
@@ -1332,12 +1286,9 @@ def failure_lines(records: Sequence[dict]) -> list[str]:
             continue
         meta = " ".join(f"{k}={v}" for k, v in r["config"]["meta"].items())
         config = f"{meta} num_warps={r['config']['num_warps']} num_stages={r['config']['num_stages']}"
-        if r["autotune"] is not None:
-            config += f" (autotune config {r['autotune']['config'] + 1}/{r['autotune']['of']})"
-        failures = [p for p in r["problems"] if not p.endswith("in an autotune config")]
         lines.append(
             f"FAIL {r['id']} [{r['op']}; {','.join(r['dtypes'])}; {','.join(r['layouts'])}; {','.join(r['flags'])}; {config}]: "
-            f"{'; '.join(failures)} -- e.g. {r['sources'][0]}"
+            f"{'; '.join(r['problems'])} -- e.g. {r['sources'][0]}"
         )
     return lines
 
@@ -1356,21 +1307,20 @@ def tool_versions(archs: Iterable[int]) -> dict:
     return {"triton": triton.__version__, "torch": torch.__version__.split("+")[0], "ptxas": ptxas}
 
 
-def make_table(records: Sequence[dict], scopes: dict, shared_limits: dict, captured: dict) -> dict:
-    """The table: a header (versions, limits, scopes, counts, failures) and the records."""
+def make_table(records: Sequence[dict], cases: dict, shared_limits: dict, captured: dict) -> dict:
+    """The table: a header (versions, limits, the cases of each arch, counts, failures) and the records."""
     summary = {}
-    for arch, scope in sorted(scopes.items(), reverse=True):
+    for arch, which in sorted(cases.items(), reverse=True):
         mine = [r for r in records if r["arch"] == arch]
         summary[str(arch)] = {
-            "scope": scope, "captured": captured.get(arch, 0), "variants": len(mine),
-            "fail": sum(r["status"] == "fail" for r in mine), "warn": sum(r["status"] == "warn" for r in mine),
-            "max_registers": max((r["registers"] or 0 for r in mine), default=0),
+            "cases": which, "captured": captured.get(arch, 0), "variants": len(mine),
+            "fail": sum(r["status"] == "fail" for r in mine), "max_registers": max((r["registers"] or 0 for r in mine), default=0),
         }  # fmt: skip
     return {
         "tool": "slsdeep_kernels.compile_check",
         "format": FORMAT,
-        **tool_versions(scopes),
-        "shared_limits": {str(a): shared_limits[a] for a in sorted(scopes, reverse=True) if a in shared_limits},
+        **tool_versions(cases),
+        "shared_limits": {str(a): shared_limits[a] for a in sorted(cases, reverse=True) if a in shared_limits},
         "model": {"batch": MODEL_BATCH, "size": MODEL_SIZE},
         "summary": summary,
         "failures": failure_lines(records),
@@ -1394,7 +1344,7 @@ def write_table(table: dict, path: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 COMPARED_FIELDS = (
-    "kernel", "op", "launchers", "dtypes", "layouts", "flags", "groups", "autotune", "config", "signature", "constants",
+    "kernel", "op", "launchers", "dtypes", "layouts", "flags", "groups", "config", "signature", "constants",
     "divisible_by_16", "content_hash", "error", *COMPILED_FIELDS, "status", "problems", "sources",
 )  # fmt: skip
 
@@ -1432,7 +1382,7 @@ def _short(value) -> str:
 
 def verification_sample(records: Sequence[dict], count: int) -> list[dict]:
     """``count`` reused records to compile again: the cheapest of every kernel first, then by hash
-    order (deterministic, spread over the kernels and configs)."""
+    order (deterministic, spread over the kernels and their specialisations)."""
     by_kernel = {}
     for r in sorted(records, key=lambda r: (r.get("registers") or 0, r["id"])):
         by_kernel.setdefault(r["kernel"], r)
@@ -1454,7 +1404,7 @@ class Outcome:
     specs: list
     records: list
     captured: dict  # arch -> variants captured
-    scopes: dict  # arch -> scope compiled
+    cases: dict  # arch -> the cases compiled: "all" or the subset
     compiled: int = 0
     reused: int = 0
     unreproducible: list = dataclasses.field(default_factory=list)
@@ -1462,13 +1412,13 @@ class Outcome:
     seconds_by_kernel: dict = dataclasses.field(default_factory=dict)
 
 
-def run_check(archs: Sequence[int], subset: str = "model", scope: str = "full", jobs: int | None = None,
+def run_check(archs: Sequence[int], subset: str = "model", jobs: int | None = None,
               groups=("model", "tests"), select: str | None = None, shared_limits: dict | None = None,
               real: bool = False, reuse: dict | None = None, verify: int = 0, progress: bool = True,
               primary: int = 90) -> Outcome:  # fmt: skip
-    """Capture every case, compile the variants in scope (the ``primary`` arch: every case, ``scope``;
-    the others: the ``reduced`` scope of the ``subset`` cases), reusing from ``reuse`` (a table) the
-    records of equal content hash, of which ``verify`` are compiled again and compared."""
+    """Capture every case, compile the variants (the ``primary`` arch: of every case; the others: of
+    the ``subset`` cases), reusing from ``reuse`` (a table) the records of equal content hash, of
+    which ``verify`` are compiled again and compared."""
     limits = {**SHARED_LIMITS, **(shared_limits or {})}
     archs = sorted(set(archs), reverse=True)
     started = time.perf_counter()
@@ -1479,8 +1429,7 @@ def run_check(archs: Sequence[int], subset: str = "model", scope: str = "full", 
 
     specs = capture(cases, archs, case_archs, real=real, require_all_kernels="tests" in groups)
     captured = {a: sum(s.arch == a for s in specs) for a in archs}
-    scopes = {a: (scope if a == primary else "reduced") for a in archs}
-    specs = [s for s in specs if scopes[s.arch] == "full"] + reduced([s for s in specs if scopes[s.arch] == "reduced"])
+    cases_of = {a: ("all" if a == primary or subset == "all" else subset) for a in archs}
     if select:
         pattern = re.compile(select)
         specs = [s for s in specs if pattern.search(s.name) or any(pattern.search(src) for src in s.sources)]
@@ -1500,7 +1449,7 @@ def run_check(archs: Sequence[int], subset: str = "model", scope: str = "full", 
     sample_ids = {r["id"] for r in verification_sample([reused[s.uid] for s in check], verify)} if verify else set()
     verify_specs = [s for s in check if reused[s.uid]["id"] in sample_ids]
     if progress:
-        counts = ", ".join(f"sm_{a}: {captured[a]} captured, {sum(s.arch == a for s in specs)} in scope ({scopes[a]})" for a in archs)
+        counts = ", ".join(f"sm_{a}: {captured[a]} captured, {sum(s.arch == a for s in specs)} to compile ({cases_of[a]} cases)" for a in archs)
         print(f"compile_check: {len(cases)} cases -> {counts}; {time.perf_counter() - started:.0f} s. Compiling {len(to_compile)}, "
               f"reusing {len(reused)} of equal content hash ({len(verify_specs)} compiled again to verify)", file=sys.stderr, flush=True)  # fmt: skip
     tasks = [{"uid": list(s.uid), "arch": s.arch, "module": s.module, "name": s.name, "data": s.data, "real": real, "weight": _weight(s)}
@@ -1524,7 +1473,7 @@ def run_check(archs: Sequence[int], subset: str = "model", scope: str = "full", 
     for uid, r in results.items():
         key = f"sm{uid[0]}/{uid[2]}"
         by_kernel[key] = by_kernel.get(key, 0.0) + r.get("seconds", 0.0)
-    return Outcome(specs, _sort_records(records), captured, scopes, compiled=len(to_compile), reused=len(reused),
+    return Outcome(specs, _sort_records(records), captured, cases_of, compiled=len(to_compile), reused=len(reused),
                    unreproducible=unreproducible, compile_seconds=sum(by_kernel.values()), seconds_by_kernel=by_kernel)  # fmt: skip
 
 
@@ -1539,11 +1488,8 @@ def _parse_args(argv):
     parser.add_argument("--arch", type=int, action="append", help="target compute capability (repeatable; default 90)")
     parser.add_argument("--json", metavar="FILE", help="write the table of every arch compiled to FILE")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
-    parser.add_argument("--scope", choices=("full", "reduced"), default="full",
-                        help="sm_90: every variant (full, default) or reduced: every plain launch and every autotune config "
-                             "at one specialisation per kernel, dtype, layout and TF32 setting")
     parser.add_argument("--subset", choices=("model", "tests", "all"), default="model",
-                        help="the cases of the archs other than 90, compiled in the reduced scope (default: model)")
+                        help="the cases whose variants the archs other than 90 compile (default: model)")
     parser.add_argument("--check", metavar="FILE", help="exit 1 when the committed sm_90 table FILE is stale (compiles the "
                         "variants whose content hash FILE lacks, reuses the others, compiles --verify of those again)")
     parser.add_argument("--verify", type=int, default=40, metavar="N", help="with --check: reused variants compiled again (default 40)")
@@ -1572,13 +1518,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_clean(argv).returncode
     groups = tuple(args.group or ("model", "tests"))
     limits = {int(a): int(v) for a, _, v in (item.partition("=") for item in args.shared_limit)}
-    scope, subset = args.scope, args.subset
+    subset = args.subset
     if args.precompile:
         if not torch.cuda.is_available():
             print("compile_check --precompile: no CUDA GPU here", file=sys.stderr)
             return 2
         major, minor = torch.cuda.get_device_capability()
-        archs, real, scope, subset = [major * 10 + minor], True, "full", "all"
+        archs, real, subset = [major * 10 + minor], True, "all"
     else:
         archs, real = sorted(set(args.arch or [90]) | ({90} if args.check else set()), reverse=True), False
     if args.capture_only:
@@ -1586,7 +1532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         specs = capture(all_cases(groups), archs, lambda c: [a for a in archs if a == primary or subset == "all" or c.group == subset],
                         real=real, require_all_kernels="tests" in groups)  # fmt: skip
         for s in specs:
-            print(json.dumps({"arch": s.arch, "kernel": s.name, "op": s.op, "id": describe_spec(s)["id"], "autotune": s.autotune,
+            print(json.dumps({"arch": s.arch, "kernel": s.name, "op": s.op, "id": describe_spec(s)["id"],
                               "triton_hash": s.triton_hash, "content_hash": s.content_hash, "specialization": json.loads(s.data), "launchers": sorted(s.launchers),
                               "dtypes": sorted(s.dtypes), "layouts": sorted(s.layouts), "flags": sorted(s.flags),
                               "groups": sorted(s.groups), "sources": sorted(s.sources)}, sort_keys=True))  # fmt: skip
@@ -1604,7 +1550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         temp = tempfile.TemporaryDirectory(prefix="compile-check-cache-")
         os.environ["TRITON_CACHE_DIR"] = temp.name
     try:
-        outcome = run_check(archs, subset, scope, args.jobs, groups, args.select, limits, real, reuse,
+        outcome = run_check(archs, subset, args.jobs, groups, args.select, limits, real, reuse,
                             args.verify if args.check else 0, not args.quiet, primary=archs[0] if real else 90)  # fmt: skip
     finally:
         if temp is not None:
@@ -1613,13 +1559,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 os.environ.pop("TRITON_CACHE_DIR", None)
             else:
                 os.environ["TRITON_CACHE_DIR"] = cache_dir
-    table = make_table(outcome.records, outcome.scopes, {**SHARED_LIMITS, **limits}, outcome.captured)
+    table = make_table(outcome.records, outcome.cases, {**SHARED_LIMITS, **limits}, outcome.captured)
     elapsed = time.perf_counter() - started
     if args.json:
         write_table(table, args.json)
     for arch, row in table["summary"].items():
-        print(f"compile_check: sm_{arch} ({row['scope']}): {row['variants']} variants of {row['captured']} captured, {row['fail']} failing, "
-              f"{row['warn']} warnings, max {row['max_registers']} registers (triton {table['triton']}, "
+        print(f"compile_check: sm_{arch} ({row['cases']} cases): {row['variants']} variants of {row['captured']} captured, "
+              f"{row['fail']} failing, max {row['max_registers']} registers (triton {table['triton']}, "
               f"ptxas {table['ptxas'].get(arch, {}).get('version')})")  # fmt: skip
     slowest = sorted(outcome.seconds_by_kernel.items(), key=lambda kv: -kv[1])[:4]
     print(f"compile_check: {outcome.compiled} compiled, {outcome.reused} reused by content hash; compile time {outcome.compile_seconds:.0f} s "
