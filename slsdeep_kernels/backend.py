@@ -392,7 +392,10 @@ def launch(kernel, grid, *args, **meta) -> None:
     Triton launches on the *current* device; without the guard, tensors on ``cuda:1`` while the
     current device is 0 would be read by a kernel on device 0. Under :func:`observe_launches` the
     observer receives ``(kernel, grid, args, meta, device)`` (inside the guard) instead of the launch.
+    A grid with no program (an empty tensor's) launches nothing.
     """
+    if not callable(grid) and 0 in grid:
+        return
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:

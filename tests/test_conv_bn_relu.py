@@ -356,18 +356,31 @@ def test_gpu_nchw_stride_and_memory_efficient(backend, memory_efficient):
         check(backend, inputs, training=training, stride=2, padding=1, memory_efficient=memory_efficient)
 
 
-@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton unavailable")
+@pytest.mark.parametrize("backend", [p for p in CPU_BACKENDS if p.values[0] == "triton"])
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("training", [False, True])
-def test_triton_passes_at_the_gpus_tile_sizes(monkeypatch, channels_last, training):
+def test_triton_passes_at_the_gpus_tile_sizes(monkeypatch, backend, channels_last, training):
     """The Triton BN passes with the tiles a GPU runs (1,024 elements: 64 channels × 16 rows in
     channels_last, 256 positions × 4 channels in NCHW), under the interpreter: 40 channels and 437
-    positions leave partial tiles on both axes, and 8 reduction programs several tiles per part."""
+    positions leave partial tiles on both axes, and 32 reduction programs several tiles per part."""
     triton_op = slsdeep_kernels.backend.triton_kernels("conv_bn_relu")
-    monkeypatch.setattr(triton_op, "_tile_sizes", lambda: (1024, 8))
+    monkeypatch.setattr(triton_op, "_tile_sizes", lambda: (1024, 32))
     inputs = make_inputs(torch.float32, c_in=6, c_out=40, n=3, size=(19, 23), channels_last=channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     tiling = triton_op._tiling(torch.empty(3, 40, 19, 23).to(memory_format=layout))
     assert (tiling["block_r"], tiling["block_c"]) == ((16, 64) if channels_last else (256, 4))
     assert tiling["per_part"] > 1 and tiling["parts"] > 1
-    check("triton", inputs, training=training, padding=2, dilation=2)
+    check(backend, inputs, training=training, padding=2, dilation=2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [False, True])
+def test_empty_batch(backend, training):
+    """N = 0: an empty output of the right shape, and gradients of the inputs' shapes."""
+    x, weight, bias, gamma, beta, rm, rv = make_inputs(torch.float32, n=0)
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    out = conv_bn_relu(x, weight, bias, gamma, beta, rm, rv, padding=1, training=training, backend=backend)
+    assert out.shape == (0, 7, 13, 11)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and weight.grad.shape == weight.shape and not weight.grad.any()

@@ -269,7 +269,7 @@ def _tiling(y: torch.Tensor) -> dict:
         tiles = N * chunks
     c_blocks = triton.cdiv(C, block_c)
     parts = max(1, min(tiles, programs // c_blocks))
-    per_part = triton.cdiv(tiles, parts)
+    per_part = max(1, triton.cdiv(tiles, parts))  # an empty activation: no tile, no part (the merge: mean 0, var 0/0)
     return dict(C=C, S=S, rows=N * S, chunks=chunks, tiles=tiles, c_blocks=c_blocks, per_part=per_part,
                 parts=triton.cdiv(tiles, per_part), channels_last=channels_last, block_r=block_r, block_c=block_c,
                 warps=max(1, elements * y.element_size() // (32 * 16)))  # fmt: skip
