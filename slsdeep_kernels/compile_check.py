@@ -41,7 +41,8 @@ a kernel in its file neither makes the table stale nor forces its variants to be
 
 Records (one per variant, sorted; ``id`` = arch/kernel/hash of the specialisation): kernel, op,
 launchers, dtypes / layouts / TF32 settings / groups of the cases that launch it (a layout is the
-case's: a channels_last model still runs some kernels on NCHW views), config (constexpr meta-parameters, num_warps, num_stages), signature, constants (ints equal to 1),
+case's: a channels_last model still runs some kernels on NCHW views), config (constexpr
+meta-parameters, num_warps, num_stages), signature, constants (ints equal to 1),
 divisible_by_16, registers, shared (Triton's dynamic shared memory, what the launch compares with
 the limit), ptxas_static_smem, spill_stores / spill_loads / stack_frame (bytes per thread),
 tensor_cores (mma.sync / wgmma / ldmatrix instruction counts), global_memory (for ``all`` the
@@ -54,7 +55,8 @@ Failures (exit status 1, one line each): a compile error; shared memory above th
 (``cudaDevAttrMaxSharedMemoryPerBlockOptin``: sm_90 232,448 B, sm_80 166,912 B); a spill.
 
 Cases. sm_90 compiles every variant of every case (275 at the time of writing: ~30 s on 2 cores);
-other architectures the variants of the ``--subset`` cases (default ``model``). ``--reuse TABLE`` and ``--check TABLE`` take the compiled fields of a variant whose content hash
+other architectures the variants of the ``--subset`` cases (default ``model``). ``--reuse TABLE``
+and ``--check TABLE`` take the compiled fields of a variant whose content hash
 the table has from the table (the same key is the same compiled kernel, Triton's own cache rule,
 line info aside) and compile only the others; ``--check`` compiles ``--verify N`` of the reused ones again and
 compares (exit 1 when the table is stale, not reproducible or has failures).

@@ -199,14 +199,6 @@ def _eval_centre(bias, running_mean, acc: torch.dtype) -> torch.Tensor:
     return -running_mean.to(acc) if bias is None else bias.to(acc) - running_mean.to(acc)
 
 
-def _eval_affine(bias, bn_weight, bn_bias, running_mean, running_var, eps: float, acc: torch.dtype):
-    """(scale, shift) in ``acc`` of the folded eval BatchNorm: ``conv(x, W)·scale + shift`` is the layer
-    before its ReLU (``scale = γ/σ``, ``shift = (b − μ)·scale + β``)."""
-    _, scale = _eval_scale(running_var, bn_weight, eps, acc)
-    shift = _eval_centre(bias, running_mean, acc) * scale
-    return scale, shift if bn_bias is None else shift + bn_bias.to(acc)
-
-
 def _eval_backward(a: dict):
     """Backward of frozen BN: backward of the folded conv (W' = W·scale), chained to W, b, γ, β (ATen, any
     backend). ``out`` (the forward's output, the ReLU's mask) is needed only with the ReLU."""
@@ -517,7 +509,9 @@ def fold_batch_norm(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, dtype: torc
     """An eval BatchNorm folded into the conv before it: ``(W·γ/σ`` in ``dtype``, ``(b − μ)·γ/σ + β`` in
     the accumulation type``)``, computed in the accumulation type (differentiable)."""
     acc = _accumulation_dtype(dtype)
-    scale, shift = _eval_affine(conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, acc)
+    _, scale = _eval_scale(bn.running_var, bn.weight, bn.eps, acc)
+    shift = _eval_centre(conv.bias, bn.running_mean, acc) * scale
+    shift = shift if bn.bias is None else shift + bn.bias.to(acc)
     return (conv.weight.to(acc) * scale.view(-1, 1, 1, 1)).to(dtype), shift
 
 

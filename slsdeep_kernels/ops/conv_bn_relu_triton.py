@@ -3,8 +3,8 @@
 backend runs (``backend.triton_kernels``). The convolution is always ATen's (cuDNN on a GPU); the
 kernels here are the passes around it, each one read (and write) of the activation:
 
-* eval: the conv with the raw weights, then one normalise + ReLU pass in place with the folded
-  BatchNorm's per-channel scale and shift (fp32);
+* eval: the conv with the raw weights, the fold (one small kernel: per-channel scale and shift in
+  fp32 from b, γ, β and the running statistics), then one normalise + ReLU pass in place;
 * train: the conv, one statistics pass (per-part partials merged in a fixed order) and one
   normalise + affine + ReLU pass; backward: one reduction and one elementwise pass with the ReLU
   mask fused, then the convolution's backward through ATen.
@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from slsdeep_kernels import backend as backends
-from slsdeep_kernels.ops.conv_bn_relu import _conv_backward, _eval_affine
+from slsdeep_kernels.ops.conv_bn_relu import _conv_backward
 
 
 @triton.jit
@@ -127,6 +127,23 @@ def _stats_merge_kernel(
     _, scale, shift = _bn_affine(mean, var, gamma_ptr, beta_ptr, cols, col_mask, eps, HAS_GAMMA, HAS_BETA)
     tl.store(mean_ptr + cols, mean, mask=col_mask)
     tl.store(var_ptr + cols, var, mask=col_mask)
+    tl.store(scale_ptr + cols, scale, mask=col_mask)
+    tl.store(shift_ptr + cols, shift, mask=col_mask)
+
+
+@triton.jit
+def _eval_fold_kernel(
+    bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, scale_ptr, shift_ptr, C, eps,
+    HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Eval BN folded after a conv with bias b: scale = γ/σ, shift = (b − μ)·scale + β, i.e. the
+    training map of :func:`_bn_affine` with the mean μ − b."""
+    cols, col_mask = _channels(C, 0, BLOCK_C)
+    mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        mean -= tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    var = tl.load(var_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
+    _invstd, scale, shift = _bn_affine(mean, var, gamma_ptr, beta_ptr, cols, col_mask, eps, HAS_GAMMA, HAS_BETA)
     tl.store(scale_ptr + cols, scale, mask=col_mask)
     tl.store(shift_ptr + cols, shift, mask=col_mask)
 
@@ -289,10 +306,17 @@ def _normalise(y, out, scale, shift, relu: bool) -> None:
 
 
 def eval_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, options):
-    """ATen's convolution with the raw weights, then the folded BatchNorm and the ReLU in one pass in place."""
+    """ATen's convolution with the raw weights, the fold, then the BatchNorm and the ReLU in one pass in place."""
     out = _conv(x, weight, None, options)
-    scale, shift = _eval_affine(bias, bn_weight, bn_bias, running_mean, running_var, options.eps, torch.float32)
-    _normalise(out, out, scale.contiguous(), shift.contiguous(), options.relu)
+    C = out.shape[1]
+    scale, shift = (torch.empty((C,), dtype=torch.float32, device=out.device) for _ in range(2))
+    (gamma, beta), affine_flags = _affine(bn_weight, bn_bias, running_mean)
+    block_c = min(1024, triton.next_power_of_2(C))
+    backends.launch(
+        _eval_fold_kernel, (triton.cdiv(C, block_c),), bias if bias is not None else running_mean, gamma, beta,
+        running_mean, running_var, scale, shift, C, options.eps, HAS_BIAS=bias is not None, **affine_flags, BLOCK_C=block_c,
+    )  # fmt: skip
+    _normalise(out, out, scale, shift, options.relu)
     return out
 
 
