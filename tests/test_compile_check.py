@@ -184,6 +184,21 @@ def test_the_pyramid_pool_reduce_streams_16_byte_packs():
         assert set(loop["ld"]) | set(loop["cp_async"]) == {"16"}, f"{r['id']}: {loop}"
 
 
+def test_the_triton_loss_streams_16_byte_packs():
+    """The loss at the model's shapes (16 x C x 384 x 384, both layouts, with and without the saved
+    gradient): every global access in its row loop is a 16-byte pack of the logits, the mask or the
+    gradient (the lanes' neighbours come by shuffles, not by shifted loads); no variant spills."""
+    variants = [r for r in _committed_table()["variants"] if r["arch"] == 90 and r["kernel"] == "_nll_epe_kernel"]
+    assert variants and all(r["spill_stores"] == r["spill_loads"] == 0 for r in variants)
+    model = [r for r in variants if any(s.startswith("model:") for s in r["sources"])]
+    forms = {(r["config"]["meta"]["PAIRED"], r["config"]["meta"]["WRITE_GRADIENT"], r["dtypes"][0]) for r in model}
+    assert forms == {(paired, gradient, dtype) for paired in (False, True) for gradient in (False, True)
+                     for dtype in ("float32", "float16", "bfloat16")}, forms  # fmt: skip
+    for r in model:
+        loop = r["global_memory"]["loop"]
+        assert set(loop["ld"]) == {"16"} and set(loop["st"]) <= {"16"}, f"{r['id']} ({r['sources'][0]}): {loop}"
+
+
 # ------------------------------------------------------------------ shapes and tensors (in-process)
 
 
@@ -351,8 +366,8 @@ def test_capture_sees_every_kernel_and_launcher_through_backend_launch(clean_run
     assert clean_run["launchers"] == sorted(name for names in cc.LAUNCHERS.values() for name in names)
     tiles = {(r["config"]["meta"]["BLOCK_R"], r["config"]["meta"]["BLOCK_C"]) for r in clean_run["records"] if r["kernel"] == "_bn_act_kernel"}
     assert (256, 4) in tiles and (16, 64) in tiles  # the GPU's tiles (NCHW, channels_last), not the interpreter's
-    block_w = {r["config"]["meta"]["BLOCK_W"] for r in clean_run["records"] if r["kernel"] == "_nll_epe_kernel"}
-    assert max(block_w) == 128  # the GPU's tile of a 384-wide image, not the interpreter's 16
+    lanes = {r["config"]["meta"]["LANES"] for r in clean_run["records"] if r["kernel"] == "_nll_epe_kernel"}
+    assert lanes == {32}  # the GPU's warp of lanes, not the interpreter's 4
     assert clean_run["flags"] == ["pytorch-default", "tests"]
     assert "_scale_kernel was launched without slsdeep_kernels.backend.launch" in clean_run["bypass"]
     assert "tiny_kernel is launched through Autotuner" in clean_run["autotuned"]

@@ -14,25 +14,79 @@ import triton.language as tl
 from slsdeep_kernels import backend as backends
 from slsdeep_kernels.ops.nll_epe_loss import _new_gradient, _saved_gradient_scale
 
-# One program streams down ROWS rows of a strip of BLOCK_W columns of one image, carrying the last two
-# rows of d = p - v and of the EPE direction in registers: the Sobel derivatives at row t-1 and the
-# gradient at row t-2 are formed when row t arrives. Column neighbours come from loads at shifted
-# (clamped) columns: d at columns j-2..j+2 (j-1..j+1 without gradient), so each program recomputes a
-# few exponentials instead of exchanging registers. The loss is reduced per program into one partial;
-# the partials are summed in a fixed order.
+# One program is one warp streaming down ROWS rows of a strip of one image. Its LANES lanes each own a
+# run of VEC consecutive columns (16 bytes of logits: 8 for 16-bit, 4 for fp32), so every access of
+# the logits, the upstream gradient, the loss map and the saved gradient is a 16-byte pack where the
+# rows are aligned (W a multiple of VEC). A column's neighbours are in the lane's own registers or, at
+# a run's edge, one shuffle away in the next lane (_from_left / _from_right); the strip's first and
+# last lanes only feed their neighbours (a halo of VEC columns each side), so strips step by
+# (LANES - 2) · VEC columns. Each pixel's exponential, logarithm and divisions are computed once (the
+# halo's twice). The last two rows of d = p - v and of the EPE direction are carried in registers: the
+# Sobel derivatives at row t-1 and the gradient at row t-2 are formed when row t arrives. The loss is
+# reduced per program into one partial; the partials are summed in a fixed order.
+#
+# Floors at the model's loss, (16, 2, 384, 384) bf16, training (the gradient saved): 9.4 MB of logits
+# and 2.4 MB of mask read, 9.4 MB of gradient written, 21 MB: 4.4 µs at an H200's 4.8 TB/s. The row
+# loop compiles (sm_90, bf16, NCHW, C = 2) to 914 SASS instructions for a lane's 8 pixels, 114 a
+# pixel. With the masked and halo lanes (a 384-wide row is 2 strips of 240 columns: 512 lanes' worth) and
+# the halo rows (20 loaded for 16), that is 450 M instructions, ~14 µs at 4 warp instructions a clock
+# on 132 SMs at 1.83 GHz: the kernel is bound by instruction issue, its estimate ~30% of the HBM roof
+# for bf16 (fp32 logits, 8.4 µs of DRAM: ~60%). The cuda backend's tile kernel keeps its windows in
+# shared memory instead (design.md §4.3).
 
 
 @triton.jit
-def _difference_at(logits_row, target_row, cols, stride_lc, stride_lw, stride_tw, C: tl.constexpr):
-    """(z, v, e, p) at the given (clamped) columns of one row: margin, mask, exp(-|z|), sigmoid(z)."""
-    z = tl.load(logits_row + (C - 1) * stride_lc + cols * stride_lw).to(tl.float32)
-    if C == 2:
-        z = z - tl.load(logits_row + cols * stride_lw).to(tl.float32)
-    v = tl.load(target_row + cols * stride_tw).to(tl.float32)
-    e = tl.exp(-tl.abs(z))
-    inverse = 1.0 / (1.0 + e)
-    p = tl.where(z >= 0, inverse, e * inverse)
-    return z, v, e, p
+def _from_left(x, LANES: tl.constexpr, VEC: tl.constexpr):
+    """[LANES, VEC] runs of consecutive columns: each column's left neighbour (lane 0's first column
+    gets its own run's last). Even columns take the odd ones shifted by a run, odd columns the even
+    ones: splits and joins within a thread cost no instruction, the one-column runs one shuffle."""
+    if VEC == 1:
+        lane = tl.arange(0, LANES)[:, None]
+        return tl.gather(x, tl.maximum(lane - 1, 0), 0)
+    else:
+        even, odd = tl.split(tl.reshape(x, [LANES, VEC // 2, 2]))
+        return tl.reshape(tl.join(_from_left(odd, LANES, VEC // 2), even), [LANES, VEC])
+
+
+@triton.jit
+def _from_right(x, LANES: tl.constexpr, VEC: tl.constexpr):
+    """Each column's right neighbour (the last lane's last column gets its own run's first)."""
+    if VEC == 1:
+        lane = tl.arange(0, LANES)[:, None]
+        return tl.gather(x, tl.minimum(lane + 1, LANES - 1), 0)
+    else:
+        even, odd = tl.split(tl.reshape(x, [LANES, VEC // 2, 2]))
+        return tl.reshape(tl.join(odd, _from_right(even, LANES, VEC // 2)), [LANES, VEC])
+
+
+@triton.jit
+def _neighbours(x, left, right, LANES: tl.constexpr, VEC: tl.constexpr):
+    """x at columns j - 1 and j + 1, replicate padding at the image's edges."""
+    return tl.where(left, x, _from_left(x, LANES, VEC)), tl.where(right, x, _from_right(x, LANES, VEC))
+
+
+@triton.jit
+def _pairs(first, LANES: tl.constexpr, VEC: tl.constexpr):
+    """channels_last with C = 2: the offsets of the (column, channel) elements of each lane's run, 2 VEC
+    consecutive elements from the strip's first column `first` (written out, so that the compiler
+    sees them contiguous)."""
+    return 2 * first + tl.arange(0, LANES)[:, None] * (2 * VEC) + tl.arange(0, 2 * VEC)[None, :]
+
+
+@triton.jit
+def _margin(row_ptr, cols, in_image, first, stride_lc, stride_lw, W, C: tl.constexpr, PAIRED: tl.constexpr):
+    """The foreground margin z on one row (C = 1: the logit; C = 2: l1 - l0). PAIRED: channels_last
+    with C = 2, a pixel's two logits adjacent."""
+    if PAIRED:
+        pairs = _pairs(first, cols.shape[0], cols.shape[1])
+        values = tl.load(row_ptr + pairs, mask=(pairs >= 0) & (pairs < 2 * W), other=0.0).to(tl.float32)
+        background, foreground = tl.split(tl.reshape(values, [cols.shape[0], cols.shape[1], 2]))
+        return foreground - background
+    else:
+        z = tl.load(row_ptr + (C - 1) * stride_lc + cols * stride_lw, mask=in_image, other=0.0).to(tl.float32)
+        if C == 2:
+            z = z - tl.load(row_ptr + cols * stride_lw, mask=in_image, other=0.0).to(tl.float32)
+        return z
 
 
 @triton.jit
@@ -49,107 +103,94 @@ def _nll_epe_kernel(
     H, W, stride_ln, stride_lc, stride_lh, stride_lw, stride_tn, stride_th, stride_tw,
     stride_gn, stride_gh, stride_gw, stride_on, stride_oc, stride_oh, stride_ow,
     alpha, gradient_scale,
-    C: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
+    C: tl.constexpr, ROWS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
+    PAIRED: tl.constexpr, PAIRED_OUT: tl.constexpr,
     WRITE_MAP: tl.constexpr, SUM_LOSS: tl.constexpr, WRITE_GRADIENT: tl.constexpr, HAS_GRAD_MAP: tl.constexpr,
 ):
-    # Grid (N · row tiles, column tiles): the batch shares axis 0 (axes 1 and 2 stop at 65,535).
+    # Grid (N · row tiles, strips): the batch shares axis 0 (axes 1 and 2 stop at 65,535).
     pid_w = tl.program_id(1)
     row_tiles = tl.cdiv(H, ROWS)
     n = tl.program_id(0) // row_tiles
     pid_h = tl.program_id(0) % row_tiles
-    cols = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
-    col_ok = cols < W
-    c_m2 = tl.minimum(tl.maximum(cols - 2, 0), W - 1)
-    c_m1 = tl.minimum(tl.maximum(cols - 1, 0), W - 1)
-    c_0 = tl.minimum(cols, W - 1)
-    c_p1 = tl.minimum(cols + 1, W - 1)
-    c_p2 = tl.minimum(cols + 2, W - 1)
+    lane = tl.arange(0, LANES)[:, None]
+    first = pid_w * ((LANES - 2) * VEC) - VEC  # the strip's first column (its halo lane's)
+    cols = pid_w * ((LANES - 2) * VEC) + (lane - 1) * VEC + tl.arange(0, VEC)[None, :]
+    in_image = (cols >= 0) & (cols < W)
+    col_ok = (lane >= 1) & (lane < LANES - 1) & (cols < W)  # the columns this program writes
     left, right = cols == 0, cols == W - 1
     r0 = pid_h * ROWS
     r_end = tl.minimum(r0 + ROWS, H)
     logits_image = logits_ptr + n.to(tl.int64) * stride_ln
     target_image = target_ptr + n.to(tl.int64) * stride_tn
-    zeros = tl.zeros([BLOCK_W], dtype=tl.float32)
-    # rows t-2 (a_*) and t-1 (b_*) of d at column shifts -2..2; NLL, p(1-p), upstream gradient (centre)
-    a_m2, a_m1, a_0, a_p1, a_p2 = zeros, zeros, zeros, zeros, zeros
-    b_m2, b_m1, b_0, b_p1, b_p2 = zeros, zeros, zeros, zeros, zeros
-    nll_b, spread_a, spread_b, g_a = zeros, zeros, zeros, zeros
-    # EPE directions of rows t-3 (older) and t-2 (old) at column shifts -1..1
-    ox_m1, ox_0, ox_p1, oy_m1, oy_0, oy_p1 = zeros, zeros, zeros, zeros, zeros, zeros
-    px_m1, px_0, px_p1, py_m1, py_0, py_p1 = zeros, zeros, zeros, zeros, zeros, zeros
+    zeros = tl.zeros([LANES, VEC], dtype=tl.float32)
+    # d at rows t-2 (a) and t-1 (b); the NLL at t-1; p(1-p) at t-2 and t-1; the upstream gradient at t-2
+    a, b, nll_b, spread_a, spread_b, g_a = zeros, zeros, zeros, zeros, zeros, zeros
+    # the weighted EPE directions of rows t-3 (o) and t-2 (p)
+    ox, oy, px, py = zeros, zeros, zeros, zeros
     acc = zeros
     halo = 2 if WRITE_GRADIENT else 1
     for t in range(r0 - halo, r_end + halo):
         row = tl.minimum(tl.maximum(t, 0), H - 1)
-        logits_row = logits_image + row.to(tl.int64) * stride_lh
-        target_row = target_image + row.to(tl.int64) * stride_th
-        z, v, e, p = _difference_at(logits_row, target_row, c_0, stride_lc, stride_lw, stride_tw, C)
-        d_0 = p - v
-        u = 1.0 + e  # log1p(e) = log(u) - ((u - 1) - e) / u, exact to rounding also where u == 1
-        nll = tl.log(u) - ((u - 1.0) - e) / u + tl.where(z > 0, (1.0 - v) * z, -v * z)
-        _, v_m1, _, p_m1 = _difference_at(logits_row, target_row, c_m1, stride_lc, stride_lw, stride_tw, C)
-        _, v_p1, _, p_p1 = _difference_at(logits_row, target_row, c_p1, stride_lc, stride_lw, stride_tw, C)
-        d_m1, d_p1 = p_m1 - v_m1, p_p1 - v_p1
+        z = _margin(logits_image + row.to(tl.int64) * stride_lh, cols, in_image, first, stride_lc, stride_lw, W, C, PAIRED)
+        v = tl.load(target_image + row.to(tl.int64) * stride_th + cols * stride_tw, mask=in_image, other=0).to(tl.float32)
+        e = tl.exp(-tl.abs(z))
+        u = 1.0 + e
+        inverse = 1.0 / u
+        p = tl.where(z >= 0, inverse, e * inverse)
+        d = p - v
+        # log1p(e) = log(u) - ((u - 1) - e) / u, exact to rounding also where u == 1
+        nll = tl.log(u) - ((u - 1.0) - e) * inverse + tl.where(z > 0, (1.0 - v) * z, -v * z)
         # Sobel at row q = t - 1 from rows t-2 (a), t-1 (b), t (d): smooth / difference down the rows
-        s_m1, s_0, s_p1 = a_m1 + 2.0 * b_m1 + d_m1, a_0 + 2.0 * b_0 + d_0, a_p1 + 2.0 * b_p1 + d_p1
-        v_dm1, v_d0, v_dp1 = d_m1 - a_m1, d_0 - a_0, d_p1 - a_p1
-        epe, dx_0, dy_0 = _direction((s_p1 - s_m1) * 0.125, (v_dm1 + 2.0 * v_d0 + v_dp1) * 0.125)
+        smooth, difference = a + 2.0 * b + d, d - a
+        smooth_l, smooth_r = _neighbours(smooth, left, right, LANES, VEC)
+        difference_l, difference_r = _neighbours(difference, left, right, LANES, VEC)
+        epe, dx, dy = _direction((smooth_r - smooth_l) * 0.125, (difference_l + 2.0 * difference + difference_r) * 0.125)
         q = t - 1
         q_ok = (q >= r0) & (q < r_end) & col_ok
         if SUM_LOSS:
             acc += tl.where(q_ok, nll_b + alpha * epe, 0.0)
         if WRITE_MAP:
-            tl.store(loss_map_ptr + (n.to(tl.int64) * H + q) * W + cols, nll_b + alpha * epe, mask=q_ok)
+            map_row = loss_map_ptr + (n.to(tl.int64) * H + tl.maximum(q, 0)) * W
+            tl.store(map_row + cols, (nll_b + alpha * epe).to(loss_map_ptr.dtype.element_ty), mask=q_ok)
         if WRITE_GRADIENT:
-            _, v_m2, _, p_m2 = _difference_at(logits_row, target_row, c_m2, stride_lc, stride_lw, stride_tw, C)
-            _, v_p2, _, p_p2 = _difference_at(logits_row, target_row, c_p2, stride_lc, stride_lw, stride_tw, C)
-            d_m2, d_p2 = p_m2 - v_m2, p_p2 - v_p2
-            s_m2, s_p2 = a_m2 + 2.0 * b_m2 + d_m2, a_p2 + 2.0 * b_p2 + d_p2
-            v_dm2, v_dp2 = d_m2 - a_m2, d_p2 - a_p2
-            _, dx_m1, dy_m1 = _direction((s_0 - s_m2) * 0.125, (v_dm2 + 2.0 * v_dm1 + v_d0) * 0.125)
-            _, dx_p1, dy_p1 = _direction((s_p2 - s_0) * 0.125, (v_d0 + 2.0 * v_dp1 + v_dp2) * 0.125)
             g_q = zeros + 1.0
             if HAS_GRAD_MAP:
-                # q runs from r0 - 3 to r_end: clamped to the image at both ends (the loads are unmasked)
+                # q runs from r0 - 3 to r_end: clamped to the image at both ends
                 q_row = tl.minimum(tl.maximum(q, 0), H - 1)
                 g_row = grad_map_ptr + n.to(tl.int64) * stride_gn + q_row.to(tl.int64) * stride_gh
-                g_q = tl.load(g_row + c_0 * stride_gw).to(tl.float32)
-                dx_m1 *= tl.load(g_row + c_m1 * stride_gw).to(tl.float32)
-                dy_m1 *= tl.load(g_row + c_m1 * stride_gw).to(tl.float32)
-                dx_p1 *= tl.load(g_row + c_p1 * stride_gw).to(tl.float32)
-                dy_p1 *= tl.load(g_row + c_p1 * stride_gw).to(tl.float32)
-                dx_0 *= g_q
-                dy_0 *= g_q
-            # gradient at row r = t - 2 from the directions of rows r-1 (o), r (p), r+1 (dx/dy): the adjoint
-            # of the stencils, the padded value at a border being the pixel's own (smoothing) or its negation
+                g_q = tl.load(g_row + cols * stride_gw, mask=in_image, other=0.0).to(tl.float32)
+                dx *= g_q
+                dy *= g_q
+            # the gradient at row r = t - 2 from the directions of rows r-1 (o), r (p), r+1 (dx, dy): the
+            # adjoint of the stencils, the padded value at a border the pixel's own (smoothing) or its negation
             r = t - 2
             top, bottom = r == 0, r == H - 1
-            h_m1 = tl.where(top, px_m1, ox_m1) + 2.0 * px_m1 + tl.where(bottom, px_m1, dx_m1)
-            h_0 = tl.where(top, px_0, ox_0) + 2.0 * px_0 + tl.where(bottom, px_0, dx_0)
-            h_p1 = tl.where(top, px_p1, ox_p1) + 2.0 * px_p1 + tl.where(bottom, px_p1, dx_p1)
-            k_m1 = tl.where(top, -py_m1, oy_m1) - tl.where(bottom, -py_m1, dy_m1)
-            k_0 = tl.where(top, -py_0, oy_0) - tl.where(bottom, -py_0, dy_0)
-            k_p1 = tl.where(top, -py_p1, oy_p1) - tl.where(bottom, -py_p1, dy_p1)
+            smooth_adjoint = tl.where(top, px, ox) + 2.0 * px + tl.where(bottom, px, dx)
+            difference_adjoint = tl.where(top, -py, oy) - tl.where(bottom, -py, dy)
+            smooth_adjoint_l = tl.where(left, -smooth_adjoint, _from_left(smooth_adjoint, LANES, VEC))
+            smooth_adjoint_r = tl.where(right, -smooth_adjoint, _from_right(smooth_adjoint, LANES, VEC))
+            difference_adjoint_l, difference_adjoint_r = _neighbours(difference_adjoint, left, right, LANES, VEC)
             through_epe = (
-                tl.where(left, -h_0, h_m1) - tl.where(right, -h_0, h_p1)
-                + tl.where(left, k_0, k_m1) + 2.0 * k_0 + tl.where(right, k_0, k_p1)
+                smooth_adjoint_l - smooth_adjoint_r + difference_adjoint_l + 2.0 * difference_adjoint + difference_adjoint_r
             ) * 0.125
             weight = g_a if HAS_GRAD_MAP else 1.0
-            grad = gradient_scale * (weight * a_0 + alpha * spread_a * through_epe)
+            grad = gradient_scale * (weight * a + alpha * spread_a * through_epe)
             r_ok = (r >= r0) & (r < r_end) & col_ok
-            out = gradient_ptr + n.to(tl.int64) * stride_on + tl.maximum(r, 0).to(tl.int64) * stride_oh + cols * stride_ow
-            tl.store(out + (C - 1) * stride_oc, grad.to(gradient_ptr.dtype.element_ty), mask=r_ok)
-            if C == 2:
-                tl.store(out, (-grad).to(gradient_ptr.dtype.element_ty), mask=r_ok)
-            ox_m1, ox_0, ox_p1, oy_m1, oy_0, oy_p1 = px_m1, px_0, px_p1, py_m1, py_0, py_p1
-            px_m1, px_0, px_p1, py_m1, py_0, py_p1 = dx_m1, dx_0, dx_p1, dy_m1, dy_0, dy_p1
-            a_m2, b_m2, a_p2, b_p2 = b_m2, d_m2, b_p2, d_p2
+            out_row = gradient_ptr + n.to(tl.int64) * stride_on + tl.maximum(r, 0).to(tl.int64) * stride_oh
+            if PAIRED_OUT:
+                pairs = _pairs(first, LANES, VEC)
+                pair_ok = (r >= r0) & (r < r_end) & (lane >= 1) & (lane < LANES - 1) & (pairs < 2 * W)
+                values = tl.reshape(tl.join(-grad, grad), [LANES, 2 * VEC]).to(gradient_ptr.dtype.element_ty)
+                tl.store(out_row + pairs, values, mask=pair_ok)
+            else:
+                tl.store(out_row + (C - 1) * stride_oc + cols * stride_ow, grad.to(gradient_ptr.dtype.element_ty), mask=r_ok)
+                if C == 2:
+                    tl.store(out_row + cols * stride_ow, (-grad).to(gradient_ptr.dtype.element_ty), mask=r_ok)
+            ox, oy, px, py = px, py, dx, dy
             spread_a, spread_b, g_a = spread_b, p * (1.0 - p), g_q
-        a_m1, a_0, a_p1 = b_m1, b_0, b_p1
-        b_m1, b_0, b_p1 = d_m1, d_0, d_p1
-        nll_b = nll
+        a, b, nll_b = b, d, nll
     if SUM_LOSS:
-        tl.store(partial_ptr + tl.program_id(0) * tl.num_programs(1) + pid_w, tl.sum(acc, axis=0))
+        tl.store(partial_ptr + tl.program_id(0) * tl.num_programs(1) + pid_w, tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
 @triton.jit
@@ -163,31 +204,42 @@ def _scale_kernel(gradient_ptr, factor_ptr, numel, BLOCK: tl.constexpr):
         tl.store(gradient_ptr + offsets, (values * factor).to(gradient_ptr.dtype.element_ty), mask=mask)
 
 
-def _tiling(width: int) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_W, num_warps). The interpreter gets small tiles so tests cross tile borders."""
+def _tiling(logits: torch.Tensor) -> tuple[int, int, int]:
+    """(ROWS, LANES, VEC): VEC columns a lane (16 bytes of logits), one warp of 32 lanes a strip. The
+    interpreter gets 4 lanes and 8 rows, so tests cross strip and row-tile borders with the GPU's VEC."""
+    vec = 16 // logits.element_size()
     if backends.triton_interpreted():
-        return 8, 16, 1
-    block_w = min(triton.next_power_of_2(width), 128)
-    return 32, block_w, max(1, block_w // 32)
+        return 8, 4, vec
+    return 16, 32, vec
+
+
+def _strips(width: int, lanes: int, vec: int) -> int:
+    return triton.cdiv(width, (lanes - 2) * vec)
+
+
+def _pairs_adjacent(x: torch.Tensor) -> bool:
+    """channels_last with C = 2: a pixel's two logits adjacent."""
+    return x.shape[1] == 2 and x.stride(1) == 1 and x.stride(3) == 2
 
 
 def _launch(logits, target, alpha, *, loss_map=None, partials=None, gradient=None, gradient_scale=1.0, grad_map=None):
     n, c, h, w = logits.shape
-    rows, block_w, num_warps = _tiling(w)
+    rows, lanes, vec = _tiling(logits)
     target = target.view(torch.uint8) if target.dtype == torch.bool else target
     grad_strides = grad_map.stride() if grad_map is not None else (0, 0, 0)
     out_strides = gradient.stride() if gradient is not None else (0, 0, 0, 0)
-    grid = (n * triton.cdiv(h, rows), triton.cdiv(w, block_w))
+    grid = (n * triton.cdiv(h, rows), _strips(w, lanes, vec))
     backends.launch(
         _nll_epe_kernel, grid, logits, target, grad_map if grad_map is not None else logits,
         loss_map if loss_map is not None else logits, partials if partials is not None else logits,
         gradient if gradient is not None else logits,
         h, w, *logits.stride(), *target.stride(), *grad_strides, *out_strides,
         alpha, gradient_scale,
-        C=c, ROWS=rows, BLOCK_W=block_w,
+        C=c, ROWS=rows, LANES=lanes, VEC=vec,
+        PAIRED=_pairs_adjacent(logits), PAIRED_OUT=gradient is not None and _pairs_adjacent(gradient),
         WRITE_MAP=loss_map is not None, SUM_LOSS=partials is not None,
         WRITE_GRADIENT=gradient is not None, HAS_GRAD_MAP=grad_map is not None,
-        num_warps=num_warps,
+        num_warps=1,
     )
 
 
@@ -197,9 +249,9 @@ def forward(logits, target, alpha, reduction, compute_grad):
         loss_map = backends.new_output((n, h, w), dtype=logits.dtype, device=logits.device)
         _launch(logits, target, alpha, loss_map=loss_map)
         return loss_map, logits.new_empty(0)
-    rows, block_w, _ = _tiling(w)
+    rows, lanes, vec = _tiling(logits)
     partials = backends.new_output(
-        (n * triton.cdiv(h, rows) * triton.cdiv(w, block_w),), dtype=torch.float32, device=logits.device
+        (n * triton.cdiv(h, rows) * _strips(w, lanes, vec),), dtype=torch.float32, device=logits.device
     )
     gradient = _new_gradient(logits) if compute_grad else None
     gradient_scale = _saved_gradient_scale(logits.dtype, reduction, n * h * w)
