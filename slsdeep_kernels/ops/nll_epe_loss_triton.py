@@ -32,7 +32,7 @@ from slsdeep_kernels.ops.nll_epe_loss import _new_gradient, _saved_gradient_scal
 # the halo rows (20 loaded for 16), that is 450 M instructions, ~14 µs at 4 warp instructions a clock
 # on 132 SMs at 1.83 GHz: the kernel is bound by instruction issue, its estimate ~30% of the HBM roof
 # for bf16 (fp32 logits, 8.4 µs of DRAM: ~60%). The cuda backend's tile kernel keeps its windows in
-# shared memory instead (design.md §4.3).
+# shared memory instead (docs/design.md §4.3).
 
 
 @triton.jit
