@@ -116,7 +116,8 @@ def _nll_epe_kernel(
     first = pid_w * ((LANES - 2) * VEC) - VEC  # the strip's first column (its halo lane's)
     cols = pid_w * ((LANES - 2) * VEC) + (lane - 1) * VEC + tl.arange(0, VEC)[None, :]
     in_image = (cols >= 0) & (cols < W)
-    col_ok = (lane >= 1) & (lane < LANES - 1) & (cols < W)  # the columns this program writes
+    lane_ok = (lane >= 1) & (lane < LANES - 1)  # the lanes whose columns this program writes (not the halo)
+    col_ok = lane_ok & (cols < W)
     left, right = cols == 0, cols == W - 1
     r0 = pid_h * ROWS
     r_end = tl.minimum(r0 + ROWS, H)
@@ -179,7 +180,7 @@ def _nll_epe_kernel(
             out_row = gradient_ptr + n.to(tl.int64) * stride_on + tl.maximum(r, 0).to(tl.int64) * stride_oh
             if PAIRED_OUT:
                 pairs = _pairs(first, LANES, VEC)
-                pair_ok = (r >= r0) & (r < r_end) & (lane >= 1) & (lane < LANES - 1) & (pairs < 2 * W)
+                pair_ok = (r >= r0) & (r < r_end) & lane_ok & (pairs < 2 * W)
                 values = tl.reshape(tl.join(-grad, grad), [LANES, 2 * VEC]).to(gradient_ptr.dtype.element_ty)
                 tl.store(out_row + pairs, values, mask=pair_ok)
             else:
