@@ -184,6 +184,20 @@ def test_the_pyramid_pool_reduce_streams_16_byte_packs():
         assert set(loop["ld"]) | set(loop["cp_async"]) == {"16"}, f"{r['id']}: {loop}"
 
 
+def test_the_pyramid_expand_streams_16_byte_packs():
+    """The expand (pool backward, upsample, taps) at the model's shapes, every dtype and layout: its k
+    loop loads the packed cell values and both weight tables in 16-byte packs only (v's rows padded
+    by _cell_values: 50 pooling cells or 450 taps no longer split them into 2-byte loads)."""
+    expands = [r for r in _committed_table()["variants"]
+               if r["kernel"] == "_expand_kernel" and any(s.startswith("model:") for s in r["sources"])]  # fmt: skip
+    assert {(r["dtypes"][0], r["layouts"][0]) for r in expands} == {
+        (dtype, layout) for dtype in ("float32", "float16", "bfloat16") for layout in ("nchw", "channels_last")
+    }
+    for r in expands:
+        loop = r["global_memory"]["loop"]
+        assert r["global_memory"]["loops"] and set(loop["ld"]) | set(loop["cp_async"]) == {"16"}, f"{r['id']}: {loop}"
+
+
 def test_the_triton_loss_streams_16_byte_packs():
     """The loss at the model's shapes (16 x C x 384 x 384, both layouts, with and without the saved
     gradient): every global access in its row loop is a 16-byte pack of the logits, the mask or the

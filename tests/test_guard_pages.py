@@ -48,14 +48,16 @@ REQUIRED = {
     ],
     ("pyramid_pool", "reference"): [("input x", _A), ("upstream gradient", _A)],
     ("pyramid_pool", "cpu"): [("input x", _K), ("upstream gradient", _K), ("C++ allocation forward", _K), ("C++ allocation backward", _K)],
-    ("pyramid_pool", "triton"): [("input x", _K), ("upstream gradient", _K), ("output forward", _K), ("output backward", _K)],
+    ("pyramid_pool", "triton"): [  # the expand reads the upstream gradient as _cell_values' packed copy, an output
+        ("input x", _K), ("upstream gradient", _A), ("output forward", _K), ("output backward", _K),
+    ],
     ("upsample_concat", "reference"): [("input x", _A), ("input branches[0]", _A), ("input branches[1]", _A), ("upstream gradient", _A)],
     ("upsample_concat", "cpu"): [
         ("input x", _K), ("input branches[0]", _K), ("input branches[1]", _K), ("upstream gradient", _K),
         ("C++ allocation forward", _K), ("C++ allocation backward", _K),
     ],
-    ("upsample_concat", "triton"): [  # x reaches the output through ATen's copy_, not a kernel
-        ("input branches[0]", _K), ("input branches[1]", _K), ("upstream gradient", _K), ("output forward", _K), ("output backward", _K),
+    ("upsample_concat", "triton"): [  # x reaches the output through ATen's copy_, the branches the expand as _cell_values' copy
+        ("input branches[0]", _A), ("input branches[1]", _A), ("upstream gradient", _K), ("output forward", _K), ("output backward", _K),
     ],
     ("pyramid_conv", "reference"): [("input x", _A), ("input branches[0]", _A), ("input branches[1]", _A)],
     ("pyramid_conv", "cpu"): [("upstream gradient", _K), ("intermediate forward", _K), ("C++ allocation backward", _K)],
