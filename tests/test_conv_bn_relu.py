@@ -376,11 +376,14 @@ def test_triton_passes_at_the_gpus_tile_sizes(monkeypatch, backend, channels_las
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("training", [False, True])
 def test_empty_batch(backend, training):
-    """N = 0: an empty output of the right shape, and gradients of the inputs' shapes."""
+    """N = 0, as F.batch_norm has it: an empty output of the right shape, the running statistics
+    untouched, and zero gradients of every parameter (no statistics to take, none to spread)."""
     x, weight, bias, gamma, beta, rm, rv = make_inputs(torch.float32, n=0)
-    x.requires_grad_(True)
-    weight.requires_grad_(True)
+    params = [t.requires_grad_(True) for t in (x, weight, bias, gamma, beta)]
+    before = rm.clone(), rv.clone()
     out = conv_bn_relu(x, weight, bias, gamma, beta, rm, rv, padding=1, training=training, backend=backend)
     assert out.shape == (0, 7, 13, 11)
     out.sum().backward()
-    assert x.grad.shape == x.shape and weight.grad.shape == weight.shape and not weight.grad.any()
+    torch.testing.assert_close((rm, rv), before, rtol=0, atol=0)
+    for p in params:
+        assert p.grad.shape == p.shape and not p.grad.isnan().any() and not p.grad.any(), p.shape

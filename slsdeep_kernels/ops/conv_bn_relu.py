@@ -469,6 +469,8 @@ def conv_bn_relu(
             raise ValueError(f"{OP}: momentum=None (cumulative average) needs num_batches_tracked")
         factor = 1.0 / num_batches_tracked.to(running_mean.dtype)
     chosen = backends.resolve(OP, device, x.dtype, backend)
+    if training and x.shape[0] == 0:  # no statistics: F.batch_norm keeps the running ones, zero gradients
+        chosen = "reference"
     if chosen == "reference":
         if isinstance(factor, torch.Tensor):
             factor = float(factor)
