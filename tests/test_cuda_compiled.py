@@ -10,6 +10,7 @@ ptxas -v, then cuobjdump)."""
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,9 @@ TAPS_NHWC = [f"taps_add_kernel<{dtype}, {width}, true>" for dtype, width in WIDE
 TAPS_NCHW = [f"taps_add_kernel<{dtype}, {width}, false>" for dtype, width in WIDE.items()]
 TAPS_NARROW = [f"taps_add_kernel<{dtype}, 1, {layout}>" for dtype in WIDE for layout in ("true", "false")]
 # The taps backward (and, as its k = 1 case, the upsample backward): every read of grad is a 16-byte
-# pack in both layouts (its only global loads); the strips' second pass and the width-1 forms must not
-# divide in 64 bits either.
+# pack in both layouts (its only global loads); every form writes grad_z in 16-byte packs, directly
+# (NHWC lanes) or from the shared-memory stage (the upsample's NCHW grad_z, NCHW grad); the strips'
+# second pass and the width-1 forms must not divide in 64 bits either.
 ADJOINT_WIDE = [f"taps_backward_kernel<{dtype}, {width}, {layout}>" for dtype, width in WIDE.items() for layout in ("true", "false")]
 ADJOINT_OTHERS = [f"taps_backward_kernel<{dtype}, 1, {layout}>" for dtype in WIDE for layout in ("true", "false")] + [
     f"taps_backward_strips_kernel<{dtype}>" for dtype in WIDE
@@ -161,7 +163,7 @@ def test_taps_forward_moves_16_byte_packs(compiled):
 
 
 @needs_tools
-def test_taps_backward_reads_grad_in_16_byte_packs(compiled):
+def test_taps_backward_moves_16_byte_packs(compiled):
     kernels = compiled["pyramid.cu"]
     missing = [name for name in ADJOINT_WIDE + ADJOINT_OTHERS if name not in kernels]
     assert not missing, f"kernels not found (renamed? update the lists): {missing}\nfound: {sorted(kernels)}"
@@ -169,6 +171,9 @@ def test_taps_backward_reads_grad_in_16_byte_packs(compiled):
         loads, sass = kernels[name]["global_memory"]["all"]["ld"], kernels[name]["sass"]
         assert set(loads) == {"16"}, f"{name}: loads by width {loads}"
         assert sass is None or set(sass["LDG"]) == {"16"}, f"{name}: SASS loads by width {sass['LDG']}"
+    for name in [n for n in ADJOINT_WIDE + ADJOINT_OTHERS if n.startswith("taps_backward_kernel<")]:
+        stores, sass = kernels[name]["global_memory"]["all"]["st"], kernels[name]["sass"]
+        assert "16" in stores and (sass is None or "16" in sass["STG"]), f"{name}: stores by width {stores}"
 
 
 @needs_tools
@@ -198,6 +203,79 @@ def test_rewritten_kernels_have_no_64bit_division(compiled):
     loss = compiled["nll_epe_loss.cu"]
     for name in LOSS_PACKED + LOSS_ELEMENTS + LOSS_SCALE_WIDE + LOSS_SCALE_NARROW:
         assert loss[name]["int64_division"]["all"] == 0, f"{name}: {loss[name]['int64_division']}"
+
+
+# ------------------------------------------------------------------ the taps backward's plans, on the host
+
+# make_adjoint_plan's choices at the decoder's shape (bf16, (16, 512, 48, 48), bins 1, 2, 3, 6), read
+# by a host program that includes pyramid.cu: how (2) writes each branch's grad_z (0 direct, 1 one
+# run, 2 packs of channels), the stage's floats and the block's shared bytes, for the layouts the
+# bindings make (taps: (N, h, w, k, k, C) storage; the upsample's branches NCHW) and the device limits
+# (48 KB without opt-in; 227 KB, Hopper's opt-in).
+PLAN_PROBE = r"""
+#include "cuda/pyramid.cu"
+#include <cstdio>
+using namespace slsdeep;
+using namespace slsdeep::pyramid_cuda;
+alignas(16) static char buffer[16];
+int main() {
+  const int64_t N = 16, C = 512, H = 48, W = 48, bins[4] = {1, 2, 3, 6};
+  for (int channels_last = 0; channels_last < 2; ++channels_last)
+    for (int k : {1, 3})
+      for (int taps_storage = 0; taps_storage < 2; ++taps_storage)
+        for (int limit : {48 * 1024, 227 * 1024}) {
+          TapGradient grads[4];
+          for (int b = 0; b < 4; ++b) {
+            const int64_t h = bins[b], e = k * k * h * h;
+            const TapStrides nchw = {C * e, e, k * h * h, h * h, h, 1}, taps = {e * C, 1, k * C, C, h * k * k * C, k * k * C};
+            grads[b] = {buffer, k, h, h, taps_storage ? taps : nchw};
+          }
+          AdjointPlan p;
+          const bool ok = make_adjoint_plan(grads, 4, 0, N, C, H, W, channels_last, 8, 8, false, limit / 4, &p);
+          printf("%s k%d %s %dKB: %d %d %d %d %d %d stage %d bytes %d\n", channels_last ? "nhwc" : "nchw", k,
+                 taps_storage ? "taps" : "contiguous", limit / 1024, ok, p.column_strips, p.branch[0].store,
+                 p.branch[1].store, p.branch[2].store, p.branch[3].store, p.stage_floats, p.shared_bytes());
+        }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def adjoint_plans(tmp_path_factory):
+    """{'nchw k3 taps 227KB': (planned, column strips, (store of each branch), stage floats, shared bytes)}."""
+    work = tmp_path_factory.mktemp("plans")
+    (work / "probe.cu").write_text(PLAN_PROBE)
+    build = [TOOLS["nvcc"], "-std=c++17", "-arch=sm_90", f"-I{REPO / 'csrc'}", *cc.CUDA_BUILD_FLAGS,
+             str(work / "probe.cu"), "-o", str(work / "probe")]  # fmt: skip
+    done = subprocess.run(build, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = subprocess.run([str(work / "probe")], capture_output=True, text=True, check=True).stdout
+    plans = {}
+    for line in printed.splitlines():
+        case, fields = line.split(": ")
+        v = [int(f) for f in fields.replace("stage ", "").replace("bytes ", "").split()]
+        plans[case] = (bool(v[0]), v[1], tuple(v[2:6]), v[6], v[7])
+    assert len(plans) == 16, printed
+    return plans
+
+
+@needs_tools
+def test_taps_backward_plans_write_16_byte_packs_at_the_models_shape(adjoint_plans):
+    direct, run, channels = 0, 1, 2
+    for case, (planned, strips, stores, stage, shared) in adjoint_plans.items():
+        limit = int(case.split()[-1][:-2]) * 1024
+        assert planned and shared <= limit and (strips == 1 or limit == 48 * 1024), (case, adjoint_plans[case])
+        assert (stage > 0) == any(store != direct for store in stores), (case, adjoint_plans[case])
+    stores = {case: plan[2] for case, plan in adjoint_plans.items() if case.endswith("227KB")}
+    # NHWC grad, channels-innermost grad_z: the lanes' channel packs, straight to grad_z
+    assert stores["nhwc k3 taps 227KB"] == stores["nhwc k1 taps 227KB"] == (direct,) * 4
+    # NCHW grad: staged, as packs of channels (the taps' storage) or runs (NCHW grad_z: the upsample's
+    # branches; bin 1's grad_z is both, its sizes 1)
+    assert stores["nchw k3 taps 227KB"] == (channels,) * 4
+    assert stores["nchw k1 taps 227KB"] == (run, channels, channels, channels)
+    assert stores["nchw k1 contiguous 227KB"] == stores["nchw k3 contiguous 227KB"] == (run,) * 4
+    # NHWC grad into NCHW grad_z: runs, but bin 1's channels, a pack
+    assert stores["nhwc k1 contiguous 227KB"] == (direct, run, run, run)
 
 
 # ------------------------------------------------------------------ the parsers, on known text

@@ -644,7 +644,10 @@ bool make_taps_plan(const TapTensor* taps, int count, int64_t C, int64_t H, int6
 //       source rows its stencil covers (AdjointWalk), each row stored once the stencil has passed it;
 //   (2) columns: grad_z_b[ky][kx][a][j] = Σ_q C(q + kx − k/2)[j]·dU_b[ky][a][q]: a thread owns (branch,
 //       ky, kx, a, a lane: a pack of channels for NHWC, a channel for NCHW) and walks the strip's
-//       columns the same way, storing each j into grad_z once.
+//       columns the same way, storing each j into grad_z once: directly where a lane's channels are
+//       a 16-byte pack of grad_z (NHWC, channels innermost), else into a shared-memory stage that the
+//       block then writes in 16-byte packs (the upsample's NCHW grad_z, the block's channels one run
+//       of it; NCHW grad with channels-innermost taps, a pack of channels an entry).
 // Where one strip holds every column (the model's shapes) (2) writes grad_z itself; otherwise every
 // strip writes its fp32 sums to a workspace and a second kernel adds the strips in order. No atomics:
 // deterministic. Floor: the read of grad (the model's decoder, (16, 512, 48, 48) bf16: 38 MB, 8 µs at
@@ -688,16 +691,24 @@ struct AdjointWalk {
   }
 };
 
+// How (2) writes a branch's grad_z: lanes' channel packs straight to it; or through the stage, as one
+// run per block (grad_z's channels and entries dense, NCHW-contiguous) or as packs of channels per
+// entry (channels innermost).
+enum AdjointStore : int { kStoreDirect, kStoreStagedRun, kStoreStagedChannels };
+
 // One branch's gradient as the kernels write it: grad_z's strides and sizes, its pairs' first index,
-// where its dU lives in shared memory and its entries in one (strip, image)'s workspace row.
+// where its dU and its stage live in shared memory and its entries in one (strip, image)'s workspace row.
 struct AdjointBranch {
   void* data;
   TapStrides strides;
   int k, h, w;
   float scale_h, scale_w;
-  bool packed;  // grad_z takes 16-byte channel packs (channels innermost, aligned)
+  bool packed;  // NHWC: a lane's channels are a 16-byte pack of grad_z (channels innermost, aligned)
   int pair_offset, du_offset, item_offset;  // first (branch, ky) pair, dU float, item of (2)
   int64_t entry_offset;                     // Σ of the earlier branches' k²·h·w
+  AdjointStore store;
+  int stage_offset;  // float of its stage, (tile channel, entry), entries fastest
+  SLSDEEP_HD int entries() const { return k * k * h * w; }
 };
 
 struct AdjointPlan {
@@ -706,7 +717,8 @@ struct AdjointPlan {
   int channels, columns;  // a block's tile: channels × a strip of columns, every row
   int channel_tiles, column_strips;
   int du_floats, column_items;
-  int64_t entries;  // Σ k²·h·w: grad_z values per (image, channel)
+  int stage_floats;  // after dU, from a 16-byte aligned float: the staged branches' tiles
+  int64_t entries;   // Σ k²·h·w: grad_z values per (image, channel)
   int64_t channel_offset;
   bool align_corners;
   SLSDEEP_HD int inner(bool channels_last) const { return channels_last ? channels : columns; }
@@ -718,7 +730,8 @@ struct AdjointPlan {
   SLSDEEP_HD int row_stride(bool channels_last) const {
     return outer(channels_last) * outer_stride(channels_last) + (channels_last ? 4 : 0);
   }
-  int shared_bytes() const { return du_floats * 4; }
+  SLSDEEP_HD int stage_start() const { return (du_floats + 3) / 4 * 4; }
+  int shared_bytes() const { return (stage_start() + stage_floats) * 4; }
   // One thread per item of the larger of (1) and (2) (warps_covering).
   unsigned threads(bool channels_last, int vec) const {
     const int groups = (pairs + kAdjointPairs - 1) / kAdjointPairs;
@@ -816,9 +829,15 @@ __global__ void taps_backward_kernel(const T* __restrict__ grad, Strides s, int6
     float* ws = workspace == nullptr ? nullptr
                                      : workspace + ((strip * N + n) * plan.entries + br.entry_offset +
                                                     (static_cast<int64_t>(tap) * br.h + a) * br.w) * C + c;
+    float* stage = br.store == kStoreDirect ? nullptr  // a staged tile fits shared memory: int offsets
+                                            : dU + plan.stage_start() + br.stage_offset +
+                                                  (kChannelsLast ? lane * kVec : lane) * br.entries() + (tap * br.h + a) * br.w;
     auto store_j = [&](int j, const float (&sum)[kLane]) {
       if (ws != nullptr) {
         store_floats<kLane>(ws + static_cast<int64_t>(j) * C, sum);  // fp32, channels innermost
+      } else if (br.store != kStoreDirect) {
+#pragma unroll
+        for (int t = 0; t < kLane; ++t) stage[t * br.entries() + j] = sum[t];
       } else if (kLane > 1 && br.packed) {
         store<T, kLane>(gz + j * br.strides.j, sum);
       } else {
@@ -835,6 +854,41 @@ __global__ void taps_backward_kernel(const T* __restrict__ grad, Strides s, int6
       walk.add(pyramid::linear_tap<float>(col, br.w, br.scale_w, plan.align_corners), v, store_j);
     }
     walk.finish(br.w, store_j);
+  }
+  if (plan.stage_floats == 0) return;
+  __syncthreads();
+
+  // The staged branches' tiles, in 16-byte packs of grad_z.
+  constexpr int kWide = 16 / sizeof(T);
+  const int tile = min(plan.channels, C - c0);
+  for (int b = 0; b < plan.count; ++b) {
+    const AdjointBranch& br = plan.branch[b];
+    if (br.store == kStoreDirect) continue;
+    const int entries = br.entries();
+    const float* stage = dU + plan.stage_start() + br.stage_offset;
+    T* gz = static_cast<T*>(br.data) + n * br.strides.n + static_cast<int64_t>(c0) * br.strides.c;
+    if (br.store == kStoreStagedRun) {  // the tile is grad_z's run [c0·entries, (c0 + tile)·entries)
+      const int count = tile * entries;
+      for (int i = threadIdx.x * kWide; i < count; i += blockDim.x * kWide) {
+        if (i + kWide <= count) {
+          float v[kWide];
+          load_floats<kWide>(stage + i, v);
+          store<T, kWide>(gz + i, v);
+        } else {
+          for (int e = i; e < count; ++e) gz[e] = from_float<T>(stage[e]);
+        }
+      }
+    } else {  // channels innermost: an entry's channels c0 + [pack·kWide, (pack + 1)·kWide)
+      const int packs = tile / kWide;
+      for (int item = threadIdx.x; item < packs * entries; item += blockDim.x) {
+        const int pack = item % packs, e = item / packs;
+        const int j = e % br.w, a = (e / br.w) % br.h, tap = e / (br.w * br.h), ky = tap / br.k, kx = tap - ky * br.k;
+        float v[kWide];
+#pragma unroll
+        for (int t = 0; t < kWide; ++t) v[t] = stage[(pack * kWide + t) * entries + e];
+        store<T, kWide>(gz + pack * kWide + ky * br.strides.ky + kx * br.strides.kx + a * br.strides.i + j * br.strides.j, v);
+      }
+    }
   }
 }
 
@@ -881,11 +935,34 @@ int shared_memory_limit() {
   return bytes;
 }
 
+// How (2) writes a branch's grad_z (16-byte packs of `wide` elements): directly where its lanes'
+// channels are packs; else staged where grad_z's layout makes the block's tile a run (NCHW-contiguous)
+// or packs of channels (channels innermost), aligned, and the stage fits beside dU in `limit` floats.
+void stage_adjoint_branch(AdjointPlan& p, int64_t N, int64_t C, int wide, int64_t limit, AdjointBranch& br) {
+  br.store = kStoreDirect;
+  if (br.packed || !packed(br.data) || !keeps_packs(N, br.strides.n, wide)) return;
+  const TapStrides& zs = br.strides;
+  const int64_t hw = static_cast<int64_t>(br.h) * br.w, entries = br.entries();
+  auto is = [](int64_t size, int64_t stride, int64_t dense) { return size == 1 || stride == dense; };
+  const bool run = is(br.w, zs.j, 1) && is(br.h, zs.i, br.w) && is(br.k, zs.kx, hw) && is(br.k, zs.ky, br.k * hw) &&
+                   is(C, zs.c, entries) && (p.channels * entries) % wide == 0;
+  const bool channels = zs.c == 1 && C % wide == 0 && p.channels % wide == 0 && keeps_packs(br.k, zs.ky, wide) &&
+                        keeps_packs(br.k, zs.kx, wide) && keeps_packs(br.h, zs.i, wide) && keeps_packs(br.w, zs.j, wide);
+  const int64_t floats = p.channels * entries;
+  if (!(run || channels) || p.stage_start() + p.stage_floats + floats > limit) return;
+  br.store = run ? kStoreStagedRun : kStoreStagedChannels;
+  br.stage_offset = p.stage_floats;
+  p.stage_floats += static_cast<int>((floats + 3) / 4 * 4);  // the next stage 16-byte aligned too
+}
+
 // taps_backward's tile: one pack of channels (NHWC) or 8 channels (NCHW) × every column where dU fits
 // the device's shared memory; else fewer channels (NCHW), then the widest strip of columns that fits
-// (whose sums then go through the workspace); false when not even one pack of columns fits.
+// (whose sums then go through the workspace); false when not even one pack of columns fits. Then the
+// stages of the branches (2) does not write directly (`wide`: grad_z's elements a 16-byte pack).
+// `limit`: the floats of shared memory a block may take (shared_memory_limit() / 4).
 bool make_adjoint_plan(const TapGradient* grads, int count, int64_t channel_offset, int64_t N, int64_t C, int64_t H,
-                       int64_t W, bool channels_last, int vec, bool align_corners, AdjointPlan* plan) {
+                       int64_t W, bool channels_last, int vec, int wide, bool align_corners, int64_t limit,
+                       AdjointPlan* plan) {
   if (count < 1 || count > kMaxBranches || C > INT_MAX || H > INT_MAX || W > INT_MAX) return false;
   AdjointPlan p{};
   p.count = count;
@@ -899,7 +976,7 @@ bool make_adjoint_plan(const TapGradient* grads, int count, int64_t channel_offs
     const TapGradient& z = grads[b];
     if (z.k < 1 || z.k > INT_MAX || z.h < 1 || z.h > INT_MAX || z.w < 1 || z.w > INT_MAX) return false;
     const TapStrides& zs = z.strides;
-    const bool packs = vec > 1 && packed(z.data) && zs.c == 1 && keeps_packs(N, zs.n, vec) &&
+    const bool packs = channels_last && vec > 1 && packed(z.data) && zs.c == 1 && keeps_packs(N, zs.n, vec) &&
                        keeps_packs(z.k, zs.ky, vec) && keeps_packs(z.k, zs.kx, vec) && keeps_packs(z.h, zs.i, vec) &&
                        keeps_packs(z.w, zs.j, vec);
     p.branch[b] = {z.data, zs, static_cast<int>(z.k), static_cast<int>(z.h), static_cast<int>(z.w),
@@ -911,8 +988,7 @@ bool make_adjoint_plan(const TapGradient* grads, int count, int64_t channel_offs
     rows += z.k * z.h;
     if (pairs > INT_MAX || rows > INT_MAX || entries > INT_MAX) return false;
   }
-  const int64_t limit = shared_memory_limit() / 4;  // floats
-  const int unit = channels_last ? 1 : vec;         // the strip stays a whole number of packs
+  const int unit = channels_last ? 1 : vec;  // the strip stays a whole number of packs
   while (rows * p.row_stride(channels_last) > limit) {
     if (p.channels > (channels_last ? vec : 1)) {
       p.channels /= 2;
@@ -933,6 +1009,9 @@ bool make_adjoint_plan(const TapGradient* grads, int count, int64_t channel_offs
     br.du_offset = row_offset[b] * p.row_stride(channels_last);
     br.item_offset = p.column_items;
     p.column_items += br.k * br.k * br.h * lanes;
+  }
+  if (p.column_strips == 1) {
+    for (int b = 0; b < count; ++b) stage_adjoint_branch(p, N, C, wide, limit, p.branch[b]);
   }
   if (p.column_strips > 1 && entries * C > UINT_MAX) return false;
   *plan = p;
@@ -1066,7 +1145,8 @@ int64_t taps_backward_workspace_floats(DType dtype, const void* grad, Strides gr
   SLSDEEP_DISPATCH_FLOATING(dtype, {
     const int vec = adjoint_vector_width<scalar_t>(grad, grad_strides, channels_last, channel_offset, N, C, H, W);
     AdjointPlan plan;
-    if (make_adjoint_plan(grad_taps, count, channel_offset, N, C, H, W, channels_last, vec, align_corners, &plan) &&
+    if (make_adjoint_plan(grad_taps, count, channel_offset, N, C, H, W, channels_last, vec, 16 / sizeof(scalar_t),
+                          align_corners, shared_memory_limit() / 4, &plan) &&
         launchable(plan, N)) {
       floats = plan.workspace_floats(N, C);
     }
@@ -1086,7 +1166,8 @@ cudaError_t taps_backward(DType dtype, const void* grad, Strides grad_strides, b
       constexpr bool kChannelsLast = decltype(layout)::value;
       AdjointPlan plan;
       const bool planned =
-          make_adjoint_plan(grad_taps, count, channel_offset, N, C, H, W, kChannelsLast, kVec, align_corners, &plan);
+          make_adjoint_plan(grad_taps, count, channel_offset, N, C, H, W, kChannelsLast, kVec, 16 / sizeof(scalar_t),
+                            align_corners, shared_memory_limit() / 4, &plan);
       const int64_t blocks = planned ? N * plan.channel_tiles * plan.column_strips : 0;
       if (!planned || !launchable(plan, N) || (plan.column_strips > 1 && workspace == nullptr)) {
         status = cudaErrorInvalidValue;
