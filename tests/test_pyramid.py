@@ -2,6 +2,8 @@
 adaptive_avg_pool2d / interpolate / conv2d over the concatenation (the references), every backend."""
 
 import copy
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ GPU_BACKENDS = backends_to_test("pyramid", "cuda", fused=True)
 needs_cpu = pytest.mark.skipif("cpu" not in AVAILABLE, reason="the C++ CPU extension is not built")
 
 BINS = slsdeep_kernels.PYRAMID_BINS
+STREAM_HEADER = Path(__file__).resolve().parents[1] / "csrc" / "cpu" / "stream.h"
 # (N, C, H, W): odd sizes, image smaller than the largest bin, batch 1 and > 1.
 SHAPES = [(1, 3, 5, 7), (2, 4, 13, 9), (2, 3, 2, 2)]
 
@@ -108,6 +111,31 @@ def test_pyramid_pool_channel_chunks_and_thin_maps(backend, shape, channels_last
     assert_matches_reference(
         lambda x: slsdeep_kernels.pyramid_pool(x, BINS, backend=backend), lambda x: P.pyramid_pool_reference(x, BINS), [x]
     )
+
+
+# csrc/cpu/stream.h: outputs of at least this many bytes are written with streaming stores
+STREAMING_BYTES = int(re.search(r"kStreamingBytes = int64_t\{(\d+)\} << 20", STREAM_HEADER.read_text())[1]) << 20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+def test_streamed_outputs(backend, channels_last, dtype):
+    """The pool's gradient and upsample_concat past the streaming threshold: rows (NCHW) and pixels
+    (channels_last) of odd byte lengths, so the streamed copies start and end off 16-byte boundaries."""
+    side = 61 if dtype == torch.float32 else 87
+    x = image((2, 301, side, side - 2), dtype, channels_last).requires_grad_()
+    assert x.numel() * x.element_size() >= STREAMING_BYTES  # the pool's gradient has x's size
+    assert_matches_reference(
+        lambda x: slsdeep_kernels.pyramid_pool(x, BINS, backend=backend), lambda x: P.pyramid_pool_reference(x, BINS), [x]
+    )
+    x = x.detach()[:, :31].requires_grad_()
+    branches = [y.detach().to(dtype).requires_grad_() for y in make_branches(2, channels=(67, 67, 67, 67))]
+    assert (x.shape[1] + 4 * 67) * x[0, 0].numel() * 2 * x.element_size() >= STREAMING_BYTES
+    fused, reference = upsample_case(backend, align_corners=False)
+    assert_matches_reference(fused, reference, [x, *branches])
+    with torch.no_grad():  # x's channels are copied: the same bits
+        assert torch.equal(slsdeep_kernels.upsample_concat(x, [b.detach() for b in branches], backend=backend)[:, :31], x)
 
 
 @pytest.mark.parametrize("view", ["channel slice of NHWC", "row-strided NHWC", "column-strided NCHW", "expanded"])

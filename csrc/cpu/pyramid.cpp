@@ -20,6 +20,7 @@
 #include "bind_utils.h"
 #include "common/pyramid.h"
 #include "cpu/dispatch.h"
+#include "cpu/stream.h"
 
 SLSDEEP_CPU_VARIANT_BEGIN
 namespace {
@@ -270,6 +271,7 @@ void pool_backward(const at::Tensor& grad, const at::Tensor& out, const std::vec
   const int segments_w = plan.cols.segments, pairs = plan.pairs();
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   scalar_t* result = out.mutable_data_ptr<scalar_t>();
+  const bool stream = streams(out.numel() * static_cast<int64_t>(sizeof(scalar_t)));  // write-only: csrc/cpu/stream.h
   auto pair_value = [&](int pair, const scalar_t* plane_cells) {
     acc_t sum = 0;
     for (int64_t t = plan.term_begin[pair]; t < plan.term_begin[pair + 1]; ++t) {
@@ -294,10 +296,11 @@ void pool_backward(const at::Tensor& grad, const at::Tensor& out, const std::vec
         for (int sw = 0; sw < segments_w; ++sw) {
           const scalar_t* value = values.data() + (n * pairs + sh * segments_w + sw) * C;
           for (int64_t w = plan.cols.bound[sw]; w < plan.cols.bound[sw + 1]; ++w) {
-            std::copy(value, value + C, result + n * s.n + h * s.h + w * s.w);
+            copy_bytes(result + n * s.n + h * s.h + w * s.w, value, C * sizeof(scalar_t), stream);
           }
         }
       }
+      if (stream) stream_fence();
     });
     return;
   }
@@ -314,13 +317,14 @@ void pool_backward(const at::Tensor& grad, const at::Tensor& out, const std::vec
         for (int64_t h = plan.rows.bound[sh]; h < plan.rows.bound[sh + 1]; ++h) {
           scalar_t* row = plane + h * s.h;
           if (s.w == 1) {
-            std::copy(row_values.begin(), row_values.end(), row);
+            copy_bytes(row, row_values.data(), W * sizeof(scalar_t), stream);
           } else {
             for (int64_t w = 0; w < W; ++w) row[w * s.w] = row_values[w];
           }
         }
       }
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -354,8 +358,10 @@ void upsample_concat_planes(const at::Tensor& x, const std::vector<at::Tensor>& 
   }
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+  const bool stream = streams(out.numel() * static_cast<int64_t>(sizeof(scalar_t)));  // write-only: csrc/cpu/stream.h
   at::parallel_for(0, out.size(0) * total, grain_for(H * W), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> resized(buffer_size);
+    std::vector<scalar_t> streamed_row(stream ? W : 0);  // a resized row, then streamed to the output
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / total, c = plane % total;
       scalar_t* plane_out = dst + n * s.n + c * s.c;
@@ -365,7 +371,7 @@ void upsample_concat_planes(const at::Tensor& x, const std::vector<at::Tensor>& 
           const scalar_t* row_in = in + p * sx.h;
           scalar_t* row = plane_out + p * s.h;
           if (s.w == 1 && sx.w == 1) {
-            std::copy(row_in, row_in + W, row);
+            copy_bytes(row, row_in, W * sizeof(scalar_t), stream);
           } else {
             for (int64_t q = 0; q < W; ++q) row[q * s.w] = row_in[q * sx.w];
           }
@@ -390,12 +396,15 @@ void upsample_concat_planes(const at::Tensor& x, const std::vector<at::Tensor>& 
         const acc_t* row1 = resized.data() + t.index1 * W;
         scalar_t* row = plane_out + p * s.h;
         if (s.w == 1) {
-          for (int64_t q = 0; q < W; ++q) row[q] = static_cast<scalar_t>(t.weight0 * row0[q] + t.weight1 * row1[q]);
+          scalar_t* values = stream ? streamed_row.data() : row;
+          for (int64_t q = 0; q < W; ++q) values[q] = static_cast<scalar_t>(t.weight0 * row0[q] + t.weight1 * row1[q]);
+          if (stream) copy_bytes(row, values, W * sizeof(scalar_t), true);
         } else {
           for (int64_t q = 0; q < W; ++q) row[q * s.w] = static_cast<scalar_t>(t.weight0 * row0[q] + t.weight1 * row1[q]);
         }
       }
     }
+    if (stream) stream_fence();
   });
 }
 
