@@ -126,21 +126,24 @@ def test_the_streaming_threshold_is_the_kernels():
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("backend", CPU_KERNELS)
 def test_streamed_outputs(backend, channels_last, dtype):
-    """The pool's gradient and upsample_concat past the streaming threshold: rows (NCHW) and pixels
-    (channels_last) of odd byte lengths, so the streamed copies start and end off 16-byte boundaries."""
+    """The pool's gradient and upsample_concat past the streaming threshold. The pool's gradient streams
+    its rows (NCHW) or pixels (channels_last), upsample_concat its NCHW rows (a channels_last output is
+    written plainly: checked at the same size); odd byte lengths, so the streamed copies start and end
+    off 16-byte boundaries."""
     side = 61 if dtype == torch.float32 else 87
     x = image((2, 301, side, side - 2), dtype, channels_last).requires_grad_()
     assert x.numel() * x.element_size() >= STREAMING_BYTES  # the pool's gradient has x's size
     assert_matches_reference(
         lambda x: slsdeep_kernels.pyramid_pool(x, BINS, backend=backend), lambda x: P.pyramid_pool_reference(x, BINS), [x]
     )
-    x = x.detach()[:, :31].requires_grad_()
+    x = image((2, 31, side, side - 2), dtype, channels_last).requires_grad_()
     branches = [y.detach().to(dtype).requires_grad_() for y in make_branches(2, channels=(67, 67, 67, 67))]
-    assert (x.shape[1] + 4 * 67) * x[0, 0].numel() * 2 * x.element_size() >= STREAMING_BYTES
+    with torch.no_grad():
+        out = slsdeep_kernels.upsample_concat(x, branches, backend=backend)
+    assert out.numel() * out.element_size() >= STREAMING_BYTES
+    assert torch.equal(out[:, :31], x)  # x's channels are copied: the same bits
     fused, reference = upsample_case(backend, align_corners=False)
     assert_matches_reference(fused, reference, [x, *branches])
-    with torch.no_grad():  # x's channels are copied: the same bits
-        assert torch.equal(slsdeep_kernels.upsample_concat(x, [b.detach() for b in branches], backend=backend)[:, :31], x)
 
 
 @pytest.mark.parametrize("view", ["channel slice of NHWC", "row-strided NHWC", "column-strided NCHW", "expanded"])
