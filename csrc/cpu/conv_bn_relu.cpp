@@ -44,6 +44,7 @@ using slsdeep::grain_for;
 
 constexpr int64_t kSpan = 1024;        // contiguous values summed in cache before a merge
 constexpr int64_t kRowsPerBlock = 64;  // NHWC rows per reduction part, at most
+constexpr int64_t kRowGroup = 4;       // NHWC rows a reduction sums before its accumulator
 
 
 // A dense (N, C, S) activation: NCHW planes of S values, or NHWC rows of C values.
@@ -104,11 +105,58 @@ cbr::Moments<acc_t> span_moments(const scalar_t* p, int64_t n) {
   return total;
 }
 
+// acc[c] += Σ_r term(data[r, c], c) over the NHWC rows [r0, r1) of C channels, kRowGroup rows at a
+// time: a group's terms are summed pairwise before they meet the accumulator, so acc is loaded and
+// stored once a group, not once a row. While it runs it prefetches the `ahead` rows after r1 (the
+// next part's), so a second pass over a cached part keeps the memory busy.
+template <typename acc_t, typename scalar_t, typename Term>
+void sum_rows(const scalar_t* data, int64_t r0, int64_t r1, int64_t C, acc_t* __restrict__ acc, const Term& term,
+              int64_t ahead) {
+  const int64_t row_bytes = C * static_cast<int64_t>(sizeof(scalar_t));
+  const char* next = reinterpret_cast<const char*>(data + r1 * C);
+  int64_t r = r0;
+  for (; r + kRowGroup <= r1; r += kRowGroup) {
+    const int64_t prefetched = (r - r0) / kRowGroup * kRowGroup;  // rows of the next part prefetched so far
+    if (prefetched < ahead) {
+      const int64_t bytes = std::min(kRowGroup, ahead - prefetched) * row_bytes;
+      for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(next + prefetched * row_bytes + byte, 0, 3);
+    }
+    const scalar_t* __restrict__ a = data + r * C;
+    const scalar_t* __restrict__ b = a + C;
+    const scalar_t* __restrict__ c2 = b + C;
+    const scalar_t* __restrict__ d = c2 + C;
+    for (int64_t c = 0; c < C; ++c) {
+      acc[c] += (term(static_cast<acc_t>(a[c]), c) + term(static_cast<acc_t>(b[c]), c)) +
+                (term(static_cast<acc_t>(c2[c]), c) + term(static_cast<acc_t>(d[c]), c));
+    }
+  }
+  for (; r < r1; ++r) {
+    const scalar_t* __restrict__ row = data + r * C;
+    for (int64_t c = 0; c < C; ++c) acc[c] += term(static_cast<acc_t>(row[c]), c);
+  }
+}
+
+// Merges one NHWC part's moments (part_count rows; part_mean, part_m2 per channel) into the running
+// totals: cbr::merge on each channel, in its order of operations (the same bits), with the part's
+// count shared by every channel, so the share is one scalar and the channel loop vectorises.
+template <typename acc_t>
+void merge_part(acc_t& count, acc_t* __restrict__ mean, acc_t* __restrict__ m2, acc_t part_count,
+                const acc_t* __restrict__ part_mean, const acc_t* __restrict__ part_m2, int64_t C) {
+  const acc_t total = count + part_count;
+  if (total == acc_t(0)) return;
+  const acc_t share = part_count / total, prior = count;
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t delta = part_mean[c] - mean[c];
+    mean[c] = mean[c] + delta * share;
+    m2[c] = m2[c] + part_m2[c] + delta * delta * prior * share;
+  }
+  count = total;
+}
+
 // Per-channel batch mean and biased variance of y (one read of y).
 template <typename scalar_t, typename acc_t>
 void channel_moments(const Tensor& y, const Layout& l, acc_t* mean, acc_t* var) {
   const scalar_t* data = y.const_data_ptr<scalar_t>();
-  std::vector<cbr::Moments<acc_t>> total(l.C, cbr::Moments<acc_t>{0, 0, 0});
   if (l.channels_last) {
     const cbr::Split split = l.row_split();
     const int64_t blocks = split.parts;
@@ -120,26 +168,27 @@ void channel_moments(const Tensor& y, const Layout& l, acc_t* mean, acc_t* var) 
         acc_t* m2 = part_m2.data() + b * l.C;
         std::fill(m, m + l.C, acc_t(0));
         std::fill(m2, m2 + l.C, acc_t(0));
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* row = data + r * l.C;
-          for (int64_t c = 0; c < l.C; ++c) m[c] += static_cast<acc_t>(row[c]);
-        }
+        const auto value = [](acc_t v, int64_t) { return v; };
+        sum_rows<acc_t>(data, r0, r1, l.C, m, value, 0);
         const acc_t inv_count = acc_t(1) / static_cast<acc_t>(r1 - r0);
         for (int64_t c = 0; c < l.C; ++c) m[c] *= inv_count;
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* row = data + r * l.C;
-          for (int64_t c = 0; c < l.C; ++c) {
-            const acc_t d = static_cast<acc_t>(row[c]) - m[c];
-            m2[c] += d * d;
-          }
-        }
+        const auto squared_deviation = [m](acc_t v, int64_t c) {
+          const acc_t d = v - m[c];
+          return d * d;
+        };
+        sum_rows<acc_t>(data, r0, r1, l.C, m2, squared_deviation, std::min(split.per_part, l.rows() - r1));
       }
     });
+    acc_t count = 0;
+    std::fill(mean, mean + l.C, acc_t(0));
+    std::fill(var, var + l.C, acc_t(0));  // the sum of squared deviations until the end
     for (int64_t b = 0; b < blocks; ++b) {
-      const acc_t count = static_cast<acc_t>(cbr::part_end(split, b) - cbr::part_begin(split, b));
-      for (int64_t c = 0; c < l.C; ++c) total[c] = cbr::merge(total[c], {count, part_mean[b * l.C + c], part_m2[b * l.C + c]});
+      const acc_t rows = static_cast<acc_t>(cbr::part_end(split, b) - cbr::part_begin(split, b));
+      merge_part(count, mean, var, rows, part_mean.data() + b * l.C, part_m2.data() + b * l.C, l.C);
     }
+    for (int64_t c = 0; c < l.C; ++c) var[c] /= count;
   } else {
+    std::vector<cbr::Moments<acc_t>> total(l.C, cbr::Moments<acc_t>{0, 0, 0});
     std::vector<cbr::Moments<acc_t>> planes(l.N * l.C);
     at::parallel_for(0, l.N * l.C, grain_for(l.S), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) planes[p] = span_moments<acc_t>(data + p * l.S, l.S);
@@ -147,10 +196,10 @@ void channel_moments(const Tensor& y, const Layout& l, acc_t* mean, acc_t* var) 
     for (int64_t n = 0; n < l.N; ++n) {
       for (int64_t c = 0; c < l.C; ++c) total[c] = cbr::merge(total[c], planes[n * l.C + c]);
     }
-  }
-  for (int64_t c = 0; c < l.C; ++c) {
-    mean[c] = total[c].mean;
-    var[c] = total[c].m2 / total[c].count;
+    for (int64_t c = 0; c < l.C; ++c) {
+      mean[c] = total[c].mean;
+      var[c] = total[c].m2 / total[c].count;
+    }
   }
 }
 
@@ -190,6 +239,26 @@ struct BackwardChannels {
   std::vector<acc_t> scale, shift, g_coef, centered_coef, constant;
 };
 
+// The NHWC backward sums' accumulation of `rows` (at most kRowGroup) rows of masked gradients mg and
+// centred values yc: sum_g[c] += Σ mg, sum_gc[c] += Σ mg·yc, a full group's terms summed pairwise first.
+template <typename acc_t>
+void add_gradient_rows(acc_t* __restrict__ sum_g, acc_t* __restrict__ sum_gc, const acc_t* __restrict__ mg,
+                       const acc_t* __restrict__ yc, int64_t rows, int64_t C) {
+  if (rows == kRowGroup) {
+    for (int64_t c = 0; c < C; ++c) {
+      sum_g[c] += (mg[c] + mg[C + c]) + (mg[2 * C + c] + mg[3 * C + c]);
+      sum_gc[c] += (mg[c] * yc[c] + mg[C + c] * yc[C + c]) + (mg[2 * C + c] * yc[2 * C + c] + mg[3 * C + c] * yc[3 * C + c]);
+    }
+    return;
+  }
+  for (int64_t k = 0; k < rows; ++k) {
+    for (int64_t c = 0; c < C; ++c) {
+      sum_g[c] += mg[k * C + c];
+      sum_gc[c] += mg[k * C + c] * yc[k * C + c];
+    }
+  }
+}
+
 // Per channel: sum_g = Σ g and sum_gc = Σ g (y - mean), g the ReLU-masked gradient (one read of each).
 template <typename scalar_t, typename acc_t, bool kRelu>
 void backward_sums(const Tensor& grad, const Tensor& y, const Layout& l, const acc_t* __restrict__ mean,
@@ -205,27 +274,31 @@ void backward_sums(const Tensor& grad, const Tensor& y, const Layout& l, const a
     const int64_t blocks = split.parts;
     std::vector<acc_t> part_g(blocks * l.C, acc_t(0)), part_gc(blocks * l.C, acc_t(0));
     at::parallel_for(0, blocks, grain_for(split.per_part * l.C), [&](int64_t begin, int64_t end) {
+      // A group of rows' masked gradients and centred values, computed in their own loop: next to
+      // the accumulations GCC keeps the ReLU select as a branch. The group's terms are summed
+      // pairwise before the accumulators, as sum_rows does.
+      std::vector<acc_t> masked_rows(kRowGroup * l.C), centered_rows(kRowGroup * l.C);
+      acc_t* __restrict__ mg = masked_rows.data();
+      acc_t* __restrict__ yc = centered_rows.data();
       for (int64_t b = begin; b < end; ++b) {
         const int64_t r0 = cbr::part_begin(split, b), r1 = cbr::part_end(split, b);
         acc_t* __restrict__ pg = part_g.data() + b * l.C;
         acc_t* __restrict__ pgc = part_gc.data() + b * l.C;
-        std::vector<acc_t> masked_row(l.C), y_row(l.C);
-        acc_t* __restrict__ mg = masked_row.data();
-        acc_t* __restrict__ yc = y_row.data();
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* __restrict__ gr = g + r * l.C;
-          const scalar_t* __restrict__ yr = yd + r * l.C;
-          // The ReLU select in its own loop: next to the accumulations GCC keeps it as a branch.
+        for (int64_t r = r0; r < r1; r += kRowGroup) {
+          const int64_t rows = std::min(kRowGroup, r1 - r);
+          for (int64_t k = 0; k < rows; ++k) {
+            const scalar_t* __restrict__ gr = g + (r + k) * l.C;
+            const scalar_t* __restrict__ yr = yd + (r + k) * l.C;
+            acc_t* __restrict__ mk = mg + k * l.C;
+            acc_t* __restrict__ ck = yc + k * l.C;
 #pragma omp simd
-          for (int64_t c = 0; c < l.C; ++c) {
-            const acc_t yv = static_cast<acc_t>(yr[c]);
-            mg[c] = cbr::relu_masked(static_cast<acc_t>(gr[c]), yv, scale[c], shift[c], kRelu);
-            yc[c] = yv - mean[c];
+            for (int64_t c = 0; c < l.C; ++c) {
+              const acc_t yv = static_cast<acc_t>(yr[c]);
+              mk[c] = cbr::relu_masked(static_cast<acc_t>(gr[c]), yv, scale[c], shift[c], kRelu);
+              ck[c] = yv - mean[c];
+            }
           }
-          for (int64_t c = 0; c < l.C; ++c) {
-            pg[c] += mg[c];
-            pgc[c] += mg[c] * yc[c];
-          }
+          add_gradient_rows(pg, pgc, mg, yc, rows, l.C);
         }
       }
     });
