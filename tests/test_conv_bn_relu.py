@@ -148,6 +148,31 @@ def test_training_bias_gradient_is_zero(backend):
     assert bias.grad.norm() <= 1e-5 * beta.grad.norm()
 
 
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_statistics_are_exact_under_a_large_mean(backend, channels_last):
+    """fp32 activations of mean ~1e3 and variance ~1 (a conv bias of 1e3): the batch variance matches
+    fp64's to 1e-4, where Σy²/M − mean² cannot (its terms' fp32 rounding at 1e6 alone is ~3% of it).
+    1×1 conv over 4 × 19 × 17 pixels: 1,292 NHWC rows, so several reduction parts and leftover rows."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 19, 17, generator=generator)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(5, 3, 1, 1, generator=generator)
+    bias = torch.full((5,), 1e3) + torch.randn(5, generator=generator)
+    gamma, beta = torch.rand(5, generator=generator) + 0.5, torch.randn(5, generator=generator)
+    running_mean, running_var = torch.zeros(5), torch.ones(5)
+    conv_bn_relu(x, weight, bias, gamma, beta, running_mean, running_var, training=True, momentum=1.0, backend=backend)
+    y = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double())
+    count = y.numel() // y.shape[1]
+    expected_var = y.var(dim=(0, 2, 3), unbiased=True)
+    assert relative_error(running_mean.double(), y.mean(dim=(0, 2, 3))) <= 1e-6
+    assert ((running_var.double() - expected_var).abs() / expected_var).max() <= 1e-4
+    y32 = y.float()
+    sum_of_squares_var = ((y32 * y32).mean(dim=(0, 2, 3)) - y32.mean(dim=(0, 2, 3)) ** 2).double() * count / (count - 1)
+    assert ((sum_of_squares_var - expected_var).abs() / expected_var).max() > 1e-2  # the case tells the formulas apart
+
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("backend", backends_to_test("conv_bn_relu", dtype=torch.float64))

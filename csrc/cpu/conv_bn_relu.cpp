@@ -3,8 +3,9 @@
 // The convolution runs through ATen (oneDNN); BatchNorm and ReLU around it are fused passes:
 //   eval:  BN folded into the weights and bias (fp32), the ReLU a oneDNN post-op of the convolution
 //          (fp32, and bf16 where the CPU has it); fp64/fp16: ATen conv + one C++ bias+ReLU pass;
-//   train: conv, ONE pass for the per-channel statistics (two-pass on cache-sized spans, merged
-//          by Chan's formula: never Σx² − (Σx)²), ONE pass for normalise + affine + ReLU;
+//   train: conv, ONE pass for the per-channel statistics (exact moments of cache-sized NCHW spans,
+//          two-pass, or of 4-row NHWC groups, merged by Chan's formula: never Σx² − (Σx)²), ONE
+//          pass for normalise + affine + ReLU;
 //   backward: one reduction pass (ReLU mask fused) and one elementwise pass, then
 //          at::convolution_backward.
 // Each BN pass is a profiler scope (bn_statistics, bn_apply, bn_backward_sums, bn_backward_apply),
@@ -44,7 +45,8 @@ using slsdeep::grain_for;
 
 constexpr int64_t kSpan = 1024;        // contiguous values summed in cache before a merge
 constexpr int64_t kRowsPerBlock = 64;  // NHWC rows per reduction part, at most
-constexpr int64_t kRowGroup = 4;       // NHWC rows a reduction sums before its accumulator
+constexpr int64_t kRowGroup = 4;       // NHWC rows a reduction takes together before its accumulator
+constexpr int64_t kPrefetchRows = 16;  // how far ahead (NHWC rows) the statistics prefetch
 
 
 // A dense (N, C, S) activation: NCHW planes of S values, or NHWC rows of C values.
@@ -105,34 +107,46 @@ cbr::Moments<acc_t> span_moments(const scalar_t* p, int64_t n) {
   return total;
 }
 
-// acc[c] += Σ_r term(data[r, c], c) over the NHWC rows [r0, r1) of C channels, kRowGroup rows at a
-// time: a group's terms are summed pairwise before they meet the accumulator, so acc is loaded and
-// stored once a group, not once a row. While it runs it prefetches the `ahead` rows after r1 (the
-// next part's), so a second pass over a cached part keeps the memory busy.
-template <typename acc_t, typename scalar_t, typename Term>
-void sum_rows(const scalar_t* data, int64_t r0, int64_t r1, int64_t C, acc_t* __restrict__ acc, const Term& term,
-              int64_t ahead) {
+// Moments of the NHWC rows [r0, r1) per channel, in one pass: each group of kRowGroup rows' exact
+// moments (mean, then squared deviations from it, in registers) merge into the part's by Chan's
+// formula, with the group's count shared by every channel (one scalar share a group); leftover rows
+// merge one at a time. It prefetches kPrefetchRows rows ahead (below `end`, the tensor's rows): the
+// arithmetic of a group would otherwise stall the stream (measured: docs/performance.md §4.3).
+template <typename acc_t, typename scalar_t>
+void part_moments(const scalar_t* data, int64_t r0, int64_t r1, int64_t end, int64_t C, acc_t* __restrict__ mean,
+                  acc_t* __restrict__ m2) {
   const int64_t row_bytes = C * static_cast<int64_t>(sizeof(scalar_t));
-  const char* next = reinterpret_cast<const char*>(data + r1 * C);
+  std::fill(mean, mean + C, acc_t(0));
+  std::fill(m2, m2 + C, acc_t(0));
+  acc_t count = 0;
   int64_t r = r0;
   for (; r + kRowGroup <= r1; r += kRowGroup) {
-    const int64_t prefetched = (r - r0) / kRowGroup * kRowGroup;  // rows of the next part prefetched so far
-    if (prefetched < ahead) {
-      const int64_t bytes = std::min(kRowGroup, ahead - prefetched) * row_bytes;
-      for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(next + prefetched * row_bytes + byte, 0, 3);
-    }
+    const int64_t p0 = std::min(r + kPrefetchRows, end), p1 = std::min(p0 + kRowGroup, end);
+    const char* ahead = reinterpret_cast<const char*>(data + p0 * C);
+    for (int64_t byte = 0; byte < (p1 - p0) * row_bytes; byte += 64) __builtin_prefetch(ahead + byte, 0, 3);
+    const acc_t total = count + acc_t(kRowGroup), share = acc_t(kRowGroup) / total, prior = count;
     const scalar_t* __restrict__ a = data + r * C;
-    const scalar_t* __restrict__ b = a + C;
-    const scalar_t* __restrict__ c2 = b + C;
-    const scalar_t* __restrict__ d = c2 + C;
     for (int64_t c = 0; c < C; ++c) {
-      acc[c] += (term(static_cast<acc_t>(a[c]), c) + term(static_cast<acc_t>(b[c]), c)) +
-                (term(static_cast<acc_t>(c2[c]), c) + term(static_cast<acc_t>(d[c]), c));
+      const acc_t v0 = static_cast<acc_t>(a[c]), v1 = static_cast<acc_t>(a[C + c]);
+      const acc_t v2 = static_cast<acc_t>(a[2 * C + c]), v3 = static_cast<acc_t>(a[3 * C + c]);
+      const acc_t group_mean = ((v0 + v1) + (v2 + v3)) / acc_t(kRowGroup);
+      const acc_t d0 = v0 - group_mean, d1 = v1 - group_mean, d2 = v2 - group_mean, d3 = v3 - group_mean;
+      const acc_t group_m2 = (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+      const acc_t delta = group_mean - mean[c];
+      mean[c] = mean[c] + delta * share;
+      m2[c] = m2[c] + group_m2 + delta * delta * prior * share;
     }
+    count = total;
   }
   for (; r < r1; ++r) {
+    const acc_t total = count + acc_t(1), share = acc_t(1) / total, prior = count;
     const scalar_t* __restrict__ row = data + r * C;
-    for (int64_t c = 0; c < C; ++c) acc[c] += term(static_cast<acc_t>(row[c]), c);
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t delta = static_cast<acc_t>(row[c]) - mean[c];
+      mean[c] = mean[c] + delta * share;
+      m2[c] = m2[c] + delta * delta * prior * share;
+    }
+    count = total;
   }
 }
 
@@ -166,17 +180,7 @@ void channel_moments(const Tensor& y, const Layout& l, acc_t* mean, acc_t* var) 
         const int64_t r0 = cbr::part_begin(split, b), r1 = cbr::part_end(split, b);
         acc_t* m = part_mean.data() + b * l.C;
         acc_t* m2 = part_m2.data() + b * l.C;
-        std::fill(m, m + l.C, acc_t(0));
-        std::fill(m2, m2 + l.C, acc_t(0));
-        const auto value = [](acc_t v, int64_t) { return v; };
-        sum_rows<acc_t>(data, r0, r1, l.C, m, value, 0);
-        const acc_t inv_count = acc_t(1) / static_cast<acc_t>(r1 - r0);
-        for (int64_t c = 0; c < l.C; ++c) m[c] *= inv_count;
-        const auto squared_deviation = [m](acc_t v, int64_t c) {
-          const acc_t d = v - m[c];
-          return d * d;
-        };
-        sum_rows<acc_t>(data, r0, r1, l.C, m2, squared_deviation, std::min(split.per_part, l.rows() - r1));
+        part_moments(data, r0, r1, l.rows(), l.C, m, m2);
       }
     });
     acc_t count = 0;
@@ -276,7 +280,7 @@ void backward_sums(const Tensor& grad, const Tensor& y, const Layout& l, const a
     at::parallel_for(0, blocks, grain_for(split.per_part * l.C), [&](int64_t begin, int64_t end) {
       // A group of rows' masked gradients and centred values, computed in their own loop: next to
       // the accumulations GCC keeps the ReLU select as a branch. The group's terms are summed
-      // pairwise before the accumulators, as sum_rows does.
+      // pairwise before the accumulators.
       std::vector<acc_t> masked_rows(kRowGroup * l.C), centered_rows(kRowGroup * l.C);
       acc_t* __restrict__ mg = masked_rows.data();
       acc_t* __restrict__ yc = centered_rows.data();
