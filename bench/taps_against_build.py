@@ -9,7 +9,7 @@ Each round times every build (the other one's automatic code; this one's automat
 DEFAULT) in a process of its own, one after another, so the builds alternate through the run. A
 process loads one ``_C`` (both register the same ops); each kernel is timed over 25 calls after 3,
 its median kept. Shapes: ``test_bench_cpu_variants.py``'s (4, 128, 48, 48) conv output, bins 1, 2,
-3, 6, fp32. Prints per build and kernel the median of the rounds' medians, with their min-max.
+3, 6, fp32 (written out here: importing that module would load this build's _C). Prints per build and kernel the median of the rounds' medians, with their min-max.
 """
 
 import argparse

@@ -55,13 +55,23 @@ struct Moments {
   acc_t m2;
 };
 
+// Chan's update of one set's (mean, m2) by a disjoint set's (b_mean, b_m2), where share = n_b / (n_a + n_b)
+// and prior = n_a: the one formula of every merge. The CPU kernels merge many channels of equal counts,
+// so they compute share and prior once and call this per channel, in a loop that vectorises.
+template <typename acc_t>
+SLSDEEP_HD void merge_into(acc_t& mean, acc_t& m2, acc_t b_mean, acc_t b_m2, acc_t share, acc_t prior) {
+  const acc_t delta = b_mean - mean;
+  m2 = m2 + b_m2 + delta * delta * prior * share;
+  mean = mean + delta * share;
+}
+
 template <typename acc_t>
 SLSDEEP_HD Moments<acc_t> merge(const Moments<acc_t>& a, const Moments<acc_t>& b) {
   const acc_t count = a.count + b.count;
   if (count == acc_t(0)) return a;
-  const acc_t delta = b.mean - a.mean;
-  const acc_t share = b.count / count;
-  return {count, a.mean + delta * share, a.m2 + b.m2 + delta * delta * a.count * share};
+  Moments<acc_t> total{count, a.mean, a.m2};
+  merge_into(total.mean, total.m2, b.mean, b.m2, b.count / count, a.count);
+  return total;
 }
 
 // The fixed split of a reduction's `units` (rows, packs) into `parts` runs of `per_part` consecutive

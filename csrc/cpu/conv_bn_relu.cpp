@@ -131,39 +131,27 @@ void part_moments(const scalar_t* data, int64_t r0, int64_t r1, int64_t end, int
       const acc_t v2 = static_cast<acc_t>(a[2 * C + c]), v3 = static_cast<acc_t>(a[3 * C + c]);
       const acc_t group_mean = ((v0 + v1) + (v2 + v3)) / acc_t(kRowGroup);
       const acc_t d0 = v0 - group_mean, d1 = v1 - group_mean, d2 = v2 - group_mean, d3 = v3 - group_mean;
-      const acc_t group_m2 = (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-      const acc_t delta = group_mean - mean[c];
-      mean[c] = mean[c] + delta * share;
-      m2[c] = m2[c] + group_m2 + delta * delta * prior * share;
+      cbr::merge_into(mean[c], m2[c], group_mean, (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3), share, prior);
     }
     count = total;
   }
   for (; r < r1; ++r) {
     const acc_t total = count + acc_t(1), share = acc_t(1) / total, prior = count;
     const scalar_t* __restrict__ row = data + r * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t delta = static_cast<acc_t>(row[c]) - mean[c];
-      mean[c] = mean[c] + delta * share;
-      m2[c] = m2[c] + delta * delta * prior * share;
-    }
+    for (int64_t c = 0; c < C; ++c) cbr::merge_into(mean[c], m2[c], static_cast<acc_t>(row[c]), acc_t(0), share, prior);
     count = total;
   }
 }
 
 // Merges one NHWC part's moments (part_count rows; part_mean, part_m2 per channel) into the running
-// totals: cbr::merge on each channel, in its order of operations (the same bits), with the part's
-// count shared by every channel, so the share is one scalar and the channel loop vectorises.
+// totals: cbr::merge on each channel, with the part's count shared by every channel.
 template <typename acc_t>
 void merge_part(acc_t& count, acc_t* __restrict__ mean, acc_t* __restrict__ m2, acc_t part_count,
                 const acc_t* __restrict__ part_mean, const acc_t* __restrict__ part_m2, int64_t C) {
   const acc_t total = count + part_count;
   if (total == acc_t(0)) return;
   const acc_t share = part_count / total, prior = count;
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t delta = part_mean[c] - mean[c];
-    mean[c] = mean[c] + delta * share;
-    m2[c] = m2[c] + part_m2[c] + delta * delta * prior * share;
-  }
+  for (int64_t c = 0; c < C; ++c) cbr::merge_into(mean[c], m2[c], part_mean[c], part_m2[c], share, prior);
   count = total;
 }
 
