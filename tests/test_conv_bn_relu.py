@@ -173,6 +173,33 @@ def test_batch_statistics_are_exact_under_a_large_mean(backend, channels_last):
     assert ((sum_of_squares_var - expected_var).abs() / expected_var).max() > 1e-2  # the case tells the formulas apart
 
 
+CPU_ONLY = [p for p in CPU_BACKENDS if p.values[0] == "cpu"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", CPU_ONLY)
+def test_cpu_channels_last_statistics_over_channel_blocks(backend, dtype):
+    """The CPU's NHWC statistics take 64 channels at a time over a part's rows: 70 channels are a
+    full block and a partial one; 2 × 23 × 29 = 1,334 rows make 21 parts, the last one short."""
+    inputs = make_inputs(dtype, c_in=6, c_out=70, kernel=1, n=2, size=(23, 29), channels_last=True)
+    check(backend, inputs, training=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend", CPU_ONLY)
+def test_cpu_channel_blocks_under_a_large_mean(backend, dtype):
+    """The shape above under a mean of ~1e3 (a conv bias), as test_batch_statistics_are_exact_under_a_large_mean
+    (bf16's output cannot hold a variance of 1 there: its spacing at 1e3 is 4)."""
+    x, weight, _, gamma, beta, _, _ = make_inputs(dtype, c_in=6, c_out=70, kernel=1, n=2, size=(23, 29), channels_last=True)
+    bias = torch.full((70,), 1e3, dtype=dtype) + torch.randn(70, dtype=dtype)
+    running_mean, running_var = torch.zeros(70, dtype=dtype), torch.ones(70, dtype=dtype)
+    conv_bn_relu(x, weight, bias, gamma, beta, running_mean, running_var, training=True, momentum=1.0, backend=backend)
+    y = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double())
+    expected_var = y.var(dim=(0, 2, 3), unbiased=True)
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-4}[dtype]
+    assert ((running_var.double() - expected_var).abs() / expected_var).max() <= tolerance
+
+
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("backend", backends_to_test("conv_bn_relu", dtype=torch.float64))

@@ -4,8 +4,8 @@
 //   eval:  BN folded into the weights and bias (fp32), the ReLU a oneDNN post-op of the convolution
 //          (fp32, and bf16 where the CPU has it); fp64/fp16: ATen conv + one C++ bias+ReLU pass;
 //   train: conv, ONE pass for the per-channel statistics (exact moments of cache-sized NCHW spans,
-//          two-pass, or of 4-row NHWC groups, merged by Chan's formula: never Σx² − (Σx)²), ONE
-//          pass for normalise + affine + ReLU;
+//          two-pass, or sums shifted by a value of each NHWC part, merged by Chan's formula: never
+//          Σx² − (Σx)²), ONE pass for normalise + affine + ReLU;
 //   backward: one reduction pass (ReLU mask fused) and one elementwise pass, then
 //          at::convolution_backward.
 // Each BN pass is a profiler scope (bn_statistics, bn_apply, bn_backward_sums, bn_backward_apply),
@@ -45,8 +45,8 @@ using slsdeep::grain_for;
 
 constexpr int64_t kSpan = 1024;        // contiguous values summed in cache before a merge
 constexpr int64_t kRowsPerBlock = 64;  // NHWC rows per reduction part, at most
-constexpr int64_t kRowGroup = 4;       // NHWC rows a reduction takes together before its accumulator
-constexpr int64_t kPrefetchRows = 16;  // how far ahead (NHWC rows) the statistics prefetch
+constexpr int64_t kRowGroup = 4;       // NHWC rows the backward sums take together before their accumulators
+constexpr int64_t kChannelBlock = 64;  // NHWC channels the statistics take over a part's rows at once
 
 
 // A dense (N, C, S) activation: NCHW planes of S values, or NHWC rows of C values.
@@ -107,39 +107,55 @@ cbr::Moments<acc_t> span_moments(const scalar_t* p, int64_t n) {
   return total;
 }
 
-// Moments of the NHWC rows [r0, r1) per channel, in one pass: each group of kRowGroup rows' exact
-// moments (mean, then squared deviations from it, in registers) merge into the part's by Chan's
-// formula, with the group's count shared by every channel (one scalar share a group); leftover rows
-// merge one at a time. It prefetches kPrefetchRows rows ahead (below `end`, the tensor's rows): the
-// arithmetic of a group would otherwise stall the stream (measured: docs/performance.md §4.3).
-template <typename acc_t, typename scalar_t>
-void part_moments(const scalar_t* data, int64_t r0, int64_t r1, int64_t end, int64_t C, acc_t* __restrict__ mean,
-                  acc_t* __restrict__ m2) {
-  const int64_t row_bytes = C * static_cast<int64_t>(sizeof(scalar_t));
-  std::fill(mean, mean + C, acc_t(0));
-  std::fill(m2, m2 + C, acc_t(0));
-  acc_t count = 0;
-  int64_t r = r0;
-  for (; r + kRowGroup <= r1; r += kRowGroup) {
-    const int64_t p0 = std::min(r + kPrefetchRows, end), p1 = std::min(p0 + kRowGroup, end);
-    const char* ahead = reinterpret_cast<const char*>(data + p0 * C);
-    for (int64_t byte = 0; byte < (p1 - p0) * row_bytes; byte += 64) __builtin_prefetch(ahead + byte, 0, 3);
-    const acc_t total = count + acc_t(kRowGroup), share = acc_t(kRowGroup) / total, prior = count;
-    const scalar_t* __restrict__ a = data + r * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t v0 = static_cast<acc_t>(a[c]), v1 = static_cast<acc_t>(a[C + c]);
-      const acc_t v2 = static_cast<acc_t>(a[2 * C + c]), v3 = static_cast<acc_t>(a[3 * C + c]);
-      const acc_t group_mean = ((v0 + v1) + (v2 + v3)) / acc_t(kRowGroup);
-      const acc_t d0 = v0 - group_mean, d1 = v1 - group_mean, d2 = v2 - group_mean, d3 = v3 - group_mean;
-      cbr::merge_into(mean[c], m2[c], group_mean, (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3), share, prior);
+// Asks for the `count` values from p into L2 (a part's rows, read in channel blocks: the cores'
+// prefetchers alone left the statistics below a plain read, docs/performance.md §4.3).
+template <typename scalar_t>
+void prefetch_to_l2(const scalar_t* p, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < count * static_cast<int64_t>(sizeof(scalar_t)); i += 64) __builtin_prefetch(bytes + i, 0, 2);
+}
+
+// part_moments of one block: `width` channels (kWidth, when known at compile time) from `first`, the
+// part's first row there, over its `rows` rows (the block's sums stay in registers on AVX512).
+template <int64_t kWidth, typename acc_t, typename scalar_t>
+void block_moments(const scalar_t* __restrict__ first, int64_t rows, int64_t C, int64_t width,
+                   acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
+  const int64_t w = kWidth > 0 ? kWidth : width;
+  acc_t shift[kChannelBlock], sum[kChannelBlock] = {}, squares[kChannelBlock] = {};
+  for (int64_t j = 0; j < w; ++j) shift[j] = static_cast<acc_t>(first[j]);
+  for (int64_t r = 1; r < rows; ++r) {  // the first row's terms are 0
+    const scalar_t* __restrict__ row = first + r * C;
+    for (int64_t j = 0; j < w; ++j) {
+      const acc_t d = static_cast<acc_t>(row[j]) - shift[j];
+      sum[j] += d;
+      squares[j] += d * d;
     }
-    count = total;
   }
-  for (; r < r1; ++r) {
-    const acc_t total = count + acc_t(1), share = acc_t(1) / total, prior = count;
-    const scalar_t* __restrict__ row = data + r * C;
-    for (int64_t c = 0; c < C; ++c) cbr::merge_into(mean[c], m2[c], static_cast<acc_t>(row[c]), acc_t(0), share, prior);
-    count = total;
+  const acc_t n = static_cast<acc_t>(rows);
+  for (int64_t j = 0; j < w; ++j) {
+    const acc_t offset = sum[j] / n;
+    mean[j] = shift[j] + offset;
+    m2[j] = std::max(squares[j] - sum[j] * offset, acc_t(0));
+  }
+}
+
+// Moments of the NHWC rows [r0, r1) per channel by shifted sums, a block of kChannelBlock channels
+// at a time over all the rows: with k the first row, s = Σ(x − k) and q = Σ(x − k)² per channel, then
+// mean = k + s/n and m2 = q − s²/n. The shift is one of the part's own values, so the subtraction
+// multiplies m2's relative rounding error by about 1 + (mean − k)²/variance, of order 2 (the mean of
+// (x − mean)² over the part's values is their variance), where Σx² − (Σx)²/n multiplies it by
+// 1 + mean²/variance. Measured faster than row by row, and than exact 4-row group moments merged by
+// Chan's formula (docs/performance.md §4.3).
+template <typename acc_t, typename scalar_t>
+void part_moments(const scalar_t* data, int64_t r0, int64_t r1, int64_t C, acc_t* mean, acc_t* m2) {
+  if (r1 == r0) return;  // the one part of an empty batch: no first row (its moments stay 0)
+  for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
+    const scalar_t* first = data + r0 * C + c0;
+    if (C - c0 >= kChannelBlock) {
+      block_moments<kChannelBlock>(first, r1 - r0, C, kChannelBlock, mean + c0, m2 + c0);
+    } else {
+      block_moments<0>(first, r1 - r0, C, C - c0, mean + c0, m2 + c0);
+    }
   }
 }
 
@@ -166,9 +182,8 @@ void channel_moments(const Tensor& y, const Layout& l, acc_t* mean, acc_t* var) 
     at::parallel_for(0, blocks, grain_for(split.per_part * l.C), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t r0 = cbr::part_begin(split, b), r1 = cbr::part_end(split, b);
-        acc_t* m = part_mean.data() + b * l.C;
-        acc_t* m2 = part_m2.data() + b * l.C;
-        part_moments(data, r0, r1, l.rows(), l.C, m, m2);
+        if (b + 1 < blocks) prefetch_to_l2(data + r1 * l.C, (cbr::part_end(split, b + 1) - r1) * l.C);
+        part_moments(data, r0, r1, l.C, part_mean.data() + b * l.C, part_m2.data() + b * l.C);
       }
     });
     acc_t count = 0;
