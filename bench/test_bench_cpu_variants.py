@@ -1,10 +1,13 @@
 """The C++ CPU kernels under every instruction-set variant this machine runs (``csrc/cpu/variant.h``),
 beside the copy bandwidth measured in the same run: ``clone`` of the same bytes (a fresh output, as
 the kernels' own outputs are: its page faults included) and ``copy`` (``copy_`` into a tensor
-already written: the memory's bandwidth alone).
+already written: the memory's bandwidth alone), and beside ``read``, a ``sum`` over as many bytes
+of a tensor read again each round, as the kernels' inputs are: the ceiling of the kernels that only
+read (upsample_concat's backward; the BN statistics and backward sums read the convolution's fresh
+output instead, docs/performance.md §4.3).
 
 * Memory-bound kernels (pyramid pool in both layouts and upsample_concat, forward and backward; the conv_bn_relu
-  BatchNorm passes): their GB/s against clone's and copy's. Target (issue 14): within 15% of clone.
+  BatchNorm passes): their GB/s against clone's, copy's and read's. Target (issue 14): within 15% of clone.
 * Compute-bound kernels (the pyramid conv's taps, forward and backward): each variant against
   DEFAULT, the baseline x86-64 code every kernel ran before the variants. Target: >= 1.5x.
 * The BatchNorm passes run inside ``conv_bn_relu_train_kernel`` and its backward, around oneDNN's
@@ -127,21 +130,22 @@ def _record(benchmark, op, way, which, bytes_moved=None, kind=None):
         benchmark.extra_info["gbytes_per_s"] = bytes_moved / median / 1e9
 
 
-def _copies(bytes_moved):
-    """(clone, copy): the two copies that move ``bytes_moved`` (half read, half written)."""
+def _references(bytes_moved):
+    """{clone, copy, read}: the two copies that move ``bytes_moved`` (half read, half written), and a
+    sum that reads ``bytes_moved``."""
     source = torch.randn(bytes_moved // (2 * SIZE))
     target = torch.empty_like(source).fill_(1.0)
-    return source.clone, lambda: target.copy_(source)
+    read = torch.randn(bytes_moved // SIZE)
+    return {"clone": source.clone, "copy": lambda: target.copy_(source), "read": read.sum}
 
 
-@pytest.mark.parametrize("way", [*VARIANTS, "clone", "copy"])
+@pytest.mark.parametrize("way", [*VARIANTS, "clone", "copy", "read"])
 @pytest.mark.parametrize("op", CASES)
 def test_kernel(benchmark, op, way):
     kernel, bytes_moved, kind = CASES[op]
     benchmark.group = f"cpu kernel {op}"
-    if way in ("clone", "copy"):
-        clone, copy = _copies(bytes_moved)
-        benchmark.pedantic(clone if way == "clone" else copy, rounds=7, iterations=1, warmup_rounds=2)
+    if way in ("clone", "copy", "read"):
+        benchmark.pedantic(_references(bytes_moved)[way], rounds=7, iterations=1, warmup_rounds=2)
     else:
         with cpu_variant_override(way):
             benchmark.pedantic(kernel, args=(_inputs(),), rounds=7, iterations=1, warmup_rounds=2)
@@ -176,7 +180,7 @@ def _bn_step():
 @pytest.mark.parametrize("way", VARIANTS)
 def test_bn_passes(benchmark, way):
     """conv_bn_relu training forward + backward at layer3's 1×1, timed whole; ``extra_info`` holds each
-    BN pass's median from a profile of PROFILED_STEPS steps, its GB/s, and clone's and copy's GB/s."""
+    BN pass's median from a profile of PROFILED_STEPS steps, its GB/s, and clone's, copy's and read's GB/s."""
     step, y_bytes = _bn_step()
     benchmark.group = "cpu conv_bn_relu train 1x1 passes"
     with cpu_variant_override(way):
@@ -185,11 +189,11 @@ def test_bn_passes(benchmark, way):
             for _ in range(PROFILED_STEPS):
                 step()
     _record(benchmark, "conv_bn_relu train passes", way, "both")
-    for way_name, copy in zip(("clone", "copy"), _copies(2 * y_bytes)):  # each moves 2 y-sizes
+    for way_name, reference in _references(2 * y_bytes).items():  # each moves 2 y-sizes
         seconds = []
         for _ in range(7):
             start = time.perf_counter()
-            copy()
+            reference()
             seconds.append(time.perf_counter() - start)
         benchmark.extra_info[f"{way_name}_gbytes_per_s"] = 2 * y_bytes / statistics.median(seconds) / 1e9
     for name, sizes in BN_PASSES.items():
