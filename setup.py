@@ -152,6 +152,18 @@ def _cuda_build_reason(torch):
     return None
 
 
+# Loop flags of the CPU kernels, each where the compiler accepts it (CMakeLists.txt checks the same).
+# GCC's -O3 unroll-and-jam unrolls a loop over a row's terms around the fixed-width accumulator loop
+# inside it and leaves the jammed copy scalar, with the sums in memory: the pyramid's gathers ran 25-30%
+# slower (docs/performance.md §4.3). Every CPU kernel is written in that shape (csrc/cpu/variant.h).
+CPU_LOOP_FLAGS = ["-fno-loop-unroll-and-jam"]
+
+
+def cpu_loop_flags(compiler: list[str]) -> list[str]:
+    """The CPU_LOOP_FLAGS that ``compiler`` accepts without a warning."""
+    return [flag for flag in CPU_LOOP_FLAGS if _compiles(compiler, [flag, "-Werror"], "int main() { return 0; }\n", link=False)]
+
+
 # Host C++ flags of the extensions (CMakeLists.txt passes the same). No FMA contraction: every CPU
 # variant rounds a·b + c as ATen's unfused ops do (csrc/cpu/variant.h). No debug information. Only
 # ATen's per-operator headers (ATen/ops/<op>.h; TORCH_ASSERT_ONLY_METHOD_OPERATORS makes ATen/ATen.h an
@@ -223,16 +235,18 @@ def _build_ext_class():
     from torch.utils import cpp_extension
 
     class _BuildExtension(cpp_extension.BuildExtension):
-        """torch's BuildExtension, plus OpenMP detection, the build record and a failure that names
+        """torch's BuildExtension, plus OpenMP and loop-flag detection, the build record and a failure that names
         the pure-Python switch."""
 
         def build_extensions(self):
-            compile_flags, link_flags, notice = openmp_flags(shlex.split(cpp_extension.get_cxx_compiler()))
+            compiler = shlex.split(cpp_extension.get_cxx_compiler())
+            compile_flags, link_flags, notice = openmp_flags(compiler)
             print(f"slsdeep-kernels: {notice}")
             self.slsdeep_openmp = "-fopenmp" in compile_flags
+            loop_flags = cpu_loop_flags(compiler)
             for ext in self.extensions:
                 if ext.name == f"{PACKAGE}._C":
-                    ext.extra_compile_args = [*ext.extra_compile_args, *compile_flags]
+                    ext.extra_compile_args = [*ext.extra_compile_args, *compile_flags, *loop_flags]
                     ext.extra_link_args = [*(ext.extra_link_args or []), *link_flags]
             try:
                 super().build_extensions()

@@ -133,6 +133,17 @@ def test_openmp_is_used_only_where_the_compiler_links_it(setup_py, tmp_path):
         assert setup_py.openmp_flags([cxx])[:2] == (["-fopenmp"], ["-fopenmp"])
 
 
+def test_cpu_loop_flags_are_the_ones_the_compiler_accepts(setup_py, tmp_path):
+    assert setup_py.cpu_loop_flags(["false"]) == []
+    cxx = os.environ.get("CXX", "c++")
+    rejecting = tmp_path / "no-jam-flag-c++"  # a compiler that warns about the flag, as clang does
+    rejecting.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fno-loop-unroll-and-jam ] && exit 1; done\nexec {cxx} "$@"\n')
+    rejecting.chmod(0o755)
+    assert setup_py.cpu_loop_flags([str(rejecting)]) == []
+    if "Free Software Foundation" in subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout:  # GCC
+        assert setup_py.cpu_loop_flags([cxx]) == setup_py.CPU_LOOP_FLAGS
+
+
 def _other_minor():
     major, minor = torch.__version__.split("+")[0].split(".")[:2]
     return f"{major}.{int(minor) + 1}.0+cpu"

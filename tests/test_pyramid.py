@@ -258,11 +258,11 @@ def test_pyramid_conv3x3_without_bias_some_grads(backend):
     assert_matches_reference(fused, reference, [x, weight, None, *branches])
 
 
-@pytest.mark.parametrize("width", [16, 37])
+@pytest.mark.parametrize("width", [16, 37, 100])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_pyramid_conv3x3_wide_rows(backend, width):
     """Output rows of whole 16-column chunks, and of chunks plus a tail (the CPU taps sum each chunk
-    of a row in registers)."""
+    of a row in registers, and their backward up to three chunks at a time)."""
     x = image((1, 3, 5, width)).requires_grad_()
     branches = make_branches(1)
     weight = (torch.randn(5, 3 + 8, 3, 3) / 4).requires_grad_()

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "alloc.h"
@@ -70,16 +71,7 @@ AxisReaders<acc_t> axis_readers(int64_t in_size, int64_t out_size, bool align_co
   return readers;
 }
 
-// Row i of an axis adjoint: sum over i's readers of weight * values[index] (a contiguous row of
-// accumulators: values are read in place, no stride).
-template <typename acc_t>
-inline acc_t gather(const AxisReaders<acc_t>& readers, int64_t i, const acc_t* values) {
-  acc_t sum = 0;
-  for (int64_t k = readers.begin[i]; k < readers.begin[i + 1]; ++k) sum += readers.weight[k] * values[readers.index[k]];
-  return sum;
-}
-
-// The adjoint of gather: value spread over the outputs that read input i, out[o] += weight * value.
+// The adjoint of gather_columns on one row: value spread over the outputs that read input i, out[o] += weight * value.
 // An input's readers are consecutive outputs (axis_readers), so this is one contiguous multiply-add.
 template <typename acc_t>
 inline void spread(acc_t* out, const AxisReaders<acc_t>& readers, int64_t i, acc_t value) {
@@ -91,20 +83,163 @@ inline void spread(acc_t* out, const AxisReaders<acc_t>& readers, int64_t i, acc
   for (int64_t m = 0; m < count; ++m) o[m] += weight[m] * value;
 }
 
-// acc[0, W) = sum over the readers of row i of weight * the image row it names (row r at
-// image + r * row_stride, its W values column_stride apart): whole-row multiply-adds.
+constexpr int kColumnChunk = 16;  // columns summed in registers over a row's terms
+constexpr int kRowBlock = 8;      // rows of a transposed block (RowBlocks): one vector of sums per column
+
+// Rows of accumulators held transposed, kRowBlock at a time, for the width pass of a separable
+// adjoint: row r, column q at data[((r / kRowBlock) * W + q) * kRowBlock + r % kRowBlock], so one
+// column of a block is kRowBlock contiguous values. The lanes past the last row stay 0.
+template <typename acc_t>
+class RowBlocks {
+ public:
+  RowBlocks(int64_t rows, int64_t W)
+      : W_(W), storage_(((rows + kRowBlock - 1) / kRowBlock) * W * kRowBlock + kAlign / sizeof(acc_t)) {
+    void* start = storage_.data();
+    size_t space = storage_.size() * sizeof(acc_t);
+    data_ = static_cast<acc_t*>(std::align(kAlign, sizeof(acc_t), start, space));
+  }
+  RowBlocks(RowBlocks&&) = default;  // the buffer moves with its vector
+  RowBlocks(const RowBlocks&) = delete;
+  acc_t* column(int64_t row, int64_t q) { return data_ + ((row / kRowBlock) * W_ + q) * kRowBlock + row % kRowBlock; }
+  const acc_t* block(int64_t b) const { return data_ + b * W_ * kRowBlock; }
+
+ private:
+  static constexpr size_t kAlign = 64;  // a column's kRowBlock values never straddle two cache lines
+  int64_t W_;
+  std::vector<acc_t> storage_;
+  acc_t* data_;
+};
+
+// The height adjoint by output rows: every output row that reads an input row, with its terms, at
+// most two consecutive input rows (a linear stencil) and their weights as the readers of those rows
+// hold them; grouped by the first input row they add to (group i: terms[begin[i], begin[i + 1])).
+template <typename acc_t>
+struct HeightTerm {
+  int64_t row;  // the output row
+  int count;    // 1 or 2: the input rows first and first + 1
+  acc_t weight[2];
+};
+
+template <typename acc_t>
+struct HeightAdjoint {
+  std::vector<HeightTerm<acc_t>> terms;
+  std::vector<int64_t> begin;
+};
+
+template <typename acc_t>
+HeightAdjoint<acc_t> height_adjoint(const AxisReaders<acc_t>& readers, int64_t in_size, int64_t out_size) {
+  std::vector<int64_t> first(out_size, -1);
+  std::vector<HeightTerm<acc_t>> by_row(out_size, HeightTerm<acc_t>{0, 0, {0, 0}});
+  for (int64_t i = 0; i < in_size; ++i) {
+    for (int64_t k = readers.begin[i]; k < readers.begin[i + 1]; ++k) {
+      const int64_t o = readers.index[k];
+      HeightTerm<acc_t>& t = by_row[o];
+      if (t.count == 0) first[o] = i;
+      TORCH_CHECK(t.count < 2 && i == first[o] + t.count, "pyramid: a linear stencil reads two consecutive rows");
+      t.row = o;
+      t.weight[t.count++] = readers.weight[k];
+    }
+  }
+  HeightAdjoint<acc_t> adjoint;
+  adjoint.begin.assign(in_size + 1, 0);
+  int64_t group = 0;
+  for (int64_t o = 0; o < out_size; ++o) {
+    if (by_row[o].count == 0) continue;
+    TORCH_CHECK(first[o] >= group, "pyramid: a linear stencil's rows never decrease");
+    while (group < first[o]) adjoint.begin[++group] = static_cast<int64_t>(adjoint.terms.size());
+    adjoint.terms.push_back(by_row[o]);
+  }
+  while (group < in_size) adjoint.begin[++group] = static_cast<int64_t>(adjoint.terms.size());
+  return adjoint;
+}
+
+// Rows [row0, row0 + h) of `blocks`, columns [q0, q0 + width): input row i = the sum over the output
+// rows o that read it, ascending (the readers' order), of weight * image row o (at image + o *
+// row_stride, its values column_stride apart). One pass down the image, input row by input row: the
+// group of rows adding first to i adds to i and i + 1, whose sums are two register arrays that swap
+// roles from one i to the next (kWidth columns, column_stride 1; kWidth 0: any width up to
+// kColumnChunk, any stride). Each image row is read once, where gathering each input row's readers
+// read it twice and kept the sums in memory (docs/performance.md §4.3).
+template <int kWidth, typename acc_t, typename scalar_t>
+inline void gather_row_chunk(RowBlocks<acc_t>& blocks, int64_t row0, const HeightAdjoint<acc_t>& adjoint, int64_t h,
+                     const scalar_t* image, int64_t row_stride, int64_t column_stride, int64_t q0, int64_t width) {
+  constexpr int kSize = kWidth > 0 ? kWidth : kColumnChunk;
+  const int64_t n = kWidth > 0 ? kWidth : width;
+  acc_t even[kSize] = {}, odd[kSize] = {}, done[kSize];
+  // Adds group i's rows to low (row i) and high (row i + 1), then stores row i and clears it.
+  auto finish_row = [&](acc_t* __restrict__ low, acc_t* __restrict__ high, int64_t i) {
+    for (int64_t t = adjoint.begin[i]; t < adjoint.begin[i + 1]; ++t) {
+      const HeightTerm<acc_t>& term = adjoint.terms[t];
+      const scalar_t* __restrict__ values = image + term.row * row_stride + q0 * column_stride;
+      const acc_t w0 = term.weight[0], w1 = term.weight[1];
+      if constexpr (kWidth > 0) {
+        if (term.count == 2) {
+          for (int q = 0; q < kWidth; ++q) {
+            const acc_t v = static_cast<acc_t>(values[q]);
+            low[q] += w0 * v;
+            high[q] += w1 * v;
+          }
+        } else {
+          for (int q = 0; q < kWidth; ++q) low[q] += w0 * static_cast<acc_t>(values[q]);
+        }
+      } else {
+        for (int64_t q = 0; q < n; ++q) {
+          const acc_t v = static_cast<acc_t>(values[q * column_stride]);
+          low[q] += w0 * v;
+          if (term.count == 2) high[q] += w1 * v;
+        }
+      }
+    }
+    for (int q = 0; q < kSize; ++q) {
+      done[q] = low[q];
+      low[q] = 0;
+    }
+    for (int64_t q = 0; q < n; ++q) *blocks.column(row0 + i, q0 + q) = done[q];
+  };
+  for (int64_t i = 0; i < h; i += 2) {
+    finish_row(even, odd, i);
+    if (i + 1 < h) finish_row(odd, even, i + 1);
+  }
+}
+
+// Rows [row0, row0 + h) of `blocks` from one image (gather_row_chunk), up to kMaxChunks chunks of
+// kColumnChunk columns at a time: two rows of 48 sums are 12 of AVX2's 16 vector registers.
+constexpr int kMaxChunks = 3;
 template <typename acc_t, typename scalar_t>
-inline void gather_rows(acc_t* acc, const AxisReaders<acc_t>& readers, int64_t i, const scalar_t* image,
-                        int64_t row_stride, int64_t column_stride, int64_t W) {
-  std::fill(acc, acc + W, acc_t(0));
-  for (int64_t k = readers.begin[i]; k < readers.begin[i + 1]; ++k) {
-    const acc_t weight = readers.weight[k];
-    const scalar_t* row = image + readers.index[k] * row_stride;
-    if (column_stride == 1) {
+inline void gather_rows(RowBlocks<acc_t>& blocks, int64_t row0, const HeightAdjoint<acc_t>& adjoint, int64_t h,
+                        const scalar_t* image, int64_t row_stride, int64_t column_stride, int64_t W) {
+  int64_t q0 = 0;
+  while (q0 < W) {
+    const int64_t chunks = column_stride == 1 ? std::min<int64_t>((W - q0) / kColumnChunk, kMaxChunks) : 0;
+    const int64_t width = chunks > 0 ? chunks * kColumnChunk : std::min<int64_t>(W - q0, kColumnChunk);
+    switch (chunks) {
+      case 3: gather_row_chunk<3 * kColumnChunk>(blocks, row0, adjoint, h, image, row_stride, 1, q0, width); break;
+      case 2: gather_row_chunk<2 * kColumnChunk>(blocks, row0, adjoint, h, image, row_stride, 1, q0, width); break;
+      case 1: gather_row_chunk<kColumnChunk>(blocks, row0, adjoint, h, image, row_stride, 1, q0, width); break;
+      default: gather_row_chunk<0>(blocks, row0, adjoint, h, image, row_stride, column_stride, q0, width);
+    }
+    q0 += width;
+  }
+}
+
+// The width pass: store(r, j, value) for every row r < rows of `blocks` and output column j, value =
+// sum over column j's readers of weight * row r's value at the reader's column, in the readers' order:
+// a vector of kRowBlock rows' sums per term.
+template <typename acc_t, typename Store>
+inline void gather_columns(const RowBlocks<acc_t>& blocks, int64_t rows, const AxisReaders<acc_t>& readers,
+                           int64_t w, Store store) {
+  for (int64_t b = 0; b * kRowBlock < rows; ++b) {
+    const acc_t* __restrict__ block = blocks.block(b);
+    const int64_t block_rows = std::min<int64_t>(kRowBlock, rows - b * kRowBlock);
+    for (int64_t j = 0; j < w; ++j) {
+      acc_t sum[kRowBlock] = {};
+      for (int64_t k = readers.begin[j]; k < readers.begin[j + 1]; ++k) {
+        const acc_t weight = readers.weight[k];
+        const acc_t* __restrict__ column = block + readers.index[k] * kRowBlock;
 #pragma omp simd
-      for (int64_t q = 0; q < W; ++q) acc[q] += weight * static_cast<acc_t>(row[q]);
-    } else {
-      for (int64_t q = 0; q < W; ++q) acc[q] += weight * static_cast<acc_t>(row[q * column_stride]);
+        for (int r = 0; r < kRowBlock; ++r) sum[r] += weight * column[r];
+      }
+      for (int64_t r = 0; r < block_rows; ++r) store(b * kRowBlock + r, j, sum[r]);
     }
   }
 }
@@ -408,27 +543,48 @@ void upsample_concat_planes(const at::Tensor& x, const std::vector<at::Tensor>& 
   });
 }
 
-// grad_z (N, Cb, h, w) contiguous = adjoint of the resize of one branch, on channels [offset, offset + Cb) of
-// grad: gathered along the height first, whole rows at a time (contiguous multiply-adds that vectorise),
-// into an (h, W) buffer, then along the width (h·W values instead of H·W).
+// The adjoint of a branch's resize: its gradient (N, Cb, h, w) contiguous and the readers of both axes.
+template <typename acc_t>
+struct BranchAdjoint {
+  void* data;
+  int64_t channels, h, w, first_channel;  // first_channel: in grad
+  HeightAdjoint<acc_t> rows;
+  AxisReaders<acc_t> cols;
+};
+
+// Every branch's gradient from grad's channels [first_channel, first_channel + Cb), in ONE parallel
+// pass over grad's branch planes in memory order. A plane is gathered along the height first, whole
+// rows at a time (contiguous multiply-adds that vectorise), into h rows of W, then along the width
+// (h·W values instead of H·W), kRowBlock rows at a time.
 template <typename scalar_t>
-void upsample_branch_backward(const at::Tensor& grad, const at::Tensor& grad_z, int64_t offset, bool align_corners) {
+void upsample_concat_backward_planes(const at::Tensor& grad, int64_t channels, const std::vector<at::Tensor>& grads,
+                                     bool align_corners) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t Cb = grad_z.size(1), h = grad_z.size(2), w = grad_z.size(3), H = grad.size(2), W = grad.size(3);
+  const int64_t H = grad.size(2), W = grad.size(3), branch_channels = grad.size(1) - channels;
   const Strides4 s = strides_of(grad);
-  const auto rows = axis_readers<acc_t>(h, H, align_corners, 0);
-  const auto cols = axis_readers<acc_t>(w, W, align_corners, 0);
+  std::vector<BranchAdjoint<acc_t>> branches;
+  int64_t first_channel = channels;
+  for (const at::Tensor& grad_z : grads) {
+    const int64_t h = grad_z.size(2), w = grad_z.size(3);
+    branches.push_back({grad_z.mutable_data_ptr(), grad_z.size(1), h, w, first_channel,
+                        height_adjoint(axis_readers<acc_t>(h, H, align_corners, 0), h, H), axis_readers<acc_t>(w, W, align_corners, 0)});
+    first_channel += grad_z.size(1);
+  }
   const scalar_t* src = grad.const_data_ptr<scalar_t>();
-  scalar_t* dst = grad_z.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, grad_z.size(0) * Cb, grain_for(H * W), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> partial(h * W);
+  at::parallel_for(0, grad.size(0) * branch_channels, grain_for(H * W), [&](int64_t begin, int64_t end) {
+    std::vector<RowBlocks<acc_t>> partials;
+    for (const BranchAdjoint<acc_t>& br : branches) partials.emplace_back(br.h, W);
     for (int64_t plane = begin; plane < end; ++plane) {
-      const scalar_t* g = src + (plane / Cb) * s.n + (offset + plane % Cb) * s.c;
-      for (int64_t i = 0; i < h; ++i) gather_rows(partial.data() + i * W, rows, i, g, s.h, s.w, W);
-      scalar_t* out = dst + plane * h * w;
-      for (int64_t i = 0; i < h; ++i) {
-        for (int64_t j = 0; j < w; ++j) out[i * w + j] = static_cast<scalar_t>(gather(cols, j, partial.data() + i * W));
-      }
+      const int64_t n = plane / branch_channels, c = channels + plane % branch_channels;
+      size_t b = 0;
+      while (c >= branches[b].first_channel + branches[b].channels) ++b;
+      const BranchAdjoint<acc_t>& br = branches[b];
+      const int64_t h = br.h, w = br.w;
+      RowBlocks<acc_t>& partial = partials[b];
+      const scalar_t* g = src + n * s.n + c * s.c;
+      gather_rows(partial, 0, br.rows, h, g, s.h, s.w, W);
+      scalar_t* out = static_cast<scalar_t*>(br.data) + (n * br.channels + c - br.first_channel) * h * w;
+      gather_columns(partial, h, br.cols, w, [&](int64_t i, int64_t j, acc_t value) { out[i * w + j] = static_cast<scalar_t>(value); });
     }
   });
 }
@@ -466,7 +622,6 @@ struct RowTerm {
   acc_t weight0, weight1;
 };
 
-constexpr int kColumnChunk = 16;  // output columns summed in registers over a row's terms
 
 template <typename scalar_t>
 void taps_add(const at::Tensor& out, at::TensorList taps, bool align_corners) {
@@ -560,31 +715,31 @@ void taps_backward(const at::Tensor& grad, const at::Tensor& grad_z, bool align_
   const int64_t K = grad_z.size(2), h = grad_z.size(4), w = grad_z.size(5);  // K: the kernel size
   const Strides4 s = strides_of(grad);
   const TapStrides t = tap_strides(grad_z);
-  std::vector<AxisReaders<acc_t>> rows, cols;  // per ky / kx
+  std::vector<HeightAdjoint<acc_t>> rows;  // per ky
+  std::vector<AxisReaders<acc_t>> cols;             // per kx
   for (int64_t k = 0; k < K; ++k) {
-    rows.push_back(axis_readers<acc_t>(h, H, align_corners, k - K / 2));
+    rows.push_back(height_adjoint(axis_readers<acc_t>(h, H, align_corners, k - K / 2), h, H));
     cols.push_back(axis_readers<acc_t>(w, W, align_corners, k - K / 2));
+  }
+  std::vector<int64_t> row_offset(K * h);  // of partial's row ky * h + i in grad_z
+  for (int64_t ky = 0; ky < K; ++ky) {
+    for (int64_t i = 0; i < h; ++i) row_offset[ky * h + i] = ky * t.ky + i * t.i;
   }
   const scalar_t* src = grad.const_data_ptr<scalar_t>();
   scalar_t* dst = grad_z.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, grad.size(0) * Co, grain_for(H * W), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> partial(K * h * W);
+    RowBlocks<acc_t> partial(K * h, W);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / Co, co = plane % Co;
       const scalar_t* g = src + n * s.n + co * s.c;
       for (int64_t ky = 0; ky < K; ++ky) {
-        for (int64_t i = 0; i < h; ++i) gather_rows(partial.data() + (ky * h + i) * W, rows[ky], i, g, s.h, s.w, W);
+        gather_rows(partial, ky * h, rows[ky], h, g, s.h, s.w, W);
       }
       scalar_t* out = dst + n * t.n + co * t.c;
-      for (int64_t ky = 0; ky < K; ++ky) {
-        for (int64_t kx = 0; kx < K; ++kx) {
-          for (int64_t i = 0; i < h; ++i) {
-            const acc_t* row = partial.data() + (ky * h + i) * W;
-            for (int64_t j = 0; j < w; ++j) {
-              out[ky * t.ky + kx * t.kx + i * t.i + j * t.j] = static_cast<scalar_t>(gather(cols[kx], j, row));
-            }
-          }
-        }
+      for (int64_t kx = 0; kx < K; ++kx) {
+        gather_columns(partial, K * h, cols[kx], w, [&](int64_t row, int64_t j, acc_t value) {
+          out[row_offset[row] + kx * t.kx + j * t.j] = static_cast<scalar_t>(value);
+        });
       }
     }
   });
@@ -644,15 +799,14 @@ std::vector<at::Tensor> upsample_concat_backward_kernel(const at::Tensor& grad, 
   TORCH_CHECK(grad.dim() == 4 && branch_sizes.size() % 3 == 0,
               "upsample_concat_backward_kernel: grad (N, C_total, H, W) and (C_b, h, w) per branch");
   std::vector<at::Tensor> grads;
-  int64_t offset = channels;
+  int64_t total = channels;
   for (size_t b = 0; b < branch_sizes.size(); b += 3) {
-    at::Tensor grad_z = new_output({grad.size(0), branch_sizes[b], branch_sizes[b + 1], branch_sizes[b + 2]}, grad.options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "upsample_concat_backward_kernel",
-                                    [&] { upsample_branch_backward<scalar_t>(grad, grad_z, offset, align_corners); });
-    offset += branch_sizes[b];
-    grads.push_back(grad_z);
+    grads.push_back(new_output({grad.size(0), branch_sizes[b], branch_sizes[b + 1], branch_sizes[b + 2]}, grad.options()));
+    total += branch_sizes[b];
   }
-  TORCH_CHECK(offset == grad.size(1), "upsample_concat_backward_kernel: channels do not add up to grad's");
+  TORCH_CHECK(total == grad.size(1), "upsample_concat_backward_kernel: channels do not add up to grad's");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "upsample_concat_backward_kernel",
+                                  [&] { upsample_concat_backward_planes<scalar_t>(grad, channels, grads, align_corners); });
   return grads;
 }
 
