@@ -249,10 +249,11 @@ inline void gather_columns(const RowBlocks<acc_t>& blocks, int64_t rows, const A
 // By segments (csrc/common/pyramid.h), as the CUDA kernels: the forward sums every segment once,
 // then every cell its segments over its area; the backward gives every segment pair the sum of its
 // cells' gradients over their areas and fills the segment with it. Two walks of the image: planes
-// (NCHW and any other strides), or, where channels are contiguous (channels_last), pixel rows of a
-// chunk of channels, so that both layouts stream through memory once.
+// (NCHW and any other strides), or, where channels are contiguous (channels_last), pixel rows (the
+// forward: every channel of a pixel at once; the backward: a pixel's channels copied), so that both
+// layouts stream through memory once.
 
-constexpr int64_t kChannelChunk = 64;     // channels per task of the channel walk
+constexpr int64_t kChannelChunk = 64;     // channels per task of the cells from segment sums
 constexpr int64_t kChannelWalkFrom = 16;  // fewer channels: the plane walk (short channel runs are slow)
 constexpr int64_t kPlaneChunk = 16;       // planes per task of the plane walk
 
@@ -335,62 +336,77 @@ void cells_from_sums(const PoolPlan<acc_t>& plan, const std::vector<int64_t>& bi
   }
 }
 
-// out (N, C, S) contiguous: the pyramid's cells of x (N, C, H, W, any strides). Tasks (n, chunk of
-// channels) sum every segment of their channels, then form the chunk's cells from those sums at once
-// (vector adds over the chunk's channels, not a plane's 50 cells one by one).
+// out (N, C, S) contiguous: the pyramid's cells of x (N, C, H, W, any strides), from every segment's
+// sums. Channels innermost: tasks (n, row segment) walk their rows pixel by pixel in memory order, each
+// pixel's channels added to its segment's (one sweep of x), then tasks (n, chunk of channels) form the
+// cells. Otherwise tasks (n, chunk of planes) sum their planes' segments (a row segment's rows into
+// one row, then cut) and form their cells. Either way the cells are vector adds over channels (not a
+// plane's 50 cells one by one).
 template <typename scalar_t>
 void pool_forward(const at::Tensor& x, const at::Tensor& out, const std::vector<int64_t>& bins) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), cells = out.size(2);
   const Strides4 s = strides_of(x);
   const PoolPlan<acc_t> plan = pool_plan<acc_t>(bins, H, W, false);
-  const int segments_w = plan.cols.segments, pairs = plan.pairs();
+  const int segments_h = plan.rows.segments, segments_w = plan.cols.segments, pairs = plan.pairs();
   const scalar_t* data = x.const_data_ptr<scalar_t>();
   scalar_t* result = out.mutable_data_ptr<scalar_t>();
-  const bool channel_walk = walks_channels(x);
-  const int64_t chunk = channel_walk ? kChannelChunk : kPlaneChunk, chunks = (C + chunk - 1) / chunk;
-  at::parallel_for(0, N * chunks, grain_for(H * W * chunk), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sums(static_cast<size_t>(pairs) * chunk), column_sums(W);  // sums[pair * chunk + c]
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / chunks, c0 = (task % chunks) * chunk, count = std::min(chunk, C - c0);
-      if (channel_walk) {  // each pixel row's channels added to its segment's
-        std::fill(sums.begin(), sums.end(), acc_t(0));
-        for (int sh = 0; sh < plan.rows.segments; ++sh) {
-          for (int64_t h = plan.rows.bound[sh]; h < plan.rows.bound[sh + 1]; ++h) {
-            for (int sw = 0; sw < segments_w; ++sw) {
-              acc_t* __restrict__ sum = sums.data() + (sh * segments_w + sw) * chunk;
-              for (int64_t w = plan.cols.bound[sw]; w < plan.cols.bound[sw + 1]; ++w) {
-                const scalar_t* __restrict__ pixel = data + n * s.n + h * s.h + w * s.w + c0;
+  if (walks_channels(x)) {
+    std::vector<acc_t> sums(static_cast<size_t>(N * pairs * C));  // sums[(n · pairs + pair) · C + c]
+    at::parallel_for(0, N * segments_h, grain_for(H * W * C / segments_h), [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / segments_h;
+        const int sh = static_cast<int>(task % segments_h);
+        acc_t* segment_sums = sums.data() + (n * pairs + sh * segments_w) * C;
+        std::fill(segment_sums, segment_sums + segments_w * C, acc_t(0));
+        for (int64_t h = plan.rows.bound[sh]; h < plan.rows.bound[sh + 1]; ++h) {
+          for (int sw = 0; sw < segments_w; ++sw) {
+            acc_t* __restrict__ sum = segment_sums + sw * C;
+            for (int64_t w = plan.cols.bound[sw]; w < plan.cols.bound[sw + 1]; ++w) {
+              const scalar_t* __restrict__ pixel = data + n * s.n + h * s.h + w * s.w;
 #pragma omp simd
-                for (int64_t c = 0; c < count; ++c) sum[c] += static_cast<acc_t>(pixel[c]);
-              }
-            }
-          }
-        }
-      } else {  // plane by plane: a row segment's rows added into one row (whole-row adds), then cut
-        for (int64_t c = 0; c < count; ++c) {
-          const scalar_t* plane = data + n * s.n + (c0 + c) * s.c;
-          for (int sh = 0; sh < plan.rows.segments; ++sh) {
-            acc_t* __restrict__ columns = column_sums.data();
-            std::fill(columns, columns + W, acc_t(0));
-            for (int64_t h = plan.rows.bound[sh]; h < plan.rows.bound[sh + 1]; ++h) {
-              const scalar_t* __restrict__ row = plane + h * s.h;
-              if (s.w == 1) {
-#pragma omp simd
-                for (int64_t w = 0; w < W; ++w) columns[w] += static_cast<acc_t>(row[w]);
-              } else {
-                for (int64_t w = 0; w < W; ++w) columns[w] += static_cast<acc_t>(row[w * s.w]);
-              }
-            }
-            for (int sw = 0; sw < segments_w; ++sw) {
-              acc_t run = 0;
-              for (int64_t w = plan.cols.bound[sw]; w < plan.cols.bound[sw + 1]; ++w) run += columns[w];
-              sums[(sh * segments_w + sw) * chunk + c] = run;
+              for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<acc_t>(pixel[c]);
             }
           }
         }
       }
-      cells_from_sums(plan, bins, sums.data(), chunk, count, result + (n * C + c0) * cells, cells);
+    });
+    const int64_t chunks = (C + kChannelChunk - 1) / kChannelChunk;
+    at::parallel_for(0, N * chunks, grain_for(pairs * kChannelChunk * 4), [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / chunks, c0 = (task % chunks) * kChannelChunk, count = std::min(kChannelChunk, C - c0);
+        cells_from_sums(plan, bins, sums.data() + n * pairs * C + c0, C, count, result + (n * C + c0) * cells, cells);
+      }
+    });
+    return;
+  }
+  const int64_t chunks = (C + kPlaneChunk - 1) / kPlaneChunk;
+  at::parallel_for(0, N * chunks, grain_for(H * W * kPlaneChunk), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sums(static_cast<size_t>(pairs) * kPlaneChunk), column_sums(W);  // sums[pair * kPlaneChunk + c]
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks, c0 = (task % chunks) * kPlaneChunk, count = std::min(kPlaneChunk, C - c0);
+      for (int64_t c = 0; c < count; ++c) {  // a row segment's rows added into one row (whole-row adds), then cut
+        const scalar_t* plane = data + n * s.n + (c0 + c) * s.c;
+        for (int sh = 0; sh < segments_h; ++sh) {
+          acc_t* __restrict__ columns = column_sums.data();
+          std::fill(columns, columns + W, acc_t(0));
+          for (int64_t h = plan.rows.bound[sh]; h < plan.rows.bound[sh + 1]; ++h) {
+            const scalar_t* __restrict__ row = plane + h * s.h;
+            if (s.w == 1) {
+#pragma omp simd
+              for (int64_t w = 0; w < W; ++w) columns[w] += static_cast<acc_t>(row[w]);
+            } else {
+              for (int64_t w = 0; w < W; ++w) columns[w] += static_cast<acc_t>(row[w * s.w]);
+            }
+          }
+          for (int sw = 0; sw < segments_w; ++sw) {
+            acc_t run = 0;
+            for (int64_t w = plan.cols.bound[sw]; w < plan.cols.bound[sw + 1]; ++w) run += columns[w];
+            sums[(sh * segments_w + sw) * kPlaneChunk + c] = run;
+          }
+        }
+      }
+      cells_from_sums(plan, bins, sums.data(), kPlaneChunk, count, result + (n * C + c0) * cells, cells);
     }
   });
 }
