@@ -49,54 +49,63 @@ CELLS = sum(b * b for b in PYRAMID_BINS)
 SIZE = 4  # fp32 bytes
 
 
-def _inputs():
+def _inputs(names):
+    """The inputs ``names`` of one case, seeded, built right before it is timed (as the references' are:
+    none of them evicted from the caches by the other cases' inputs)."""
     generator = torch.Generator().manual_seed(0)
 
     def rand(*shape):
         return torch.randn(shape, generator=generator)
 
-    x = rand(N, C, H, W)
-    return {
-        "x": x,
-        "x_channels_last": x.contiguous(memory_format=torch.channels_last),
-        "branches": [rand(N, CB, b, b) for b in PYRAMID_BINS],
-        "cells": rand(N, C, CELLS),
-        "grad_concat": rand(N, C + len(PYRAMID_BINS) * CB, H, W),
-        "out": rand(N, CO, H, W),
-        "taps": [rand(N, CO, 3, 3, b, b) for b in PYRAMID_BINS],
-        "grad_out": rand(N, CO, H, W),
+    builders = {
+        "x": lambda: rand(N, C, H, W),
+        "x_channels_last": lambda: rand(N, C, H, W).contiguous(memory_format=torch.channels_last),
+        "branches": lambda: [rand(N, CB, b, b) for b in PYRAMID_BINS],
+        "cells": lambda: rand(N, C, CELLS),
+        "grad_concat": lambda: rand(N, C + len(PYRAMID_BINS) * CB, H, W),
+        "out": lambda: rand(N, CO, H, W),
+        "taps": lambda: [rand(N, CO, 3, 3, b, b) for b in PYRAMID_BINS],
+        "grad_out": lambda: rand(N, CO, H, W),
     }
+    return {name: builders[name]() for name in names}
 
 
 _BRANCH_SIZES = [v for b in PYRAMID_BINS for v in (CB, b, b)]
 _TAP_SIZES = [v for b in PYRAMID_BINS for v in (b, b)]
 _IMAGE, _CONCAT, _SMALL = N * C * H * W, N * (C + len(PYRAMID_BINS) * CB) * H * W, N * (C + CB) * CELLS
-# name: (kernel on the inputs, bytes moved: one read of every input and one write of every output, bound)
+# name: (kernel on the inputs, the inputs it reads, bytes moved: one read of every input and one write of every
+# output, bound)
 CASES = {
-    "pyramid_pool": (lambda t: KERNELS.pyramid_pool_kernel(t["x"], PYRAMID_BINS), (_IMAGE + N * C * CELLS) * SIZE, "memory"),
+    "pyramid_pool": (
+        lambda t: KERNELS.pyramid_pool_kernel(t["x"], PYRAMID_BINS), ("x",), (_IMAGE + N * C * CELLS) * SIZE, "memory",
+    ),
     "pyramid_pool_backward": (
-        lambda t: KERNELS.pyramid_pool_backward_kernel(t["cells"], PYRAMID_BINS, H, W, False),
+        lambda t: KERNELS.pyramid_pool_backward_kernel(t["cells"], PYRAMID_BINS, H, W, False), ("cells",),
         (N * C * CELLS + _IMAGE) * SIZE, "memory",
     ),
     "pyramid_pool_channels_last": (
-        lambda t: KERNELS.pyramid_pool_kernel(t["x_channels_last"], PYRAMID_BINS), (_IMAGE + N * C * CELLS) * SIZE, "memory",
+        lambda t: KERNELS.pyramid_pool_kernel(t["x_channels_last"], PYRAMID_BINS), ("x_channels_last",),
+        (_IMAGE + N * C * CELLS) * SIZE, "memory",
     ),
     "pyramid_pool_backward_channels_last": (
-        lambda t: KERNELS.pyramid_pool_backward_kernel(t["cells"], PYRAMID_BINS, H, W, True),
+        lambda t: KERNELS.pyramid_pool_backward_kernel(t["cells"], PYRAMID_BINS, H, W, True), ("cells",),
         (N * C * CELLS + _IMAGE) * SIZE, "memory",
     ),
     "upsample_concat": (
-        lambda t: KERNELS.upsample_concat_kernel(t["x"], t["branches"], False, False), (_IMAGE + _CONCAT + _SMALL) * SIZE, "memory",
+        lambda t: KERNELS.upsample_concat_kernel(t["x"], t["branches"], False, False), ("x", "branches"),
+        (_IMAGE + _CONCAT + _SMALL) * SIZE, "memory",
     ),
     "upsample_concat_backward": (
-        lambda t: KERNELS.upsample_concat_backward_kernel(t["grad_concat"], C, _BRANCH_SIZES, False),
+        lambda t: KERNELS.upsample_concat_backward_kernel(t["grad_concat"], C, _BRANCH_SIZES, False), ("grad_concat",),
         (_CONCAT - _IMAGE + _SMALL) * SIZE, "memory",
     ),
     "pyramid_taps_add": (
-        lambda t: KERNELS.pyramid_taps_add_kernel(t["out"], t["taps"], False), 2 * N * CO * H * W * SIZE, "compute",
+        lambda t: KERNELS.pyramid_taps_add_kernel(t["out"], t["taps"], False), ("out", "taps"),
+        2 * N * CO * H * W * SIZE, "compute",
     ),
     "pyramid_taps_backward": (
-        lambda t: KERNELS.pyramid_taps_backward_kernel(t["grad_out"], _TAP_SIZES, 3, False), N * CO * H * W * SIZE, "compute",
+        lambda t: KERNELS.pyramid_taps_backward_kernel(t["grad_out"], _TAP_SIZES, 3, False), ("grad_out",),
+        N * CO * H * W * SIZE, "compute",
     ),
 }  # fmt: skip
 VARIANTS = backends.cpu_variants()
@@ -148,13 +157,13 @@ def _reference(way, bytes_moved):
 @pytest.mark.parametrize("way", [*VARIANTS, *REFERENCES])
 @pytest.mark.parametrize("op", CASES)
 def test_kernel(benchmark, op, way):
-    kernel, bytes_moved, kind = CASES[op]
+    kernel, names, bytes_moved, kind = CASES[op]
     benchmark.group = f"cpu kernel {op}"
     if way in REFERENCES:
         benchmark.pedantic(_reference(way, bytes_moved), rounds=7, iterations=1, warmup_rounds=2)
     else:
         with cpu_variant_override(way):
-            benchmark.pedantic(kernel, args=(_inputs(),), rounds=7, iterations=1, warmup_rounds=2)
+            benchmark.pedantic(kernel, args=(_inputs(names),), rounds=7, iterations=1, warmup_rounds=2)
     _record(benchmark, op, way, "backward" if "backward" in op else "forward", bytes_moved, kind)
 
 
