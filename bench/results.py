@@ -516,7 +516,8 @@ def _result_files(files: list[str]) -> list[str]:
 
 
 def markdown(files: list[str]) -> str:
-    """The performance table of ``files``: one row per benchmark group and fused backend."""
+    """The performance table of ``files``: one row per file, benchmark group and fused backend; the device
+    cell names the run's day, so that the same machine's runs tell apart."""
     lines = ["| device | case | fused ms | fused images/s | × eager | × compile | bandwidth roof |",
              "|---|---|---|---|---|---|---|"]
     for file in files:
@@ -527,7 +528,7 @@ def markdown(files: list[str]) -> str:
         for row in speedups(benchmarks):
             vs_compile = f"{row['vs_compile']:.2f}" if "vs_compile" in row else ""
             cells = [
-                data.get("device", "?"),
+                data.get("device", "?") + (f", {data['date'][:10]}" if data.get("date") else ""),  # a machine's runs apart
                 row["group"] + (f" · {row['backend']}" if row["backend"] else ""),
                 f"{row['fused_ms']:.3f}",
                 f"{row['images_per_s']:.1f}" if "images_per_s" in row else "",
