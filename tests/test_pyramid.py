@@ -113,6 +113,16 @@ def test_pyramid_pool_channel_chunks_and_thin_maps(backend, shape, channels_last
     )
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+def test_pyramid_pool_of_an_empty_batch(backend, channels_last):
+    x = image((0, 20, 5, 7), channels_last=channels_last).requires_grad_()
+    out = slsdeep_kernels.pyramid_pool(x, BINS, backend=backend)
+    assert out.shape == (0, 20, sum(b * b for b in BINS))
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
 STREAMING_BYTES = 8 << 20  # csrc/cpu/stream.h's kStreamingBytes: outputs this large are written streaming
 
 

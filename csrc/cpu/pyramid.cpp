@@ -2,10 +2,10 @@
 //
 // Every kernel reads its input through its strides and accumulates in at::opmath_type. The pool
 // works by segments (csrc/common/pyramid.h), plane by plane or, where channels are innermost, pixel
-// row by pixel row over chunks of channels. The resizes and taps work plane by plane ((n, c) planes,
-// at::parallel_for over planes), separably: a pass along the width into a small per-plane buffer,
-// then one along the height. Backward passes gather (the cells containing a segment; per-axis
-// reader lists built from csrc/common/pyramid.h): deterministic.
+// row by pixel row. The resizes and taps work plane by plane ((n, c) planes, at::parallel_for over
+// planes), separably: a pass along the width into a small per-plane buffer, then one along the
+// height (their adjoints: the height first). Backward passes gather (the cells containing a segment;
+// per-axis reader lists built from csrc/common/pyramid.h): deterministic.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -135,7 +135,7 @@ HeightAdjoint<acc_t> height_adjoint(const AxisReaders<acc_t>& readers, int64_t i
       const int64_t o = readers.index[k];
       HeightTerm<acc_t>& t = by_row[o];
       if (t.count == 0) first[o] = i;
-      TORCH_CHECK(t.count < 2 && i == first[o] + t.count, "pyramid: a linear stencil reads two consecutive rows");
+      TORCH_CHECK(t.count < 2 && i == first[o] + t.count, "pyramid: a linear stencil reads at most two consecutive rows");
       t.row = o;
       t.weight[t.count++] = readers.weight[k];
     }
@@ -162,7 +162,8 @@ HeightAdjoint<acc_t> height_adjoint(const AxisReaders<acc_t>& readers, int64_t i
 // read it twice and kept the sums in memory (docs/performance.md §4.3).
 template <int kWidth, typename acc_t, typename scalar_t>
 inline void gather_row_chunk(RowBlocks<acc_t>& blocks, int64_t row0, const HeightAdjoint<acc_t>& adjoint, int64_t h,
-                     const scalar_t* image, int64_t row_stride, int64_t column_stride, int64_t q0, int64_t width) {
+                             const scalar_t* image, int64_t row_stride, int64_t column_stride, int64_t q0,
+                             int64_t width) {
   constexpr int kSize = kWidth > 0 ? kWidth : kColumnChunk;
   const int64_t n = kWidth > 0 ? kWidth : width;
   acc_t even[kSize] = {}, odd[kSize] = {}, done[kSize];
@@ -203,7 +204,7 @@ inline void gather_row_chunk(RowBlocks<acc_t>& blocks, int64_t row0, const Heigh
 }
 
 // Rows [row0, row0 + h) of `blocks` from one image (gather_row_chunk), up to kMaxChunks chunks of
-// kColumnChunk columns at a time: two rows of 48 sums are 12 of AVX2's 16 vector registers.
+// kColumnChunk columns at a time: two rows of 48 fp32 sums are 12 of AVX2's 16 vector registers.
 constexpr int kMaxChunks = 3;
 template <typename acc_t, typename scalar_t>
 inline void gather_rows(RowBlocks<acc_t>& blocks, int64_t row0, const HeightAdjoint<acc_t>& adjoint, int64_t h,
@@ -256,6 +257,7 @@ inline void gather_columns(const RowBlocks<acc_t>& blocks, int64_t rows, const A
 constexpr int64_t kChannelChunk = 64;     // channels per task of the cells from segment sums
 constexpr int64_t kChannelWalkFrom = 16;  // fewer channels: the plane walk (short channel runs are slow)
 constexpr int64_t kPlaneChunk = 16;       // planes per task of the plane walk
+constexpr int64_t kTasksPerThread = 2;    // the pool forward's channel walk splits channels below this
 
 // The plan of both axes and, for the backward, the adjoint's terms: for every segment pair, the
 // cells containing it (their index in a plane's Σ b² cells) with weight 1 / area.
@@ -337,9 +339,10 @@ void cells_from_sums(const PoolPlan<acc_t>& plan, const std::vector<int64_t>& bi
 }
 
 // out (N, C, S) contiguous: the pyramid's cells of x (N, C, H, W, any strides), from every segment's
-// sums. Channels innermost: tasks (n, row segment) walk their rows pixel by pixel in memory order, each
-// pixel's channels added to its segment's (one sweep of x), then tasks (n, chunk of channels) form the
-// cells. Otherwise tasks (n, chunk of planes) sum their planes' segments (a row segment's rows into
+// sums. Channels innermost: tasks (n, row segment, block of channels) walk their rows pixel by pixel
+// in memory order, each pixel's channels added to its segment's (one sweep of x; one block of all
+// the channels where the images' row segments give every thread kTasksPerThread tasks, else as few
+// blocks of whole chunks as do), then tasks (n, chunk of channels) form the cells. Otherwise tasks (n, chunk of planes) sum their planes' segments (a row segment's rows into
 // one row, then cut) and form their cells. Either way the cells are vector adds over channels (not a
 // plane's 50 cells one by one).
 template <typename scalar_t>
@@ -352,30 +355,36 @@ void pool_forward(const at::Tensor& x, const at::Tensor& out, const std::vector<
   const scalar_t* data = x.const_data_ptr<scalar_t>();
   scalar_t* result = out.mutable_data_ptr<scalar_t>();
   if (walks_channels(x)) {
-    std::vector<acc_t> sums(static_cast<size_t>(N * pairs * C));  // sums[(n · pairs + pair) · C + c]
-    at::parallel_for(0, N * segments_h, grain_for(H * W * C / segments_h), [&](int64_t begin, int64_t end) {
+    // sums[(n · pairs + pair) · C + c], every element written by its task before it is read
+    const std::unique_ptr<acc_t[]> sums(new acc_t[static_cast<size_t>(N * pairs * C)]);
+    const int64_t chunks = (C + kChannelChunk - 1) / kChannelChunk, images_segments = N * segments_h;
+    const int64_t wanted = kTasksPerThread * at::get_num_threads(), per_segment = std::max<int64_t>(images_segments, 1);
+    const int64_t blocks_wanted = std::min(chunks, (wanted + per_segment - 1) / per_segment);  // >= 1
+    const int64_t block_channels = (chunks + blocks_wanted - 1) / blocks_wanted * kChannelChunk;
+    const int64_t blocks = (C + block_channels - 1) / block_channels;
+    at::parallel_for(0, images_segments * blocks, grain_for(H * W * block_channels / segments_h), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t n = task / segments_h;
-        const int sh = static_cast<int>(task % segments_h);
-        acc_t* segment_sums = sums.data() + (n * pairs + sh * segments_w) * C;
-        std::fill(segment_sums, segment_sums + segments_w * C, acc_t(0));
+        const int64_t n = task / (segments_h * blocks), rest = task % (segments_h * blocks);
+        const int sh = static_cast<int>(rest / blocks);
+        const int64_t c0 = (rest % blocks) * block_channels, count = std::min(block_channels, C - c0);
+        acc_t* segment_sums = sums.get() + (n * pairs + sh * segments_w) * C + c0;
+        for (int sw = 0; sw < segments_w; ++sw) std::fill(segment_sums + sw * C, segment_sums + sw * C + count, acc_t(0));
         for (int64_t h = plan.rows.bound[sh]; h < plan.rows.bound[sh + 1]; ++h) {
           for (int sw = 0; sw < segments_w; ++sw) {
             acc_t* __restrict__ sum = segment_sums + sw * C;
             for (int64_t w = plan.cols.bound[sw]; w < plan.cols.bound[sw + 1]; ++w) {
-              const scalar_t* __restrict__ pixel = data + n * s.n + h * s.h + w * s.w;
+              const scalar_t* __restrict__ pixel = data + n * s.n + h * s.h + w * s.w + c0;
 #pragma omp simd
-              for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<acc_t>(pixel[c]);
+              for (int64_t c = 0; c < count; ++c) sum[c] += static_cast<acc_t>(pixel[c]);
             }
           }
         }
       }
     });
-    const int64_t chunks = (C + kChannelChunk - 1) / kChannelChunk;
     at::parallel_for(0, N * chunks, grain_for(pairs * kChannelChunk * 4), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / chunks, c0 = (task % chunks) * kChannelChunk, count = std::min(kChannelChunk, C - c0);
-        cells_from_sums(plan, bins, sums.data() + n * pairs * C + c0, C, count, result + (n * C + c0) * cells, cells);
+        cells_from_sums(plan, bins, sums.get() + n * pairs * C + c0, C, count, result + (n * C + c0) * cells, cells);
       }
     });
     return;
@@ -559,7 +568,8 @@ void upsample_concat_planes(const at::Tensor& x, const std::vector<at::Tensor>& 
   });
 }
 
-// The adjoint of a branch's resize: its gradient (N, Cb, h, w) contiguous and the readers of both axes.
+// The adjoint of a branch's resize: its gradient (N, Cb, h, w) contiguous, the height adjoint and the
+// width's readers.
 template <typename acc_t>
 struct BranchAdjoint {
   void* data;
@@ -569,9 +579,10 @@ struct BranchAdjoint {
 };
 
 // Every branch's gradient from grad's channels [first_channel, first_channel + Cb), in ONE parallel
-// pass over grad's branch planes in memory order. A plane is gathered along the height first, whole
-// rows at a time (contiguous multiply-adds that vectorise), into h rows of W, then along the width
-// (h·W values instead of H·W), kRowBlock rows at a time.
+// pass over grad's branch planes ((n, c) order: memory order for NCHW grad). A plane is gathered
+// along the height first (gather_rows: one pass down the plane, up to 48 columns at a time in
+// registers) into h rows of W, then along the width (h·W values instead of H·W), kRowBlock rows at a
+// time.
 template <typename scalar_t>
 void upsample_concat_backward_planes(const at::Tensor& grad, int64_t channels, const std::vector<at::Tensor>& grads,
                                      bool align_corners) {
@@ -583,7 +594,8 @@ void upsample_concat_backward_planes(const at::Tensor& grad, int64_t channels, c
   for (const at::Tensor& grad_z : grads) {
     const int64_t h = grad_z.size(2), w = grad_z.size(3);
     branches.push_back({grad_z.mutable_data_ptr(), grad_z.size(1), h, w, first_channel,
-                        height_adjoint(axis_readers<acc_t>(h, H, align_corners, 0), h, H), axis_readers<acc_t>(w, W, align_corners, 0)});
+                        height_adjoint(axis_readers<acc_t>(h, H, align_corners, 0), h, H),
+                        axis_readers<acc_t>(w, W, align_corners, 0)});
     first_channel += grad_z.size(1);
   }
   const scalar_t* src = grad.const_data_ptr<scalar_t>();
@@ -600,7 +612,8 @@ void upsample_concat_backward_planes(const at::Tensor& grad, int64_t channels, c
       const scalar_t* g = src + n * s.n + c * s.c;
       gather_rows(partial, 0, br.rows, h, g, s.h, s.w, W);
       scalar_t* out = static_cast<scalar_t*>(br.data) + (n * br.channels + c - br.first_channel) * h * w;
-      gather_columns(partial, h, br.cols, w, [&](int64_t i, int64_t j, acc_t value) { out[i * w + j] = static_cast<scalar_t>(value); });
+      gather_columns(partial, h, br.cols, w,
+                     [&](int64_t i, int64_t j, acc_t value) { out[i * w + j] = static_cast<scalar_t>(value); });
     }
   });
 }
@@ -637,7 +650,6 @@ struct RowTerm {
   int64_t offset0, offset1;
   acc_t weight0, weight1;
 };
-
 
 template <typename scalar_t>
 void taps_add(const at::Tensor& out, at::TensorList taps, bool align_corners) {
@@ -732,7 +744,7 @@ void taps_backward(const at::Tensor& grad, const at::Tensor& grad_z, bool align_
   const Strides4 s = strides_of(grad);
   const TapStrides t = tap_strides(grad_z);
   std::vector<HeightAdjoint<acc_t>> rows;  // per ky
-  std::vector<AxisReaders<acc_t>> cols;             // per kx
+  std::vector<AxisReaders<acc_t>> cols;    // per kx
   for (int64_t k = 0; k < K; ++k) {
     rows.push_back(height_adjoint(axis_readers<acc_t>(h, H, align_corners, k - K / 2), h, H));
     cols.push_back(axis_readers<acc_t>(w, W, align_corners, k - K / 2));
@@ -814,6 +826,7 @@ std::vector<at::Tensor> upsample_concat_backward_kernel(const at::Tensor& grad, 
                                                         at::IntArrayRef branch_sizes, bool align_corners) {
   TORCH_CHECK(grad.dim() == 4 && branch_sizes.size() % 3 == 0,
               "upsample_concat_backward_kernel: grad (N, C_total, H, W) and (C_b, h, w) per branch");
+  TORCH_CHECK(channels >= 0, "upsample_concat_backward_kernel: channels must be >= 0, got ", channels);
   std::vector<at::Tensor> grads;
   int64_t total = channels;
   for (size_t b = 0; b < branch_sizes.size(); b += 3) {
