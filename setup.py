@@ -154,8 +154,8 @@ def _cuda_build_reason(torch):
 
 # Loop flags of the CPU kernels, each where the compiler accepts it (CMakeLists.txt checks the same).
 # GCC's -O3 unroll-and-jam unrolls a loop over a row's terms around the fixed-width accumulator loop
-# inside it and leaves the jammed copy scalar, with the sums in memory: the pyramid's gathers ran 25-30%
-# slower (docs/performance.md §4.3). Every CPU kernel is written in that shape (csrc/cpu/variant.h).
+# inside it and leaves the jammed copy scalar, with the sums in memory: upsample_concat's backward ran about
+# 30% slower (docs/performance.md §4.4). Every CPU kernel is written in that shape (csrc/cpu/variant.h).
 CPU_LOOP_FLAGS = ["-fno-loop-unroll-and-jam"]
 
 

@@ -92,22 +92,13 @@ constexpr int kRowBlock = 8;      // rows of a transposed block (RowBlocks): one
 template <typename acc_t>
 class RowBlocks {
  public:
-  RowBlocks(int64_t rows, int64_t W)
-      : W_(W), storage_(((rows + kRowBlock - 1) / kRowBlock) * W * kRowBlock + kAlign / sizeof(acc_t)) {
-    void* start = storage_.data();
-    size_t space = storage_.size() * sizeof(acc_t);
-    data_ = static_cast<acc_t*>(std::align(kAlign, sizeof(acc_t), start, space));
-  }
-  RowBlocks(RowBlocks&&) = default;  // the buffer moves with its vector
-  RowBlocks(const RowBlocks&) = delete;
-  acc_t* column(int64_t row, int64_t q) { return data_ + ((row / kRowBlock) * W_ + q) * kRowBlock + row % kRowBlock; }
-  const acc_t* block(int64_t b) const { return data_ + b * W_ * kRowBlock; }
+  RowBlocks(int64_t rows, int64_t W) : W_(W), data_(((rows + kRowBlock - 1) / kRowBlock) * W * kRowBlock) {}
+  acc_t* column(int64_t row, int64_t q) { return data_.data() + ((row / kRowBlock) * W_ + q) * kRowBlock + row % kRowBlock; }
+  const acc_t* block(int64_t b) const { return data_.data() + b * W_ * kRowBlock; }
 
  private:
-  static constexpr size_t kAlign = 64;  // a column's kRowBlock values never straddle two cache lines
   int64_t W_;
-  std::vector<acc_t> storage_;
-  acc_t* data_;
+  std::vector<acc_t> data_;
 };
 
 // The height adjoint by output rows: every output row that reads an input row, with its terms, at
@@ -159,36 +150,28 @@ HeightAdjoint<acc_t> height_adjoint(const AxisReaders<acc_t>& readers, int64_t i
 // group of rows adding first to i adds to i and i + 1, whose sums are two register arrays that swap
 // roles from one i to the next (kWidth columns, column_stride 1; kWidth 0: any width up to
 // kColumnChunk, any stride). Each image row is read once, where gathering each input row's readers
-// read it twice and kept the sums in memory (docs/performance.md §4.3).
+// read it twice and kept the sums in memory (docs/performance.md §4.4).
 template <int kWidth, typename acc_t, typename scalar_t>
 inline void gather_row_chunk(RowBlocks<acc_t>& blocks, int64_t row0, const HeightAdjoint<acc_t>& adjoint, int64_t h,
                              const scalar_t* image, int64_t row_stride, int64_t column_stride, int64_t q0,
                              int64_t width) {
   constexpr int kSize = kWidth > 0 ? kWidth : kColumnChunk;
-  const int64_t n = kWidth > 0 ? kWidth : width;
+  const int64_t n = kWidth > 0 ? kWidth : width, stride = kWidth > 0 ? 1 : column_stride;
   acc_t even[kSize] = {}, odd[kSize] = {}, done[kSize];
   // Adds group i's rows to low (row i) and high (row i + 1), then stores row i and clears it.
   auto finish_row = [&](acc_t* __restrict__ low, acc_t* __restrict__ high, int64_t i) {
     for (int64_t t = adjoint.begin[i]; t < adjoint.begin[i + 1]; ++t) {
       const HeightTerm<acc_t>& term = adjoint.terms[t];
-      const scalar_t* __restrict__ values = image + term.row * row_stride + q0 * column_stride;
+      const scalar_t* __restrict__ values = image + term.row * row_stride + q0 * stride;
       const acc_t w0 = term.weight[0], w1 = term.weight[1];
-      if constexpr (kWidth > 0) {
-        if (term.count == 2) {
-          for (int q = 0; q < kWidth; ++q) {
-            const acc_t v = static_cast<acc_t>(values[q]);
-            low[q] += w0 * v;
-            high[q] += w1 * v;
-          }
-        } else {
-          for (int q = 0; q < kWidth; ++q) low[q] += w0 * static_cast<acc_t>(values[q]);
+      if (term.count == 2) {
+        for (int64_t q = 0; q < n; ++q) {
+          const acc_t v = static_cast<acc_t>(values[q * stride]);
+          low[q] += w0 * v;
+          high[q] += w1 * v;
         }
       } else {
-        for (int64_t q = 0; q < n; ++q) {
-          const acc_t v = static_cast<acc_t>(values[q * column_stride]);
-          low[q] += w0 * v;
-          if (term.count == 2) high[q] += w1 * v;
-        }
+        for (int64_t q = 0; q < n; ++q) low[q] += w0 * static_cast<acc_t>(values[q * stride]);
       }
     }
     for (int q = 0; q < kSize; ++q) {
